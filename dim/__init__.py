@@ -1,0 +1,46 @@
+"""dim: spread configured long-lived instances over the processes of a service.
+
+Each config runs in exactly one process, moves as little as possible when processes come
+and go, and heals itself when an instance or a process fails. Coordination goes through
+Redis. See :class:`Manager`.
+"""
+
+from __future__ import annotations
+
+from dim.errors import (
+    CallTimeout,
+    ConfigError,
+    CreateError,
+    DimError,
+    ForkedError,
+    MessageError,
+    RedisUnavailableError,
+    StateError,
+)
+from dim.events import Event, EventType
+from dim.manager import Manager
+from dim.reconciler import Lease
+from dim.settings import Settings
+from dim.status import ClusterStatus, ConfigStatus, NodeStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallTimeout",
+    "ClusterStatus",
+    "ConfigError",
+    "ConfigStatus",
+    "CreateError",
+    "DimError",
+    "Event",
+    "EventType",
+    "ForkedError",
+    "Lease",
+    "Manager",
+    "MessageError",
+    "NodeStatus",
+    "RedisUnavailableError",
+    "Settings",
+    "StateError",
+    "__version__",
+]

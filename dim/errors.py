@@ -1,0 +1,72 @@
+"""The exceptions dim raises.
+
+Every exception dim raises on purpose derives from :class:`DimError`, and each subclass
+also inherits the built-in exception it resembles, so ``except ValueError`` keeps working
+for code that does not know dim.
+
+Errors from redis-py (``redis.exceptions.ConnectionError``, ``TimeoutError``,
+``ResponseError``...) do not pass through the public API: ``start()`` turns an
+unreachable server or a refused login into :class:`RedisUnavailableError`, and the
+background loops log them, report them to listeners and retry. ``status()`` is the one
+public call that lets a ``redis.exceptions.RedisError`` through, because it is a plain
+read that the caller asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DimError(Exception):
+    """Root of every error dim raises."""
+
+
+class ConfigError(DimError, ValueError):
+    """A configuration, setting or argument is invalid.
+
+    :ivar value: the offending value, when there is one.
+    """
+
+    def __init__(self, message: str, value: Any = None) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class RedisUnavailableError(DimError, ConnectionError):
+    """Redis could not be reached (or refused the login) within the connect timeout."""
+
+
+class StateError(DimError, RuntimeError):
+    """The manager was used in a state that does not allow the call.
+
+    For example ``start()`` after ``stop()``, or any call on a manager that was started in
+    a parent process and then inherited through ``fork()``.
+    """
+
+
+class ForkedError(StateError):
+    """A started manager was inherited by a forked child process.
+
+    Threads do not survive ``fork()``, so the child's copy would hold claims it never
+    renews. Start managers after the fork (gunicorn: in ``post_fork`` or the app factory,
+    not with ``--preload``).
+    """
+
+
+class CreateError(DimError, RuntimeError):
+    """``create`` failed for a config (raised, returned None or timed out).
+
+    :ivar config_id: the id of the config whose instance could not be created.
+    """
+
+    def __init__(self, message: str, config_id: Any = None) -> None:
+        super().__init__(message)
+        self.config_id = config_id
+
+
+class CallTimeout(DimError, TimeoutError):
+    """A user callback (create, healthcheck, disconnect) did not return in time."""
+
+
+class MessageError(DimError, ValueError):
+    """A pub/sub message is malformed, oversized or of an unknown kind."""

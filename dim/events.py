@@ -1,0 +1,112 @@
+"""Lifecycle events and their delivery to listeners.
+
+Listeners run on one dedicated thread (``dim-events-<node>``), in the order the events
+happened, so a slow listener never holds up a heartbeat or a handoff. A listener that
+raises is logged and never propagated.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+
+class EventType(str, Enum):
+    """Everything a listener can hear about."""
+
+    LEADERSHIP_GAINED = "leadership_gained"
+    LEADERSHIP_LOST = "leadership_lost"
+    INSTANCE_CREATED = "instance_created"
+    INSTANCE_DISCONNECTED = "instance_disconnected"
+    INSTANCE_UNHEALTHY = "instance_unhealthy"
+    CREATE_FAILED = "create_failed"  # one attempt of create failed (it will be retried)
+    INSTANCE_FAILED = "instance_failed"  # create gave up on this node: handed to another
+    REBALANCE_APPLIED = "rebalance_applied"  # the leader wrote a new assignment
+    LEASE_LOST = "lease_lost"  # a claim was taken by another node: instance stopped
+    FENCED = "fenced"  # renewals failed too long: every local instance was stopped
+    REDIS_LOST = "redis_lost"
+    REDIS_RESTORED = "redis_restored"
+    CONFIG_ERROR = "config_error"  # get_config failed or returned bad data: kept last good
+    LOOP_ERROR = "loop_error"  # a background loop raised: logged, retried with backoff
+
+
+@attrs.frozen
+class Event:
+    """Something that happened on one node.
+
+    :ivar type: what happened.
+    :ivar node_id: the node it happened on.
+    :ivar config_id: the config concerned, if any.
+    :ivar token: the fencing token of the lease concerned, if any.
+    :ivar error: the exception concerned, if any.
+    :ivar data: small extra facts (e.g. ``{"moved": 3}`` for a rebalance).
+    :ivar time: wall-clock time (``time.time()``) when it happened.
+    """
+
+    type: EventType
+    node_id: str
+    config_id: Any = None
+    token: Optional[int] = None
+    error: Optional[BaseException] = None
+    data: dict[str, Any] = attrs.field(factory=dict)
+    time: float = attrs.field(factory=time.time)
+
+
+Listener = Callable[[Event], Any]
+
+
+class Dispatcher:
+    """Queue of events delivered to listeners on one thread."""
+
+    def __init__(self) -> None:
+        self._listeners: list[tuple[Listener, Optional[frozenset[EventType]]]] = []
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Optional[Event]] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, listener: Listener, types: Optional[frozenset[EventType]]) -> None:
+        with self._lock:
+            self._listeners.append((listener, types))
+
+    def remove(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners = [(f, t) for f, t in self._listeners if f is not listener]
+
+    def emit(self, event: Event) -> None:
+        level = logging.WARNING if event.error is not None else logging.DEBUG
+        log.log(level, "event %s node=%s config=%r error=%r", event.type.value,
+                event.node_id, event.config_id, event.error)
+        self._queue.put(event)
+
+    def start(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Deliver what is queued, then end the thread (waits at most ``timeout``)."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            with self._lock:
+                listeners = list(self._listeners)
+            for listener, types in listeners:
+                if types is not None and event.type not in types:
+                    continue
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("event listener %r raised on %s", listener, event.type.value)

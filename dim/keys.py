@@ -1,0 +1,90 @@
+"""Every Redis key and channel name dim uses, in one place.
+
+All names of a service start with ``dim:{<service>}:``. The braces are a Redis Cluster
+hash tag: every key of one service lives in one slot, so one Lua script may touch them
+all.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from dim.errors import ConfigError
+
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+def check_service(service: object) -> str:
+    """Return ``service`` if it is a usable service name, else raise ConfigError."""
+    if not isinstance(service, str) or not _SERVICE_RE.match(service):
+        raise ConfigError(
+            f"service must be 1-100 characters of letters, digits, '_', '.' or '-', "
+            f"got {service!r}",
+            service,
+        )
+    return service
+
+
+@attrs.frozen
+class Keys:
+    """The key names of one service."""
+
+    service: str
+
+    @property
+    def prefix(self) -> str:
+        return f"dim:{{{self.service}}}:"
+
+    @property
+    def nodes(self) -> str:
+        """ZSET of live node ids, scored by expiry (ms, Redis server time)."""
+        return self.prefix + "nodes"
+
+    def node(self, node_id: str) -> str:
+        """HASH of one node's description (host, pid, weight...), expiring with it."""
+        return f"{self.prefix}node:{node_id}"
+
+    @property
+    def leader(self) -> str:
+        """STRING ``<node id>:<epoch>`` with a TTL: who leads now."""
+        return self.prefix + "leader"
+
+    @property
+    def fence(self) -> str:
+        """STRING counter: every epoch and every claim token takes its next value."""
+        return self.prefix + "fence"
+
+    @property
+    def assignment(self) -> str:
+        """HASH config key -> node id: the desired placement, written by the leader."""
+        return self.prefix + "assignment"
+
+    def desired(self, node_id: str) -> str:
+        """SET of the config keys assigned to one node."""
+        return f"{self.prefix}desired:{node_id}"
+
+    @property
+    def configs(self) -> str:
+        """HASH config key -> canonical JSON ``[id, config]``."""
+        return self.prefix + "configs"
+
+    @property
+    def version(self) -> str:
+        """STRING assignment version, bumped on every leader write."""
+        return self.prefix + "version"
+
+    def claim(self, ckey: str) -> str:
+        """STRING ``<node id>:<token>`` with a TTL: who may run that config now."""
+        return f"{self.prefix}claim:{ckey}"
+
+    @property
+    def failures(self) -> str:
+        """HASH ``<node id> <config key>`` -> expiry (ms): nodes that gave up a config."""
+        return self.prefix + "failures"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel for hints (never the truth)."""
+        return self.prefix + "events"

@@ -1,0 +1,251 @@
+"""The leader loop: membership watch, ``get_config``, assignment writes (§4.2, §4.3, §4.9).
+
+Only the node whose heartbeat holds the leader key does anything here. Every write goes
+through one Lua script that first checks the leader key still holds exactly
+``<me>:<epoch>``; when that check fails this node steps down, so a deposed or paused
+leader changes nothing.
+
+The leader caches the assignment and configs it wrote during its epoch (nobody else can
+write them while the epoch holds), so a rebalance reads only the membership and writes
+only what changed: its cost grows with what moves plus the number of nodes, not with
+the number of configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import schedule
+
+from dim import balance
+from dim.configs import Config, KeyFunc, decode, normalize
+from dim.errors import ConfigError
+from dim.events import Event, EventType
+from dim.loop import Loop
+
+if TYPE_CHECKING:
+    from dim.node import Node
+
+log = logging.getLogger(__name__)
+
+
+def parse_weight(value: Optional[str]) -> float:
+    try:
+        weight = float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0
+    return weight if weight > 0 and weight < float("inf") else 1.0
+
+
+class LeaderLoop(Loop):
+    role = "leader"
+
+    def __init__(
+        self,
+        node: Node,
+        get_config: Callable[[], Any],
+        key: Optional[KeyFunc],
+    ) -> None:
+        super().__init__(node)
+        self._get_config = get_config
+        self._key = key
+        self._lock = threading.RLock()
+        self.alive_at = node.clock()
+        self._scheduler = schedule.Scheduler()
+        self._scheduler.every(node.settings.config_interval).seconds.do(self.request_refresh)
+        self._refresh = True
+        self._epoch = 0
+        self._good: Optional[dict[str, Config]] = None  # last good get_config result
+        self._reset()
+
+    def _reset(self) -> None:
+        self._assignment: dict[str, str] = {}
+        self._written: dict[str, str] = {}  # ckey -> config json, as stored
+        self._live: dict[str, float] = {}  # node id -> weight
+        self._weights: dict[str, float] = {}
+        self._grace_until = 0.0
+        self._dirty = True
+
+    def request_refresh(self) -> None:
+        """Call get_config at the next tick (config_interval job, refresh(), hint)."""
+        self._refresh = True
+        self.wake()
+
+    def tick(self) -> float:
+        node = self.node
+        self.alive_at = node.clock()
+        interval = node.settings.heartbeat_interval
+        self._scheduler.run_pending()
+        if not node.is_leader or node.leaving:
+            if self._epoch:
+                self._epoch = 0
+                self._reset()
+            return interval
+        with self._lock:
+            self._lead(exclude=None)
+        self.alive_at = node.clock()
+        delay = min(interval, max(self._scheduler.idle_seconds or interval, 0.0))
+        if self._grace_until:
+            delay = min(delay, max(self._grace_until - node.clock(), 0.0))
+        return delay
+
+    def final_rebalance(self) -> None:
+        """On graceful stop: place this node's configs elsewhere before resigning."""
+        node = self.node
+        with self._lock:
+            if node.is_leader and self._epoch == node.epoch:
+                self._dirty = True
+                self._lead(exclude=node.node_id)
+
+    def _lead(self, exclude: Optional[str]) -> None:
+        node = self.node
+        store = node.store
+        if self._epoch != node.epoch:
+            # a new epoch: start from the truth in Redis, then keep our own copy
+            self._reset()
+            self._epoch = node.epoch
+            self._assignment = store.assignment()
+            self._written = store.configs()
+            if node.fresh_redis:
+                # Redis has no fence counter: it is new or lost its data. Nodes still
+                # running instances take their claims back within a heartbeat; wait one
+                # node TTL before placing configs nobody claims, so nothing starts twice.
+                self._grace_until = node.clock() + node.settings.node_ttl
+            self._refresh = self._refresh or self._good is None
+        if self._refresh:
+            self._refresh = False
+            self._load_config()
+        configs = self._good
+        if configs is None:
+            configs = {}
+            for ckey, text in self._written.items():
+                config = decode(ckey, text)
+                if config is not None:
+                    configs[ckey] = config
+        now_ms, members = store.members()
+        live_ids = sorted(n for n, expiry in members.items() if expiry > now_ms)
+        dead = sorted(n for n, expiry in members.items() if expiry <= now_ms)
+        if exclude is not None and exclude in live_ids:
+            live_ids.remove(exclude)
+        unknown = [n for n in live_ids if n not in self._weights]
+        for node_id, info in store.node_infos(unknown).items():
+            self._weights[node_id] = parse_weight(info.get("weight"))
+        live = {n: self._weights.get(n, 1.0) for n in live_ids}
+        if self._grace_until and node.clock() >= self._grace_until:
+            self._grace_until = 0.0
+            self._dirty = True
+        changed_members = live != self._live or bool(dead)
+        if not (self._dirty or changed_members or self._configs_differ(configs)):
+            return
+        self._rebalance(configs, live, dead, now_ms, exclude)
+
+    def _configs_differ(self, configs: dict[str, Config]) -> bool:
+        if len(configs) != len(self._written):
+            return True
+        return any(self._written.get(c) != cfg.json for c, cfg in configs.items())
+
+    def _load_config(self) -> None:
+        node = self.node
+        try:
+            raw = self._get_config()
+            configs = normalize(raw, self._key)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConfigError) else ConfigError(
+                f"get_config raised {exc!r}", exc)
+            if error is not exc:
+                error.__cause__ = exc
+            log.error("node %s: %s; keeping the last good config (%d configs)", node.node_id,
+                      error, len(self._good or self._written))
+            node.emit(Event(EventType.CONFIG_ERROR, node.node_id, error=error))
+            return
+        if self._good is not None and list(configs) != list(self._good):
+            log.info("config changed: %d configs (was %d)", len(configs), len(self._good))
+        self._good = configs
+
+    def _rebalance(
+        self,
+        configs: dict[str, Config],
+        live: dict[str, float],
+        dead: list[str],
+        now_ms: int,
+        exclude: Optional[str],
+    ) -> None:
+        node = self.node
+        store = node.store
+        failures = store.failures()
+        excluded: dict[str, set[str]] = {}
+        expired = []
+        for field, until in failures.items():
+            failed_node, _, ckey = field.partition(" ")
+            if until <= now_ms or failed_node not in live:
+                expired.append(field)
+            else:
+                excluded.setdefault(ckey, set()).add(failed_node)
+        current = {c: n for c, n in self._assignment.items() if c in configs}
+        unplaced = [c for c in configs if current.get(c) not in live]
+        holders = store.claims(unplaced) if unplaced else {}
+        for ckey, (holder, _token) in holders.items():
+            if holder in live:
+                current[ckey] = holder  # rebuild placement from claims (Redis restart)
+        to_place = list(configs)
+        if self._grace_until:
+            to_place = [c for c in configs if current.get(c) in live]
+        new = balance.assign(live, to_place, current, excluded) if live else {}
+        old = self._assignment
+        if self._grace_until and not new and not old:
+            # nothing claimed yet: publish nothing until the grace ends, so no node
+            # believes it is settled while configs are held back
+            return
+        change: dict[str, Any] = {
+            "assign": {c: n for c, n in new.items() if old.get(c) != n},
+            "unassign": [c for c in old if c not in new],
+            "configs": {c: cfg.json for c, cfg in configs.items()
+                        if self._written.get(c) != cfg.json},
+            "drop_configs": [c for c in self._written if c not in configs],
+            "add": {},
+            "rem": {},
+            "drop_nodes": sorted(set(dead) | {n for n in old.values() if n not in live}
+                                 - set(live)),
+            "drop_failures": expired,
+        }
+        for ckey, target in change["assign"].items():
+            change["add"].setdefault(target, []).append(ckey)
+            previous = old.get(ckey)
+            if previous is not None and (previous in live or previous == exclude):
+                change["rem"].setdefault(previous, []).append(ckey)
+        for ckey in change["unassign"]:
+            previous = old[ckey]
+            if previous in live or previous == exclude:
+                change["rem"].setdefault(previous, []).append(ckey)
+        if exclude is not None:
+            change["drop_nodes"] = [n for n in change["drop_nodes"] if n != exclude]
+        version = store.leader_write(node.leader_value or "", change, node.epoch, node.node_id)
+        if version < 0:
+            log.warning("node %s: leader write refused (epoch %d is over); stepping down",
+                        node.node_id, node.epoch)
+            node.set_leader(None)
+            self._epoch = 0
+            self._reset()
+            return
+        moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
+        placed = len(change["assign"]) - moved
+        self._assignment = new
+        self._written = {c: cfg.json for c, cfg in configs.items()}
+        self._live = live
+        self._dirty = False
+        counts: dict[str, int] = {}
+        for target in new.values():
+            counts[target] = counts.get(target, 0) + 1
+        log.info(
+            "rebalance v%d: %d configs on %d nodes (%d moved, %d placed, %d removed, "
+            "%d nodes dropped)%s", version, len(new), len(live), moved, placed,
+            len(change["unassign"]), len(change["drop_nodes"]),
+            " [waiting for claims after a Redis reset]" if self._grace_until else "",
+        )
+        node.emit(Event(EventType.REBALANCE_APPLIED, node.node_id, data={
+            "version": version, "moved": moved, "placed": placed,
+            "removed": len(change["unassign"]), "nodes": len(live), "configs": len(new),
+            "unplaced": len(configs) - len(new),
+        }))

@@ -1,0 +1,92 @@
+"""The listener loop: pub/sub hints that wake the other loops sooner (§4.5).
+
+A hint is never trusted for content: it only makes a loop look at the keys now rather
+than at its next tick. Malformed, oversized or unknown messages are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import redis
+
+from dim.errors import MessageError
+from dim.loop import Loop
+from dim.messages import Kind, Message, decode
+
+if TYPE_CHECKING:
+    from redis.client import PubSub
+
+    from dim.node import Node
+
+log = logging.getLogger(__name__)
+
+POLL = 0.1  # seconds a get_message call may block; bounds how long stop() waits for us
+
+
+class Listener(Loop):
+    role = "listener"
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self._pubsub: Optional[PubSub] = None
+        self.dropped = 0
+
+    def tick(self) -> float:
+        node = self.node
+        if self._pubsub is None:
+            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(node.store.keys.events)
+            except BaseException:
+                pubsub.close()
+                raise
+            self._pubsub = pubsub
+            # hints may have been missed while we were not subscribed
+            node.reconciler.wake(read=True)
+            node.leader.wake()
+        try:
+            while not node.stop_event.is_set():
+                raw = self._pubsub.get_message(timeout=POLL)
+                if raw is not None:
+                    self.handle(raw.get("data"))
+        except (redis.RedisError, OSError, ValueError):
+            self.close()
+            raise
+        return 0.0
+
+    def close(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # closing a broken connection may raise; nothing to keep
+                log.debug("closing pub/sub connection failed", exc_info=True)
+
+    def handle(self, data: Any) -> Optional[Message]:
+        """Act on one raw payload; returns the decoded message, or None if dropped."""
+        node = self.node
+        try:
+            message = decode(data)
+        except MessageError as exc:
+            self.dropped += 1
+            log.warning("dropping pub/sub message on %s: %s", node.store.keys.events, exc)
+            return None
+        if message.node == node.node_id:
+            return message
+        kind = message.kind
+        if kind in (Kind.JOINED, Kind.LEFT, Kind.FAILED):
+            if node.is_leader:
+                node.leader.wake()
+        if kind is Kind.REFRESH and node.is_leader:
+            node.leader.request_refresh()
+        if kind in (Kind.RELEASED, Kind.LEFT, Kind.FAILED):
+            node.reconciler.wake()
+        if kind is Kind.ASSIGNED:
+            stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader
+            if not stale and (message.version is None or str(message.version) != node.version):
+                node.reconciler.wake(read=True)
+        if kind is Kind.LEADER_LEFT:
+            node.heartbeat.wake()
+        return message

@@ -1,0 +1,77 @@
+"""The guarded background loop every dim thread runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Optional
+
+import redis
+
+from dim.events import Event, EventType
+
+if TYPE_CHECKING:
+    from dim.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class Loop:
+    """A named thread that calls :meth:`tick` until the node stops.
+
+    ``tick()`` returns how long to wait before the next tick; :meth:`wake` cuts that wait
+    short (as does stopping). An exception in ``tick`` never kills the thread: it is
+    logged, reported to listeners as ``LOOP_ERROR`` (Redis errors are reported by the
+    heartbeat as ``REDIS_LOST`` instead), and the loop retries after an exponential
+    backoff capped at one heartbeat interval.
+    """
+
+    role = "loop"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        alive = self._thread is not None and self._thread.is_alive()
+        return f"<{type(self).__name__} node={self.node.node_id} alive={alive}>"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"dim-{self.role}-{self.node.node_id}", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def tick(self) -> float:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        stop = self.node.stop_event
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                delay = self.tick()
+                self.failures = 0
+            except Exception as exc:
+                self.failures += 1
+                delay = min(
+                    self.node.settings.heartbeat_interval, 0.01 * 2 ** min(self.failures, 10)
+                )
+                if isinstance(exc, redis.RedisError):
+                    log.warning("%s: Redis error (retrying in %.2fs): %r", self.role, delay, exc)
+                else:
+                    log.exception("%s loop raised (retrying in %.2fs)", self.role, delay)
+                    self.node.emit(Event(EventType.LOOP_ERROR, self.node.node_id, error=exc,
+                                         data={"loop": self.role}))
+            if stop.is_set():
+                break
+            self._wake.wait(max(delay, 0.0))

@@ -1,0 +1,428 @@
+"""The Manager: lifecycle, wiring of the loops, public properties."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import threading
+import weakref
+from typing import Any, Callable, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import redis
+import tenacity
+
+from dim.configs import KeyFunc
+from dim.errors import ConfigError, ForkedError, RedisUnavailableError
+from dim.events import Dispatcher, Event, EventType, Listener
+from dim.health import HealthLoop
+from dim.keys import check_service
+from dim.leader import LeaderLoop
+from dim.listener import Listener as PubSubListener
+from dim.messages import Kind, Message
+from dim.node import Node
+from dim.reconciler import Lease, Reconciler, UserCallbacks
+from dim.settings import Settings
+from dim.status import ClusterStatus, read_status
+from dim.store import Store, redis_from
+
+log = logging.getLogger(__name__)
+
+_live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+
+
+def _check_callable(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not callable(value):
+        raise ConfigError(f"{name} must be callable, got {value!r}", value)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Manager:
+    """Runs this process's share of the configured instances of one service.
+
+    Each config returned by ``get_config`` runs in exactly one process of the cluster
+    (all managers with the same ``service`` on the same Redis). The manager creates the
+    instances assigned to this process with ``create``, checks them with
+    ``healthcheck``, and stops them with ``disconnect`` when they move away, fail, or the
+    manager stops.
+
+    Example::
+
+        manager = Manager(
+            get_config=lambda: [{"id": 1, "url": "wss://a"}, {"id": 2, "url": "wss://b"}],
+            create=lambda config: Client(config["url"]),
+            healthcheck=lambda client: client.ping(),
+            disconnect=lambda client: client.close(),
+            redis="redis://localhost:6379/0",
+            service="example",
+        ).start()
+        ...
+        manager.stop()
+
+    :param get_config: returns the list of configs (called on the leader only, every
+        ``config_interval`` and on :meth:`refresh`). A config is a JSON-serialisable
+        mapping with an ``id`` (int or str), or a bare int/str.
+    :param create: builds and returns the running instance for one config; must not
+        return None. Raising (or timing out) is retried with backoff.
+    :param healthcheck: optional; raising or returning ``False`` marks the instance
+        unhealthy (it is then disconnected and created again).
+    :param disconnect: optional; stops an instance.
+    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``) or a ``redis.Redis``.
+        A client you pass is used as is: give it a ``socket_timeout`` shorter than
+        ``heartbeat_interval`` so a stalled server cannot hold up dim's loops.
+    :param service: the cluster's name; managers with different names never interact.
+    :param settings: timing and retry :class:`Settings`.
+    :param key: reads the id of a config (default: ``config["id"]``, or the bare value).
+    :param weight: this node's share relative to others (default 1.0).
+    """
+
+    def __init__(
+        self,
+        get_config: Callable[[], Any],
+        create: Callable[[Any], Any],
+        healthcheck: Optional[Callable[[Any], Any]] = None,
+        disconnect: Optional[Callable[[Any], Any]] = None,
+        *,
+        redis: Union[str, redis.Redis] = "redis://localhost:6379/0",
+        service: str = "default",
+        settings: Optional[Settings] = None,
+        key: Optional[KeyFunc] = None,
+        weight: float = 1.0,
+    ) -> None:
+        _check_callable("get_config", get_config, optional=False)
+        _check_callable("create", create, optional=False)
+        _check_callable("healthcheck", healthcheck, optional=True)
+        _check_callable("disconnect", disconnect, optional=True)
+        _check_callable("key", key, optional=True)
+        import redis as redis_module
+
+        if not isinstance(redis, (str, redis_module.Redis)):
+            raise ConfigError(f"redis must be a URL or a redis.Redis client, got {redis!r}", redis)
+        if isinstance(redis, str) and urlsplit(redis).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"redis URL must start with redis://, rediss:// or unix://, got "
+                f"{safe_url(redis)!r}",
+                redis,
+            )
+        if settings is None:
+            settings = Settings()
+        if not isinstance(settings, Settings):
+            raise ConfigError(f"settings must be a dim.Settings, got {settings!r}", settings)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise ConfigError(f"weight must be a positive number, got {weight!r}", weight)
+        self.service = check_service(service)
+        self.settings = settings
+        self._redis_target = redis
+        self._callbacks = UserCallbacks(create=create, disconnect=disconnect,
+                                        healthcheck=healthcheck)
+        self._get_config = get_config
+        self._key = key
+        self._weight = float(weight)
+        self._dispatcher = Dispatcher()
+        self._lock = threading.RLock()
+        self._node: Optional[Node] = None
+        self._client: Optional[redis_module.Redis] = None
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        node = self._node
+        if node is None:
+            return f"<Manager service={self.service!r} stopped>"
+        return (
+            f"<Manager service={self.service!r} node={node.node_id} leader={node.is_leader} "
+            f"instances={len(node.reconciler.instances())}>"
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> Manager:
+        """Join the cluster and start the background threads; returns ``self``.
+
+        Non-blocking beyond the first round trip to Redis. Calling it on a running
+        manager does nothing. After :meth:`stop` it joins again as a new node.
+
+        :raises RedisUnavailableError: Redis cannot be reached within
+            ``settings.connect_timeout``, or refuses the login or the commands dim needs.
+        """
+        with self._lock:
+            self._check_fork()
+            if self._node is not None:
+                return self
+            client = self._connect()
+            store = Store(client, self.service)
+            node = Node(store=store, settings=self.settings, dispatcher=self._dispatcher,
+                        weight=self._weight)
+            node.reconciler = Reconciler(node, self._callbacks)
+            node.leader = LeaderLoop(node, self._get_config, self._key)
+            node.listener = PubSubListener(node)
+            if self._callbacks.healthcheck is not None:
+                node.health = HealthLoop(node, self._callbacks.healthcheck)
+            try:
+                node.heartbeat.beat()
+            except redis.RedisError as exc:
+                self._close_client(client)
+                raise RedisUnavailableError(
+                    f"Redis at {self._describe_target()} refused dim's first heartbeat: {exc}"
+                ) from exc
+            node.joined_version = node.version
+            self._dispatcher.start(f"dim-events-{node.node_id}")
+            for loop in node.loops():
+                loop.start()
+            self._node = node
+            self._client = client
+            _live_managers.add(self)
+            try:
+                store.publish(Message(Kind.JOINED, node.node_id))
+            except redis.RedisError as exc:  # a hint only: the leader sees us at its next tick
+                log.warning("could not announce node %s: %r", node.node_id, exc)
+            log.info("node %s joined service %r", node.node_id, self.service)
+            return self
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Leave the cluster gracefully; safe to call twice.
+
+        Order matters for speed: the node leaves the membership and hands over leadership
+        first, so the rest of the cluster rebalances while this node disconnects its
+        instances; each claim is released (and announced) the moment its instance is
+        disconnected, so the new owner starts at once. Only then are the threads joined.
+
+        :param timeout: how long to wait for the disconnects (default:
+            ``disconnect_timeout`` plus one second).
+        """
+        with self._lock:
+            node = self._node
+            if node is None:
+                return
+            if os.getpid() != self._pid:
+                return  # a forked child must not touch its parent's cluster state
+            self._node = None
+        s = self.settings
+        wait = s.disconnect_timeout + 1.0 if timeout is None else timeout
+        store = node.store
+        if node.is_leader:
+            try:
+                node.leader.final_rebalance()
+            except Exception:
+                log.warning("final rebalance before stepping down failed", exc_info=True)
+        node.leaving = True
+        leader_value = node.leader_value
+        for what, action in (
+            ("leave", lambda: store.leave(node.node_id)),
+            ("resign", lambda: leader_value and store.resign(
+                leader_value, Message(Kind.LEADER_LEFT, node.node_id))),
+            ("announce", lambda: store.publish(Message(Kind.LEFT, node.node_id))),
+        ):
+            try:
+                action()
+            except redis.RedisError as exc:
+                log.warning("node %s could not %s: %r", node.node_id, what, exc)
+        node.set_leader(None)
+        node.reconciler.close(wait)
+        node.stop_event.set()
+        node.wake_all()
+        for loop in node.loops():
+            loop.join(max(1.0, s.heartbeat_interval * 2))
+        if isinstance(node.listener, PubSubListener):
+            node.listener.close()
+        self._dispatcher.stop(timeout=1.0)
+        self._dispatcher = _fresh_dispatcher(self._dispatcher)
+        self._close_client(self._client)
+        self._client = None
+        _live_managers.discard(self)
+        log.info("node %s left service %r", node.node_id, self.service)
+
+    def __enter__(self) -> Manager:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- public views ---------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> Optional[str]:
+        """This node's id while started (new for every start), else None."""
+        node = self._node
+        return node.node_id if node is not None else None
+
+    @property
+    def is_leader(self) -> bool:
+        node = self._running_node(required=False)
+        return node is not None and node.is_leader
+
+    @property
+    def instances(self) -> dict[Any, Any]:
+        """Snapshot ``{config_id: instance}`` of what runs in this process now."""
+        node = self._running_node(required=False)
+        return node.reconciler.instances() if node is not None else {}
+
+    @property
+    def leases(self) -> dict[Any, Lease]:
+        """Snapshot ``{config_id: Lease}`` of the claims this process holds now."""
+        node = self._running_node(required=False)
+        return node.reconciler.leases() if node is not None else {}
+
+    def lease(self, config_id: Any) -> Optional[Lease]:
+        """The lease (with its fencing token) of one config held here, or None.
+
+        Available from the moment the claim is taken, so ``create`` may call it for the
+        instance it is building, and pass the token to the system it drives.
+        """
+        return self.leases.get(config_id)
+
+    def status(self) -> ClusterStatus:
+        """The cluster as Redis sees it now, plus this node's local instance states."""
+        node = self._running_node(required=False)
+        if node is not None:
+            view = read_status(node.store)
+            return attrs.evolve(view, local=node.reconciler.local_view(), node_id=node.node_id)
+        client = redis_from(self._redis_target, self.settings.socket_timeout)
+        try:
+            return read_status(Store(client, self.service))
+        finally:
+            if client is not self._redis_target:
+                self._close_client(client)
+
+    def wait_until_stable(self, timeout: float = 10.0) -> bool:
+        """Block until this node runs exactly what it is assigned; False on timeout."""
+        node = self._running_node(required=True)
+        assert node is not None
+        return node.reconciler.wait_until_stable(timeout)
+
+    def refresh(self) -> None:
+        """Ask the leader to call ``get_config`` now rather than at its next interval."""
+        node = self._running_node(required=True)
+        assert node is not None
+        if node.is_leader:
+            node.leader.request_refresh()
+        else:
+            node.store.publish(Message(Kind.REFRESH, node.node_id))
+
+    def add_listener(self, callback: Listener, *types: EventType) -> Listener:
+        """Call ``callback(event)`` for events of these types (all if none given).
+
+        Listeners run on one dedicated thread in event order; one that raises is logged
+        and ignored. Returns ``callback`` so it can serve as a decorator.
+        """
+        _check_callable("listener", callback, optional=False)
+        for t in types:
+            if not isinstance(t, EventType):
+                raise ConfigError(f"event type must be a dim.EventType, got {t!r}", t)
+        self._dispatcher.add(callback, frozenset(types) if types else None)
+        return callback
+
+    def remove_listener(self, callback: Listener) -> None:
+        self._dispatcher.remove(callback)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _running_node(self, required: bool) -> Optional[Node]:
+        self._check_fork()
+        node = self._node
+        if node is None and required:
+            from dim.errors import StateError
+
+            raise StateError(f"manager for service {self.service!r} is not started")
+        return node
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid and self._node is not None:
+            raise ForkedError(
+                f"this manager was started in process {self._pid} and inherited by forked "
+                f"process {os.getpid()}; its threads did not survive the fork. Start the "
+                f"manager after forking (gunicorn: in post_fork or the app factory, without "
+                f"--preload)"
+            )
+
+    def _describe_target(self) -> str:
+        target = self._redis_target
+        return safe_url(target) if isinstance(target, str) else repr(target)
+
+    def _connect(self) -> redis.Redis:
+        client = redis_from(self._redis_target, self.settings.socket_timeout)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.settings.connect_timeout),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
+            retry=tenacity.retry_if_exception_type(
+                (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+            ),
+            reraise=True,
+        )
+        try:
+            retrying(client.ping)
+        except redis.AuthenticationError as exc:
+            self._close_client(client)
+            raise RedisUnavailableError(
+                f"Redis at {self._describe_target()} refused the login: {exc}"
+            ) from exc
+        except redis.RedisError as exc:
+            self._close_client(client)
+            raise RedisUnavailableError(
+                f"cannot reach Redis at {self._describe_target()} within "
+                f"{self.settings.connect_timeout:g} s: {exc}"
+            ) from exc
+        return client
+
+    def _close_client(self, client: Optional[redis.Redis]) -> None:
+        if client is not None and client is not self._redis_target:
+            try:
+                client.close()
+            except Exception:
+                log.debug("closing the Redis client failed", exc_info=True)
+
+
+def _fresh_dispatcher(old: Dispatcher) -> Dispatcher:
+    """A new dispatcher with the same listeners, so a restarted manager keeps them."""
+    new = Dispatcher()
+    new._listeners = list(old._listeners)
+    return new
+
+
+def _stop_all_at_exit() -> None:
+    for manager in list(_live_managers):
+        try:
+            manager.stop()
+        except Exception:
+            log.exception("stopping %r at exit failed", manager)
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_live_managers):
+        log.warning(
+            "%r was started before this process forked; it is inert in the child "
+            "(start managers after forking)", manager
+        )
+
+
+atexit.register(_stop_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["Event", "Manager"]

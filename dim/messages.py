@@ -1,0 +1,104 @@
+"""Pub/sub hints: schema, encoding and validation.
+
+Messages are hints, never the truth: they only wake a loop sooner than its next tick,
+and the loop then reads the keys. A lost message costs at most one heartbeat interval.
+So a message is tiny, has a fixed schema, and anything that does not fit (too big, not
+JSON, unknown kind, wrong types) is rejected with :class:`~dim.errors.MessageError` and
+dropped by the listener.
+
+Wire format: a JSON object ``{"k": kind, "n": node id, "v": version, "e": epoch,
+"c": config key}``; ``v``, ``e`` and ``c`` are optional.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Optional, Union
+
+import attrs
+
+from dim.errors import MessageError
+
+MAX_MESSAGE_BYTES = 1024
+
+
+class Kind(str, Enum):
+    """What a hint announces."""
+
+    JOINED = "joined"  # a node joined: the leader rebalances
+    LEFT = "left"  # a node left gracefully: the leader rebalances, waiting nodes retry claims
+    ASSIGNED = "assigned"  # the leader wrote a new assignment version
+    RELEASED = "released"  # a claim was released: nodes waiting for it retry at once
+    FAILED = "failed"  # a node gave up a config after repeated create failures
+    LEADER_LEFT = "leader_left"  # the leader stepped down: nodes try to take over now
+    REFRESH = "refresh"  # someone asked the leader to call get_config now
+
+
+@attrs.frozen
+class Message:
+    """One hint."""
+
+    kind: Kind
+    node: str
+    version: Optional[int] = None
+    epoch: Optional[int] = None
+    ckey: Optional[str] = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Union[str, int]] = {"k": self.kind.value, "n": self.node}
+        if self.version is not None:
+            body["v"] = self.version
+        if self.epoch is not None:
+            body["e"] = self.epoch
+        if self.ckey is not None:
+            body["c"] = self.ckey
+        data = json.dumps(body, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        return data
+
+
+def _optional_int(body: dict[str, object], field: str) -> Optional[int]:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MessageError(f"message field {field!r} must be a non-negative int, got {value!r}")
+    return value
+
+
+def decode(data: object) -> Message:
+    """Parse and validate one message payload; raise MessageError if it does not fit."""
+    if isinstance(data, str):
+        data = data.encode()
+    if not isinstance(data, bytes):
+        raise MessageError(f"message payload must be bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise MessageError(f"message is not JSON: {data[:80]!r}") from exc
+    if not isinstance(body, dict):
+        raise MessageError(f"message must be a JSON object, got {data[:80]!r}")
+    unknown = set(body) - {"k", "n", "v", "e", "c"}
+    if unknown:
+        raise MessageError(f"message has unknown fields {sorted(unknown)!r}")
+    try:
+        kind = Kind(body.get("k"))
+    except ValueError:
+        raise MessageError(f"message kind {body.get('k')!r} is unknown") from None
+    node = body.get("n")
+    if not isinstance(node, str) or not node or len(node) > 200:
+        raise MessageError(f"message node must be a non-empty string, got {node!r}")
+    ckey = body.get("c")
+    if ckey is not None and (not isinstance(ckey, str) or len(ckey) > 512):
+        raise MessageError(f"message config key must be a string, got {ckey!r}")
+    return Message(
+        kind=kind,
+        node=node,
+        version=_optional_int(body, "v"),
+        epoch=_optional_int(body, "e"),
+        ckey=ckey,
+    )

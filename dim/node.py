@@ -1,0 +1,211 @@
+"""One started node: its identity, shared state, the heartbeat and the fence watchdog.
+
+A :class:`Node` exists from ``Manager.start()`` to ``Manager.stop()``; a restarted manager
+gets a new node with a new id. The loops share it and talk to each other only through it
+(``wake`` calls and a few flags), never through Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+import redis
+
+from dim.events import Dispatcher, Event, EventType
+from dim.loop import Loop
+from dim.settings import Settings
+from dim.store import Store, parse_owner
+
+if TYPE_CHECKING:
+    from dim.leader import LeaderLoop
+    from dim.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+def new_node_id() -> str:
+    """``<host>-<pid>-<random>``: unique for every start."""
+    host = socket.gethostname().split(".")[0].replace(":", "_")[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Node:
+    """Shared runtime state of one started manager."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        weight: float,
+        clock: Callable[[], float] = time.monotonic,
+        node_id: Optional[str] = None,
+    ) -> None:
+        self.node_id = node_id or new_node_id()
+        self.store = store
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.weight = weight
+        self.clock = clock
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.stop_event = threading.Event()
+        self.leaving = False
+        # monotonic time at which the last successful heartbeat was *sent*: every claim
+        # it renewed lives until at least this plus node_ttl
+        self.last_renew = clock()
+        self.fenced = False
+        self.redis_ok = True
+        self.version: Optional[str] = None  # assignment version seen by the last heartbeat
+        self.joined_version: Optional[str] = None
+        self.leader_value: Optional[str] = None  # '<me>:<epoch>' while this node leads
+        self.epoch = 0
+        self.fresh_redis = False  # the fence counter was missing when we took leadership
+        self.cluster_leader: Optional[str] = None
+        self.reconciler: Reconciler
+        self.leader: LeaderLoop
+        self.listener: Optional[Loop] = None
+        self.health: Optional[Loop] = None
+        self.heartbeat = Heartbeat(self)
+        self.watchdog = FenceWatchdog(self)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.node_id} leader={self.is_leader} fenced={self.fenced}>"
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader_value is not None
+
+    def emit(self, event: Event) -> None:
+        self.dispatcher.emit(event)
+
+    def info(self) -> dict[str, str]:
+        from dim import __version__
+
+        return {
+            "host": socket.gethostname(),
+            "pid": str(self.pid),
+            "started": f"{self.started_at:.3f}",
+            "weight": repr(self.weight),
+            "version": __version__,
+        }
+
+    def set_leader(self, value: Optional[str], *, fresh_redis: bool = False) -> None:
+        """Record leadership gained (value '<me>:<epoch>') or lost (None)."""
+        with self._lock:
+            old = self.leader_value
+            if value == old:
+                return
+            self.leader_value = value
+            if value is not None:
+                self.epoch = parse_owner(value)[1]  # type: ignore[index]
+                self.fresh_redis = fresh_redis
+        if old is not None:
+            log.info("node %s lost leadership (%s)", self.node_id, old)
+            self.emit(Event(EventType.LEADERSHIP_LOST, self.node_id, data={"leader": old}))
+        if value is not None:
+            log.info("node %s is the leader (epoch %d)", self.node_id, self.epoch)
+            self.emit(
+                Event(EventType.LEADERSHIP_GAINED, self.node_id, data={"epoch": self.epoch})
+            )
+            self.leader.wake()
+
+    def wake_all(self) -> None:
+        for loop in self.loops():
+            loop.wake()
+
+    def loops(self) -> list[Loop]:
+        out: list[Loop] = [self.heartbeat, self.watchdog, self.reconciler, self.leader]
+        return out + [loop for loop in (self.listener, self.health) if loop is not None]
+
+
+class Heartbeat(Loop):
+    """The one Lua call per interval: membership, claims, leadership, version (§4.1)."""
+
+    role = "heartbeat"
+
+    def beat(self) -> None:
+        """One heartbeat; raises redis errors to the caller."""
+        node = self.node
+        s = node.settings
+        leader_value = node.leader_value
+        renew_leader = ""
+        if leader_value is not None and node.clock() - node.leader.alive_at < (
+            s.leader_ttl - s.heartbeat_interval
+        ):
+            # renew only while the leader loop itself is alive: a leader stuck in
+            # get_config must lose the lease rather than freeze the cluster
+            renew_leader = leader_value
+        claims = node.reconciler.held_claims()
+        sent = node.clock()
+        result = node.store.heartbeat(
+            node.node_id,
+            node_ttl=s.node_ttl,
+            leader_ttl=s.leader_ttl,
+            leaving=node.leaving,
+            may_lead=not node.leaving,
+            renew_leader=renew_leader,
+            info=node.info(),
+            claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
+        )
+        node.last_renew = sent
+        if not node.redis_ok:
+            node.redis_ok = True
+            log.warning("node %s reached Redis again", node.node_id)
+            node.emit(Event(EventType.REDIS_RESTORED, node.node_id))
+        if node.fenced:
+            node.reconciler.unfence()
+        for ckey, status in result.claims.items():
+            if status == 0:
+                node.reconciler.lease_lost(ckey, claims[ckey])
+            elif status == 2:
+                log.warning("claim %r was missing in Redis; node %s took it back", ckey,
+                            node.node_id)
+        node.cluster_leader = result.leader
+        mine = result.leader is not None and result.leader.startswith(node.node_id + ":")
+        if mine and not node.leaving:
+            node.set_leader(result.leader, fresh_redis=result.fence_was_missing)
+        elif node.is_leader:
+            node.set_leader(None)
+        if result.version != node.version:
+            node.version = result.version
+            node.reconciler.wake(read=True)
+
+    def tick(self) -> float:
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            node = self.node
+            if node.redis_ok:
+                node.redis_ok = False
+                log.warning("node %s cannot reach Redis: %r", node.node_id, exc)
+                node.emit(Event(EventType.REDIS_LOST, node.node_id, error=exc))
+            # retry sooner than a full interval: every renewal counts toward the fence
+            return node.settings.heartbeat_interval / 2
+        return self.node.settings.heartbeat_interval
+
+
+class FenceWatchdog(Loop):
+    """Stops every local instance when renewals have failed for too long (§4.6).
+
+    It never touches Redis, so a stalled connection cannot delay it.
+    """
+
+    role = "fence"
+
+    def tick(self) -> float:
+        node = self.node
+        remaining = node.last_renew + node.settings.renew_deadline - node.clock()
+        if remaining > 0:
+            return remaining
+        if not node.fenced:
+            node.reconciler.fence()
+        return node.settings.heartbeat_interval

@@ -1,0 +1,241 @@
+"""The Lua scripts, each headed by its contract.
+
+Every read-then-write dim makes in Redis is one of these scripts, so it is atomic and
+checks ownership (claim token, leader epoch) in the same step as the write. Time comes
+from the server (``TIME``), never from a client clock.
+
+Numbers: Redis Lua numbers are doubles, exact up to 2**53, and tokens are milliseconds
+since the epoch (about 2**41), so they are formatted with ``%.0f`` before they become
+strings (``tostring`` would switch to exponent notation past 14 digits).
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to the scripts that need them.
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(n)
+  return string.format('%.0f', n)
+end
+-- The fencing counter never goes backwards, even after Redis lost its data:
+-- a new value is max(previous + 1, server time in ms).
+local function next_fence(key, now)
+  local v = tonumber(redis.call('GET', key) or '0') + 1
+  if now > v then v = now end
+  redis.call('SET', key, num(v))
+  return v
+end
+"""
+
+HEARTBEAT = (
+    _PRELUDE
+    + """
+-- KEYS[1] nodes zset, KEYS[2] this node's info hash, KEYS[3] leader, KEYS[4] fence,
+-- KEYS[5] version, KEYS[6..] claim keys this node holds
+-- ARGV[1] node id, ARGV[2] node ttl ms, ARGV[3] leader ttl ms,
+-- ARGV[4] 'member' (renew membership) or 'leaving' (renew claims only),
+-- ARGV[5] '1' if this node may take leadership when nobody holds it,
+-- ARGV[6] the leader value this node holds and wants renewed, or '',
+-- ARGV[7] n = number of info field/value pairs, ARGV[8 .. 7+2n] the pairs,
+-- ARGV[8+2n ..] the claim values ('<node>:<token>') matching KEYS[6..]
+-- returns {now ms, version or nil, leader value or nil, acquired 0/1,
+--          fence was missing 0/1, {claim status per claim key}}
+--   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else
+local now = now_ms()
+local node = ARGV[1]
+local node_ttl = tonumber(ARGV[2])
+local ninfo = tonumber(ARGV[7])
+if ARGV[4] == 'member' then
+  redis.call('ZADD', KEYS[1], now + node_ttl, node)
+  if ninfo > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+    for i = 8, 7 + 2 * ninfo, 2 do
+      redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    end
+  end
+  redis.call('PEXPIRE', KEYS[2], node_ttl)
+end
+local statuses = {}
+local first = 8 + 2 * ninfo
+for i = 6, #KEYS do
+  local want = ARGV[first + i - 6]
+  local cur = redis.call('GET', KEYS[i])
+  if cur == want then
+    redis.call('PEXPIRE', KEYS[i], node_ttl)
+    statuses[#statuses + 1] = 1
+  elseif not cur then
+    -- Redis lost the claim (restart) or it lapsed with nobody taking it: nobody else
+    -- can be running it, so the holder takes it back, keeping its token and making sure
+    -- the counter stays ahead of that token.
+    redis.call('SET', KEYS[i], want, 'PX', node_ttl)
+    local token = tonumber(string.match(want, ':(%d+)$') or '0')
+    if tonumber(redis.call('GET', KEYS[4]) or '0') < token then
+      redis.call('SET', KEYS[4], num(token))
+    end
+    statuses[#statuses + 1] = 2
+  else
+    statuses[#statuses + 1] = 0
+  end
+end
+local leader = redis.call('GET', KEYS[3])
+local acquired = 0
+local fence_missing = 0
+if leader then
+  if ARGV[6] ~= '' and leader == ARGV[6] then
+    redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[3]))
+  end
+elseif ARGV[5] == '1' and ARGV[4] == 'member' then
+  if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
+  leader = node .. ':' .. num(next_fence(KEYS[4], now))
+  redis.call('SET', KEYS[3], leader, 'PX', tonumber(ARGV[3]))
+  acquired = 1
+end
+return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses}
+"""
+)
+
+CLAIM = (
+    _PRELUDE
+    + """
+-- KEYS[1] fence, KEYS[2..] claim keys to take
+-- ARGV[1] node id, ARGV[2] ttl ms
+-- returns {token per claim key}: the token this node now holds (a fresh one, or its
+--   existing one if it already held the claim), or 0 if another node holds it
+local now = now_ms()
+local node = ARGV[1]
+local out = {}
+for i = 2, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if not cur then
+    local token = next_fence(KEYS[1], now)
+    redis.call('SET', KEYS[i], node .. ':' .. num(token), 'PX', tonumber(ARGV[2]))
+    out[#out + 1] = token
+  else
+    local owner, token = string.match(cur, '^(.*):(%d+)$')
+    if owner == node then
+      redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[2]))
+      out[#out + 1] = tonumber(token)
+    else
+      out[#out + 1] = 0
+    end
+  end
+end
+return out
+"""
+)
+
+RELEASE = """
+-- KEYS[1..] claim keys to release
+-- ARGV[1] node id, ARGV[2] channel, ARGV[3] hint to publish if anything was released,
+-- ARGV[4..] tokens matching KEYS
+-- returns the number of claims deleted (a claim is deleted only if it still holds
+--   exactly '<node>:<token>')
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] .. ':' .. ARGV[i + 3] then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+if n > 0 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return n
+"""
+
+LEADER_WRITE = (
+    _PRELUDE
+    + """
+-- KEYS[1] leader, KEYS[2] assignment, KEYS[3] configs, KEYS[4] version, KEYS[5] nodes,
+-- KEYS[6] failures
+-- ARGV[1] expected leader value '<node>:<epoch>', ARGV[2] key prefix (for desired sets),
+-- ARGV[3] JSON change set:
+--   {"assign": {ckey: node}, "unassign": [ckey], "configs": {ckey: json},
+--    "drop_configs": [ckey], "add": {node: [ckey]}, "rem": {node: [ckey]},
+--    "drop_nodes": [node], "drop_failures": [field]}
+-- ARGV[4] channel, ARGV[5] hint prefix: the script appends ',"v":<version>}'
+-- returns the new version, or -1 (and writes nothing) if the leader is not ARGV[1]
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local now = now_ms()
+local change = cjson.decode(ARGV[3])
+local prefix = ARGV[2]
+for ckey, node in pairs(change['assign'] or {}) do
+  redis.call('HSET', KEYS[2], ckey, node)
+end
+for _, ckey in ipairs(change['unassign'] or {}) do
+  redis.call('HDEL', KEYS[2], ckey)
+end
+for ckey, json in pairs(change['configs'] or {}) do
+  redis.call('HSET', KEYS[3], ckey, json)
+end
+for _, ckey in ipairs(change['drop_configs'] or {}) do
+  redis.call('HDEL', KEYS[3], ckey)
+end
+for node, ckeys in pairs(change['rem'] or {}) do
+  for _, ckey in ipairs(ckeys) do redis.call('SREM', prefix .. 'desired:' .. node, ckey) end
+end
+for node, ckeys in pairs(change['add'] or {}) do
+  for _, ckey in ipairs(ckeys) do redis.call('SADD', prefix .. 'desired:' .. node, ckey) end
+end
+for _, node in ipairs(change['drop_nodes'] or {}) do
+  -- a node that came back since the leader read the members keeps its entry
+  local score = redis.call('ZSCORE', KEYS[5], node)
+  if (not score) or tonumber(score) <= now then
+    redis.call('ZREM', KEYS[5], node)
+    redis.call('DEL', prefix .. 'desired:' .. node)
+  end
+end
+for _, field in ipairs(change['drop_failures'] or {}) do
+  redis.call('HDEL', KEYS[6], field)
+end
+local version = redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ',"v":' .. version .. '}')
+return version
+"""
+)
+
+MEMBERS = (
+    _PRELUDE
+    + """
+-- KEYS[1] nodes zset
+-- returns {now ms, {node id, expiry ms, node id, expiry ms, ...}} for every member,
+--   live or expired (the caller compares expiry with now)
+return {now_ms(), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+)
+
+READ_DESIRED = """
+-- KEYS[1] desired set of one node, KEYS[2] configs hash, KEYS[3] version
+-- returns {version or nil, {ckey, config json or nil, ckey, config json or nil, ...}}
+local out = {}
+for _, ckey in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = ckey
+  out[#out + 1] = redis.call('HGET', KEYS[2], ckey)
+end
+return {redis.call('GET', KEYS[3]), out}
+"""
+
+RESIGN = """
+-- KEYS[1] leader
+-- ARGV[1] the leader value this node holds, ARGV[2] channel, ARGV[3] hint
+-- returns 1 if this node held the leadership and gave it up, else 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+REPORT_FAILURE = (
+    _PRELUDE
+    + """
+-- KEYS[1] failures hash
+-- ARGV[1] field '<node> <ckey>', ARGV[2] cool-down ms, ARGV[3] channel, ARGV[4] hint
+-- returns the expiry (server ms) recorded for the failure
+local until_ms = now_ms() + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], num(until_ms))
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return until_ms
+"""
+)

@@ -1,0 +1,114 @@
+"""Timing and retry settings of a manager, validated together and frozen."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from dim.errors import ConfigError
+
+
+def _positive_number(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"setting {attribute.name} must be a number of seconds, got {value!r}", value
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"setting {attribute.name} must be > 0, got {value!r}", value)
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"setting {attribute.name} must be an integer >= 1, got {value!r}", value)
+
+
+def _seconds(default: float) -> Any:
+    return attrs.field(default=default, validator=_positive_number)
+
+
+@attrs.frozen
+class Settings:
+    """How often dim talks to Redis, how long leases live, and how patient it is.
+
+    All durations are in seconds. The instance is immutable and checked as a whole when it
+    is built, so a bad combination fails at construction with :class:`~dim.ConfigError`
+    naming the setting::
+
+        >>> Settings(heartbeat_interval=0.5, node_ttl=3).node_ttl
+        3
+        >>> Settings(heartbeat_interval=2, node_ttl=3)
+        Traceback (most recent call last):
+        ...
+        dim.errors.ConfigError: setting node_ttl (3) must be more than twice heartbeat_interval (2)
+
+    :param heartbeat_interval: one heartbeat (one Redis round trip) per node per interval.
+    :param node_ttl: how long a node and its claims live without a heartbeat. A node that
+        cannot renew for ``node_ttl - heartbeat_interval`` stops its instances.
+    :param leader_ttl: how long the leader lock lives without renewal.
+    :param healthcheck_interval: how often each instance's ``healthcheck`` runs.
+    :param healthcheck_timeout: a ``healthcheck`` that takes longer counts as failed.
+    :param config_interval: how often the leader calls ``get_config``.
+    :param create_attempts: attempts of ``create`` on one node before the config is handed
+        to another node for ``failure_cooldown``.
+    :param create_timeout: a ``create`` that takes longer counts as failed (the late
+        instance, if it ever arrives, is disconnected).
+    :param create_backoff: first wait between ``create`` attempts; doubles each time,
+        capped at ``create_backoff_max``.
+    :param create_backoff_max: the longest wait between ``create`` attempts.
+    :param failure_cooldown: how long a node that failed a config is avoided for it.
+    :param disconnect_timeout: a ``disconnect`` that takes longer is abandoned (logged).
+    :param connect_timeout: how long ``start()`` retries an unreachable Redis before it
+        raises :class:`~dim.RedisUnavailableError`.
+    :param max_workers: how many ``create``/``disconnect`` calls run at once on a node.
+    """
+
+    heartbeat_interval: float = _seconds(1.0)
+    node_ttl: float = _seconds(5.0)
+    leader_ttl: float = _seconds(5.0)
+    healthcheck_interval: float = _seconds(10.0)
+    healthcheck_timeout: float = _seconds(5.0)
+    config_interval: float = _seconds(10.0)
+    create_attempts: int = attrs.field(default=3, validator=_positive_int)
+    create_timeout: float = _seconds(30.0)
+    create_backoff: float = _seconds(0.5)
+    create_backoff_max: float = _seconds(10.0)
+    failure_cooldown: float = _seconds(30.0)
+    disconnect_timeout: float = _seconds(10.0)
+    connect_timeout: float = _seconds(10.0)
+    max_workers: int = attrs.field(default=8, validator=_positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("node_ttl", "leader_ttl"):
+            ttl = getattr(self, name)
+            if ttl <= 2 * self.heartbeat_interval:
+                raise ConfigError(
+                    f"setting {name} ({ttl}) must be more than twice heartbeat_interval "
+                    f"({self.heartbeat_interval})",
+                    ttl,
+                )
+        if self.create_backoff_max < self.create_backoff:
+            raise ConfigError(
+                f"setting create_backoff_max ({self.create_backoff_max}) must be at least "
+                f"create_backoff ({self.create_backoff})",
+                self.create_backoff_max,
+            )
+
+    @property
+    def renew_deadline(self) -> float:
+        """Seconds without a successful renewal after which a node fences itself.
+
+        One heartbeat interval before the claims can expire, so the instances are
+        disconnected while the claims still protect them.
+        """
+        return self.node_ttl - self.heartbeat_interval
+
+    @property
+    def socket_timeout(self) -> float:
+        """Socket timeout for the Redis connections dim opens itself."""
+        return max(self.heartbeat_interval, 0.25)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with some settings changed (validated again)."""
+        return attrs.evolve(self, **changes)

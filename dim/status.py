@@ -1,0 +1,158 @@
+"""A read-only view of one service's cluster, for ``Manager.status()`` and the CLI."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import attrs
+
+from dim.configs import decode
+from dim.store import Store, parse_owner
+
+
+@attrs.frozen
+class NodeStatus:
+    """One member as Redis sees it."""
+
+    node_id: str
+    host: Optional[str]
+    pid: Optional[int]
+    weight: float
+    started: Optional[float]
+    expires_in: float  # seconds until its membership lapses without a heartbeat
+    library_version: Optional[str]
+    assigned: int  # configs the leader placed here
+    running: int  # claims this node holds
+
+
+@attrs.frozen
+class ConfigStatus:
+    """One config: where it should run and who holds its claim."""
+
+    config_id: Any
+    assigned_to: Optional[str]
+    claimed_by: Optional[str]
+    token: Optional[int]
+
+    @property
+    def settled(self) -> bool:
+        """Running where it is assigned."""
+        return self.assigned_to is not None and self.assigned_to == self.claimed_by
+
+
+@attrs.frozen
+class ClusterStatus:
+    """The cluster of one service, read from Redis in one go.
+
+    :ivar leader: the leader's node id, or None.
+    :ivar epoch: the leader's epoch, or None.
+    :ivar version: the assignment version.
+    :ivar nodes: live members.
+    :ivar configs: every config the leader published, by config id.
+    :ivar local: this node's instances (state, token, health), when read by a manager.
+    """
+
+    service: str
+    leader: Optional[str]
+    epoch: Optional[int]
+    version: Optional[int]
+    nodes: list[NodeStatus]
+    configs: dict[Any, ConfigStatus]
+    local: dict[Any, dict[str, Any]] = attrs.field(factory=dict)
+    node_id: Optional[str] = None
+
+    @property
+    def not_running(self) -> list[Any]:
+        """Configs whose claim nobody holds."""
+        return [c.config_id for c in self.configs.values() if c.claimed_by is None]
+
+    @property
+    def pending(self) -> list[Any]:
+        """Configs not (yet) running where they are assigned: handoffs in progress."""
+        return [c.config_id for c in self.configs.values() if not c.settled]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "service": self.service,
+            "node_id": self.node_id,
+            "leader": self.leader,
+            "epoch": self.epoch,
+            "version": self.version,
+            "nodes": [attrs.asdict(n) for n in self.nodes],
+            "configs": [attrs.asdict(c) for c in self.configs.values()],
+            "not_running": self.not_running,
+            "pending": self.pending,
+            "local": [{"config_id": k, **v} for k, v in self.local.items()],
+        }
+
+
+def read_status(store: Store) -> ClusterStatus:
+    """Read the cluster view; only reads, so a read-only Redis user may call it."""
+    now_ms, members = store.members()
+    live = sorted(n for n, expiry in members.items() if expiry > now_ms)
+    infos = store.node_infos(live)
+    leader = parse_owner(store.leader())
+    version_text = store.version()
+    assignment = store.assignment()
+    stored = store.configs()
+    holders = store.claims(sorted(stored))
+    configs: dict[Any, ConfigStatus] = {}
+    assigned_count: dict[str, int] = {}
+    running_count: dict[str, int] = {}
+    for ckey in sorted(stored):
+        config = decode(ckey, stored[ckey])
+        if config is None:
+            continue
+        holder = holders.get(ckey)
+        target = assignment.get(ckey)
+        if target is not None:
+            assigned_count[target] = assigned_count.get(target, 0) + 1
+        if holder is not None:
+            running_count[holder[0]] = running_count.get(holder[0], 0) + 1
+        configs[config.id] = ConfigStatus(
+            config.id, target, holder[0] if holder else None, holder[1] if holder else None
+        )
+    nodes = []
+    for node_id in live:
+        info = infos.get(node_id, {})
+        nodes.append(
+            NodeStatus(
+                node_id=node_id,
+                host=info.get("host"),
+                pid=_int(info.get("pid")),
+                weight=_float(info.get("weight"), 1.0),
+                started=_float(info.get("started"), None),
+                expires_in=(members[node_id] - now_ms) / 1000.0,
+                library_version=info.get("version"),
+                assigned=assigned_count.get(node_id, 0),
+                running=running_count.get(node_id, 0),
+            )
+        )
+    return ClusterStatus(
+        service=store.keys.service,
+        leader=leader[0] if leader else None,
+        epoch=leader[1] if leader else None,
+        version=_int(version_text),
+        nodes=nodes,
+        configs=configs,
+    )
+
+
+def _int(value: Optional[str]) -> Optional[int]:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _float(value: Optional[str], default: Any) -> Any:
+    try:
+        return float(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def age(started: Optional[float]) -> Optional[float]:
+    return None if started is None else max(0.0, time.time() - started)

@@ -1,0 +1,263 @@
+"""The one module that talks to Redis: typed methods over the keys and scripts.
+
+Everything read from Redis is treated as foreign data: values that do not parse are
+logged and skipped, never trusted. Nothing read is ever unpickled, evaluated or imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional, Union
+
+import attrs
+import redis
+
+from dim import scripts
+from dim.keys import Keys
+from dim.messages import Message
+
+log = logging.getLogger(__name__)
+
+
+def text(value: Any) -> Optional[str]:
+    """Decode a Redis reply to str (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def ms(seconds: float) -> int:
+    return max(1, int(round(seconds * 1000)))
+
+
+@attrs.frozen
+class Beat:
+    """What one heartbeat learned."""
+
+    now_ms: int
+    version: Optional[str]
+    leader: Optional[str]
+    acquired: bool
+    fence_was_missing: bool
+    claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node
+
+
+def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
+    """Split ``'<node>:<number>'`` (a claim or leader value); None if malformed."""
+    if not value:
+        return None
+    node, sep, number = value.rpartition(":")
+    if not sep or not node or not number.isdigit():
+        return None
+    return node, int(number)
+
+
+class Store:
+    """Typed access to one service's keys."""
+
+    def __init__(self, client: redis.Redis, service: str) -> None:
+        self.client = client
+        self.keys = Keys(service)
+        register = client.register_script
+        self._heartbeat = register(scripts.HEARTBEAT)
+        self._claim = register(scripts.CLAIM)
+        self._release = register(scripts.RELEASE)
+        self._leader_write = register(scripts.LEADER_WRITE)
+        self._members = register(scripts.MEMBERS)
+        self._read_desired = register(scripts.READ_DESIRED)
+        self._resign = register(scripts.RESIGN)
+        self._report_failure = register(scripts.REPORT_FAILURE)
+
+    # -- every node -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def heartbeat(
+        self,
+        node_id: str,
+        *,
+        node_ttl: float,
+        leader_ttl: float,
+        leaving: bool,
+        may_lead: bool,
+        renew_leader: str,
+        info: dict[str, str],
+        claims: dict[str, str],
+    ) -> Beat:
+        """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT)."""
+        k = self.keys
+        ckeys = list(claims)
+        pairs: list[str] = []
+        for field, value in info.items():
+            pairs += [field, value]
+        reply = self._heartbeat(
+            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version]
+            + [k.claim(c) for c in ckeys],
+            args=[
+                node_id,
+                ms(node_ttl),
+                ms(leader_ttl),
+                "leaving" if leaving else "member",
+                "1" if may_lead else "0",
+                renew_leader,
+                len(info),
+                *pairs,
+                *(claims[c] for c in ckeys),
+            ],
+        )
+        statuses = reply[5] or []
+        return Beat(
+            now_ms=int(reply[0]),
+            version=text(reply[1]),
+            leader=text(reply[2]),
+            acquired=bool(reply[3]),
+            fence_was_missing=bool(reply[4]),
+            claims={c: int(s) for c, s in zip(ckeys, statuses)},
+        )
+
+    def claim(self, node_id: str, ckeys: list[str], ttl: float) -> dict[str, int]:
+        """Try to take claims; ckey -> token held now, or 0 if another node holds it."""
+        if not ckeys:
+            return {}
+        k = self.keys
+        reply = self._claim(keys=[k.fence] + [k.claim(c) for c in ckeys], args=[node_id, ms(ttl)])
+        return {c: int(t) for c, t in zip(ckeys, reply)}
+
+    def release(self, node_id: str, tokens: dict[str, int], hint: Optional[Message]) -> int:
+        """Delete the claims this node still holds with exactly these tokens."""
+        if not tokens:
+            return 0
+        ckeys = list(tokens)
+        return int(
+            self._release(
+                keys=[self.keys.claim(c) for c in ckeys],
+                args=[
+                    node_id,
+                    self.keys.events,
+                    hint.encode() if hint else "",
+                    *(tokens[c] for c in ckeys),
+                ],
+            )
+        )
+
+    def read_desired(self, node_id: str) -> tuple[Optional[str], dict[str, Optional[str]]]:
+        """This node's share: (version, {ckey: config json or None})."""
+        k = self.keys
+        version, flat = self._read_desired(keys=[k.desired(node_id), k.configs, k.version])
+        flat = flat or []
+        return text(version), {
+            str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)
+        }
+
+    def publish(self, message: Message) -> None:
+        self.client.publish(self.keys.events, message.encode())
+
+    def report_failure(self, node_id: str, ckey: str, cooldown: float, hint: Message) -> None:
+        self._report_failure(
+            keys=[self.keys.failures],
+            args=[f"{node_id} {ckey}", ms(cooldown), self.keys.events, hint.encode()],
+        )
+
+    def leave(self, node_id: str) -> None:
+        """Remove this node's membership, description and desired set."""
+        k = self.keys
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(k.nodes, node_id)
+            pipe.delete(k.node(node_id), k.desired(node_id))
+            pipe.execute()
+
+    def resign(self, leader_value: str, hint: Message) -> bool:
+        return bool(
+            self._resign(keys=[self.keys.leader], args=[leader_value, self.keys.events, hint.encode()])
+        )
+
+    # -- the leader -------------------------------------------------------------------
+
+    def members(self) -> tuple[int, dict[str, int]]:
+        """(server now ms, {node id: expiry ms}) for every member, live or expired."""
+        now, flat = self._members(keys=[self.keys.nodes])
+        flat = flat or []
+        out: dict[str, int] = {}
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                out[str(text(flat[i]))] = int(float(flat[i + 1]))
+            except (TypeError, ValueError):
+                log.warning("ignoring malformed member entry %r in %s", flat[i], self.keys.nodes)
+        return int(now), out
+
+    def node_infos(self, node_ids: list[str]) -> dict[str, dict[str, str]]:
+        if not node_ids:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for node_id in node_ids:
+                pipe.hgetall(self.keys.node(node_id))
+            replies = pipe.execute()
+        return {
+            node_id: {str(text(f)): str(text(v)) for f, v in (reply or {}).items()}
+            for node_id, reply in zip(node_ids, replies)
+        }
+
+    def assignment(self) -> dict[str, str]:
+        raw = self.client.hgetall(self.keys.assignment)
+        return {str(text(c)): str(text(n)) for c, n in raw.items()}
+
+    def configs(self) -> dict[str, str]:
+        raw = self.client.hgetall(self.keys.configs)
+        return {str(text(c)): str(text(v)) for c, v in raw.items()}
+
+    def claims(self, ckeys: list[str]) -> dict[str, tuple[str, int]]:
+        """Current holders of these claims: ckey -> (node, token), for held claims."""
+        if not ckeys:
+            return {}
+        values = self.client.mget([self.keys.claim(c) for c in ckeys])
+        out = {}
+        for ckey, value in zip(ckeys, values):
+            owner = parse_owner(text(value))
+            if owner is not None:
+                out[ckey] = owner
+        return out
+
+    def failures(self) -> dict[str, int]:
+        raw = self.client.hgetall(self.keys.failures)
+        out = {}
+        for field, value in raw.items():
+            try:
+                out[str(text(field))] = int(text(value) or "")
+            except ValueError:
+                out[str(text(field))] = 0  # malformed: treated as expired, then dropped
+        return out
+
+    def leader_write(self, leader_value: str, change: dict[str, Any], epoch: int, node_id: str) -> int:
+        """Apply a change set if ``leader_value`` still leads; new version or -1."""
+        k = self.keys
+        hint = '{"k":"assigned","n":%s,"e":%d' % (json.dumps(node_id), epoch)
+        return int(
+            self._leader_write(
+                keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures],
+                args=[leader_value, k.prefix, json.dumps(change), k.events, hint],
+            )
+        )
+
+    # -- read-only views (status, CLI) ------------------------------------------------
+
+    def leader(self) -> Optional[str]:
+        return text(self.client.get(self.keys.leader))
+
+    def version(self) -> Optional[str]:
+        return text(self.client.get(self.keys.version))
+
+
+def redis_from(target: Union[str, redis.Redis], socket_timeout: float) -> redis.Redis:
+    """A client for a URL (with dim's timeouts), or the caller's own client as is."""
+    if isinstance(target, redis.Redis):
+        return target
+    return redis.Redis.from_url(
+        target,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        health_check_interval=30,
+    )
