@@ -1,0 +1,189 @@
+"""Building blocks for the integration tests: a ledger of instance lifetimes and a
+cluster of in-process managers with fast settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+from dim import Manager, Settings
+from dim.testing import wait_until
+
+# Short TTLs keep the suite fast; a stall of several heartbeats on a loaded machine
+# makes nodes fence themselves, which the tests tolerate (they check invariants).
+FAST = Settings(
+    heartbeat_interval=0.05,
+    node_ttl=0.6,
+    leader_ttl=0.6,
+    healthcheck_interval=0.1,
+    healthcheck_timeout=0.5,
+    config_interval=0.2,
+    create_backoff=0.01,
+    create_backoff_max=0.05,
+    failure_cooldown=1.0,
+    disconnect_timeout=2.0,
+    connect_timeout=2.0,
+)
+
+
+class Instance:
+    """A fake long-lived instance that knows its config and whether it is closed."""
+
+    def __init__(self, node: str, config: Any) -> None:
+        self.node = node
+        self.config = config
+        self.closed = False
+        self.healthy = True
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.config!r} on {self.node}>"
+
+
+class Ledger:
+    """Records when each instance lives, to check that no config ever ran twice at once.
+
+    An instance's interval runs from the moment ``create`` is *called* to the moment
+    ``disconnect`` *returns*: the widest window in which it could act.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.intervals: dict[Any, list[list[Any]]] = defaultdict(list)  # id -> [node, start, end]
+        self.creates: list[tuple[float, str, Any]] = []
+        self.disconnects: list[tuple[float, str, Any]] = []
+
+    def open(self, node: str, config_id: Any) -> list[Any]:
+        entry = [node, time.monotonic(), None]
+        with self.lock:
+            self.intervals[config_id].append(entry)
+            self.creates.append((entry[1], node, config_id))
+        return entry
+
+    def close(self, entry: list[Any], config_id: Any, node: str) -> None:
+        with self.lock:
+            entry[2] = time.monotonic()
+            self.disconnects.append((entry[2], node, config_id))
+
+    def overlaps(self) -> list[tuple[Any, list[Any], list[Any]]]:
+        """Pairs of intervals of one config on different nodes that overlap in time."""
+        found = []
+        with self.lock:
+            for config_id, entries in self.intervals.items():
+                ordered = sorted(entries, key=lambda e: e[1])
+                for i, a in enumerate(ordered):
+                    a_end = a[2] if a[2] is not None else float("inf")
+                    for b in ordered[i + 1:]:
+                        if b[1] < a_end and b[0] != a[0]:
+                            found.append((config_id, a, b))
+        return found
+
+    def create_count(self, node: Optional[str] = None) -> int:
+        with self.lock:
+            return sum(1 for _, n, _ in self.creates if node is None or n == node)
+
+
+class Cluster:
+    """Several managers of one service in this process, sharing one ledger."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        service: str,
+        configs: list[Any],
+        settings: Settings = FAST,
+        create: Optional[Callable[[str, Any], Any]] = None,
+        healthcheck: Optional[Callable[[Any], Any]] = None,
+        **manager_kwargs: Any,
+    ) -> None:
+        self.redis_url = redis_url
+        self.service = service
+        self.configs = list(configs)
+        self.settings = settings
+        self.ledger = Ledger()
+        self.managers: list[Manager] = []
+        self._create_hook = create
+        self._healthcheck = healthcheck
+        self._kwargs = manager_kwargs
+        self._entries: dict[int, list[Any]] = {}
+
+    def get_config(self) -> list[Any]:
+        return list(self.configs)
+
+    def make(self, **kwargs: Any) -> Manager:
+        """A new (not started) manager wired to the ledger."""
+        box: dict[str, Manager] = {}
+
+        def create(config: Any) -> Instance:
+            manager = box["m"]
+            node = manager.node_id or "?"
+            config_id = config["id"] if isinstance(config, dict) else config
+            entry = self.ledger.open(node, config_id)
+            try:
+                if self._create_hook is not None:
+                    self._create_hook(node, config)
+            except BaseException:
+                self.ledger.close(entry, config_id, node)
+                raise
+            instance = Instance(node, config)
+            self._entries[id(instance)] = entry
+            return instance
+
+        def disconnect(instance: Instance) -> None:
+            instance.closed = True
+            config_id = (
+                instance.config["id"] if isinstance(instance.config, dict) else instance.config
+            )
+            self.ledger.close(self._entries[id(instance)], config_id, instance.node)
+
+        options = dict(self._kwargs)
+        options.update(kwargs)
+        options.setdefault("settings", self.settings)
+        if self._healthcheck is not None:
+            options.setdefault("healthcheck", self._healthcheck)
+        manager = Manager(
+            get_config=self.get_config,
+            create=create,
+            disconnect=disconnect,
+            redis=self.redis_url,
+            service=self.service,
+            **options,
+        )
+        box["m"] = manager
+        return manager
+
+    def add(self, n: int = 1, **kwargs: Any) -> list[Manager]:
+        started = [self.make(**kwargs).start() for _ in range(n)]
+        self.managers.extend(started)
+        return started
+
+    def running(self) -> list[Manager]:
+        return [m for m in self.managers if m.node_id is not None]
+
+    def placement(self) -> dict[Any, list[str]]:
+        """config id -> nodes whose manager reports the instance running now."""
+        out: dict[Any, list[str]] = defaultdict(list)
+        for m in self.running():
+            for config_id in m.instances:
+                out[config_id].append(m.node_id or "?")
+        return dict(out)
+
+    def settled(self) -> bool:
+        """Every config runs exactly once and every node is stable."""
+        ids = {c["id"] if isinstance(c, dict) else c for c in self.configs}
+        placement = self.placement()
+        if set(placement) != ids or any(len(v) != 1 for v in placement.values()):
+            return False
+        return all(m.wait_until_stable(0) for m in self.running())
+
+    def wait_settled(self, timeout: float = 15.0) -> None:
+        wait_until(self.settled, timeout, interval=0.02,
+                   message=f"cluster did not settle: {self.placement()}")
+
+    def counts(self) -> list[int]:
+        return sorted(len(m.instances) for m in self.running())
+
+    def stop(self) -> None:
+        for m in self.managers:
+            m.stop()

@@ -1,0 +1,285 @@
+"""Bad input from users and foreign data in Redis: clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from dim import ConfigError, EventType, Manager, RedisUnavailableError
+from dim.keys import Keys
+from dim.testing import free_port, wait_until
+
+from .helpers import FAST, Cluster
+
+
+def test_constructor_rejects_bad_arguments(redis_url: str) -> None:
+    """Misuse at construction fails fast with a message naming the bad value."""
+    ok: dict[str, Any] = {"get_config": list, "create": object, "redis": redis_url,
+                          "service": "x"}
+    cases = [
+        ({"get_config": 5}, "get_config must be callable, got 5"),
+        ({"create": None}, "create must be callable"),
+        ({"healthcheck": "yes"}, "healthcheck must be callable, got 'yes'"),
+        ({"disconnect": 1}, "disconnect must be callable"),
+        ({"redis": 6379}, "redis must be a URL or a redis.Redis client, got 6379"),
+        ({"redis": "http://h:1"}, "http://h:1"),
+        ({"service": "a b"}, "'a b'"),
+        ({"settings": {"node_ttl": 1}}, "settings must be a dim.Settings"),
+        ({"weight": 0}, "weight must be a positive number, got 0"),
+        ({"weight": float("inf")}, "inf"),
+    ]
+    for change, needle in cases:
+        with pytest.raises(ConfigError) as info:
+            Manager(**{**ok, **change})
+        assert needle in str(info.value), change
+
+
+def test_unreachable_redis_fails_start_within_the_timeout() -> None:
+    """start() against a closed port raises RedisUnavailableError after connect_timeout."""
+    port = free_port()
+    settings = FAST.replace(connect_timeout=0.5)
+    manager = Manager(list, object, redis=f"redis://:secret@127.0.0.1:{port}/0",
+                      service="x", settings=settings)
+    began = time.monotonic()
+    with pytest.raises(RedisUnavailableError) as info:
+        manager.start()
+    assert time.monotonic() - began < 5
+    assert f"127.0.0.1:{port}" in str(info.value) and "secret" not in str(info.value)
+    assert manager.node_id is None
+
+
+def test_wrong_password_is_a_clear_error(redis_factory: Any) -> None:
+    """A refused login raises RedisUnavailableError at once, saying so."""
+    server = redis_factory(password="right")
+    url = server.url.replace("redis://", "redis://:wrong@")
+    manager = Manager(list, object, redis=url, service="x", settings=FAST)
+    with pytest.raises(RedisUnavailableError, match="refused the login|auth|password|WRONGPASS"):
+        manager.start()
+
+
+def _events(manager: Manager, *types: EventType) -> list[Any]:
+    seen: list[Any] = []
+    manager.add_listener(seen.append, *types)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        RuntimeError("config service down"),
+        "not a list",
+        [{"id": 1}, {"id": 1}],
+        [{"id": 1, "x": {1, 2}}],
+        [{"id": [1]}],
+        None,
+    ],
+    ids=["raises", "non-list", "duplicate-ids", "not-json", "id-type", "none"],
+)
+def test_bad_get_config_keeps_the_last_good_config(redis_url: str, service: str,
+                                                   bad: Any) -> None:
+    """A failing or bad get_config is reported and the running instances are kept."""
+    state = {"value": [{"id": 1}, {"id": 2}]}
+
+    def get_config() -> Any:
+        if isinstance(state["value"], Exception):
+            raise state["value"]
+        return state["value"]
+
+    cluster = Cluster(redis_url, service, [])
+    manager = cluster.make()
+    manager._get_config = get_config  # type: ignore[attr-defined]
+    errors = _events(manager, EventType.CONFIG_ERROR)
+    manager.start()
+    cluster.managers.append(manager)
+    try:
+        assert manager.wait_until_stable(10)
+        assert sorted(manager.instances) == [1, 2]
+        state["value"] = bad
+        manager.refresh()
+        wait_until(lambda: errors, 5, message="no CONFIG_ERROR event")
+        assert isinstance(errors[0].error, ConfigError)
+        # another poll or two: still the same instances, nothing was disconnected
+        wait_until(lambda: len(errors) >= 2, 5)
+        assert sorted(manager.instances) == [1, 2]
+        assert cluster.ledger.create_count() == 2
+        assert all(e[2] is None for es in cluster.ledger.intervals.values() for e in es)
+        state["value"] = [{"id": 1}, {"id": 3}]
+        manager.refresh()
+        wait_until(lambda: sorted(manager.instances) == [1, 3], 5)
+    finally:
+        cluster.stop()
+
+
+def test_create_failures_are_retried_then_handed_over(redis_url: str, service: str) -> None:
+    """create raising on one node is retried create_attempts times, then the config moves
+    to another node, which runs it."""
+    attempts: dict[str, int] = {}
+    bad_node: dict[str, str] = {}
+
+    def create_hook(node: str, config: Any) -> None:
+        if config["id"] == 0 and node == bad_node.get("id"):
+            attempts[node] = attempts.get(node, 0) + 1
+            raise ConnectionRefusedError("upstream refuses config 0 here")
+
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)], create=create_hook)
+    first = cluster.make()
+    failed = _events(first, EventType.INSTANCE_FAILED, EventType.CREATE_FAILED)
+    try:
+        first.start()
+        bad_node["id"] = first.node_id or ""
+        cluster.managers.append(first)
+        wait_until(lambda: any(e.type is EventType.INSTANCE_FAILED for e in failed), 10)
+        assert attempts[first.node_id or ""] == FAST.create_attempts
+        assert sum(e.type is EventType.CREATE_FAILED for e in failed) == FAST.create_attempts - 1
+        assert 0 not in first.instances
+        cluster.add(1)
+        cluster.wait_settled()
+        assert 0 in cluster.managers[1].instances
+        assert attempts[first.node_id or ""] == FAST.create_attempts  # no retry meanwhile
+    finally:
+        cluster.stop()
+
+
+def test_create_returning_none_is_a_failure(redis_url: str, service: str) -> None:
+    """create returning None counts as a failed attempt, reported with the config id."""
+    manager = Manager(lambda: [5], lambda c: None, redis=redis_url, service=service,
+                      settings=FAST.replace(create_attempts=2))
+    failed = _events(manager, EventType.INSTANCE_FAILED)
+    with manager:
+        wait_until(lambda: failed, 10)
+        assert "create returned None for config id 5" in str(failed[0].error)
+        assert manager.instances == {}
+
+
+def test_hanging_create_times_out_and_late_instance_is_disconnected(
+    redis_url: str, service: str
+) -> None:
+    """A create that hangs past create_timeout fails; its late instance is disconnected."""
+    release = threading.Event()
+    disconnected: list[Any] = []
+    calls = {"n": 0}
+
+    def create(config: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            release.wait(10)
+            return "late"
+        return "fresh"
+
+    manager = Manager(lambda: [1], create, disconnect=disconnected.append, redis=redis_url,
+                      service=service, settings=FAST.replace(create_timeout=0.2))
+    with manager:
+        wait_until(lambda: manager.instances.get(1) == "fresh", 10)
+        release.set()
+        wait_until(lambda: "late" in disconnected, 5)
+        assert manager.instances == {1: "fresh"}
+
+
+def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:
+    """An instance whose healthcheck raises is disconnected and created again."""
+    cluster = Cluster(redis_url, service, [{"id": 1}], healthcheck=_check_flag)
+    m, = cluster.add(1)
+    try:
+        cluster.wait_settled()
+        first = m.instances[1]
+        first.healthy = False
+        wait_until(lambda: m.instances.get(1) not in (None, first), 10)
+        assert first.closed
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def _check_flag(instance: Any) -> None:
+    if not instance.healthy:
+        raise RuntimeError("ping failed")
+
+
+def test_hanging_healthcheck_counts_as_unhealthy(redis_url: str, service: str) -> None:
+    """A healthcheck that never returns is cut off by healthcheck_timeout and the
+    instance is recreated; the health loop keeps running."""
+    hang = threading.Event()
+    stuck = threading.Event()
+
+    def healthcheck(instance: Any) -> bool:
+        if hang.is_set() and instance.get("gen") == 1:
+            stuck.wait(30)
+        return True
+
+    gens = {"n": 0}
+
+    def create(config: Any) -> dict[str, int]:
+        gens["n"] += 1
+        return {"gen": gens["n"]}
+
+    unhealthy: list[Any] = []
+    settings = FAST.replace(healthcheck_timeout=0.1)
+    manager = Manager(lambda: [1], create, healthcheck=healthcheck, redis=redis_url,
+                      service=service, settings=settings)
+    manager.add_listener(unhealthy.append, EventType.INSTANCE_UNHEALTHY)
+    try:
+        with manager:
+            assert manager.wait_until_stable(10)
+            hang.set()
+            wait_until(lambda: manager.instances.get(1, {}).get("gen", 0) >= 2, 10)
+            assert isinstance(unhealthy[0].error, TimeoutError)
+    finally:
+        stuck.set()
+
+
+def test_disconnect_raising_or_hanging_still_releases(redis_url: str, service: str,
+                                                      redis_client: redis.Redis) -> None:
+    """disconnect that raises or hangs is bounded; the claim is released and stop ends."""
+    stuck = threading.Event()
+
+    def disconnect(instance: Any) -> None:
+        if instance == 1:
+            raise OSError("socket already closed")
+        stuck.wait(30)
+
+    manager = Manager(lambda: [1, 2], lambda c: c, disconnect=disconnect, redis=redis_url,
+                      service=service, settings=FAST.replace(disconnect_timeout=0.2))
+    try:
+        manager.start()
+        assert manager.wait_until_stable(10)
+        began = time.monotonic()
+        manager.stop()
+        assert time.monotonic() - began < 3
+        assert redis_client.keys(Keys(service).prefix + "claim:*") == []
+    finally:
+        stuck.set()
+
+
+def test_foreign_data_and_bad_messages_are_ignored(redis_url: str, service: str,
+                                                   redis_client: redis.Redis) -> None:
+    """Garbage in dim's keys and channel is logged and ignored; the cluster keeps working."""
+    keys = Keys(service)
+    manager = Manager(lambda: [1, 2], lambda c: c, redis=redis_url, service=service,
+                      settings=FAST)
+    with manager:
+        assert manager.wait_until_stable(10)
+        node = manager.node_id or ""
+        redis_client.hset(keys.configs, "zzz", "{not json")
+        redis_client.sadd(keys.desired(node), "zzz", "ghost")
+        redis_client.zadd(keys.nodes, {"intruder": 1})
+        redis_client.hset(keys.failures, "garbage", "x")
+        redis_client.incr(keys.version)
+        for payload in [b"\x00\xff", b"{}", b'{"k":"assigned","n":"x","v":"NaN"}',
+                        b'{"k":"left","n":"' + b"x" * 5000 + b'"}', b"[]" * 1000]:
+            redis_client.publish(keys.events, payload)
+        listener = manager._node.listener  # type: ignore[union-attr]
+        wait_until(lambda: listener.dropped >= 5, 5)
+        wait_until(lambda: manager.wait_until_stable(0), 5)
+        assert sorted(manager.instances) == [1, 2]
+        assert all(t.is_alive() for t in _dim_threads(node))
+
+
+def _dim_threads(node_id: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.endswith(node_id)
+            and t.name.split("-")[1] in ("heartbeat", "fence", "reconciler", "leader",
+                                         "listener", "events")]
+

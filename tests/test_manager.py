@@ -1,0 +1,209 @@
+"""Managers in one process against a real redis-server: spread, moves, handoff, events."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from dim import EventType, Manager, StateError
+from dim.keys import Keys
+from dim.testing import wait_until
+
+from .helpers import FAST, Cluster
+
+
+@pytest.fixture
+def cluster(redis_url: str, service: str):
+    c = Cluster(redis_url, service, [{"id": i, "url": f"wss://{i}"} for i in range(12)])
+    yield c
+    c.stop()
+
+
+def test_even_spread(cluster: Cluster) -> None:
+    """12 configs over 3 nodes run exactly once each, 4 per node."""
+    cluster.add(3)
+    cluster.wait_settled()
+    assert cluster.counts() == [4, 4, 4]
+    assert cluster.ledger.overlaps() == []
+
+
+def test_uneven_spread_differs_by_at_most_one(cluster: Cluster) -> None:
+    """12 configs over 5 nodes: counts differ by at most one."""
+    cluster.add(5)
+    cluster.wait_settled()
+    counts = cluster.counts()
+    assert sum(counts) == 12 and max(counts) - min(counts) <= 1
+
+
+def test_join_moves_only_the_minimum(cluster: Cluster) -> None:
+    """A third node joining takes exactly its fair share (4) and nothing else moves."""
+    cluster.add(2)
+    cluster.wait_settled()
+    before = cluster.ledger.create_count()
+    (new,) = cluster.add(1)
+    cluster.wait_settled()
+    assert cluster.ledger.create_count() - before == 4
+    assert cluster.ledger.create_count(new.node_id) == 4
+    assert cluster.counts() == [4, 4, 4]
+    assert cluster.ledger.overlaps() == []
+
+
+def test_graceful_leave_moves_only_its_instances(cluster: Cluster) -> None:
+    """A node leaving gracefully: only its 4 configs are recreated elsewhere."""
+    cluster.add(3)
+    cluster.wait_settled()
+    before = cluster.ledger.create_count()
+    leaving = cluster.managers[1]
+    leaving.stop()
+    cluster.wait_settled()
+    assert cluster.ledger.create_count() - before == 4
+    assert cluster.counts() == [6, 6]
+    assert cluster.ledger.overlaps() == []
+
+
+def test_leader_leave_hands_over(cluster: Cluster) -> None:
+    """Stopping the leader elects another node at once and keeps every config running."""
+    cluster.add(3)
+    cluster.wait_settled()
+    leader = next(m for m in cluster.managers if m.is_leader)
+    leader.stop()
+    wait_until(lambda: any(m.is_leader for m in cluster.running()), 5)
+    cluster.wait_settled()
+    assert cluster.counts() == [6, 6]
+    assert cluster.ledger.overlaps() == []
+
+
+def test_no_overlap_during_churn(cluster: Cluster) -> None:
+    """Nodes joining and leaving repeatedly never run one config in two places at once."""
+    cluster.add(2)
+    cluster.wait_settled()
+    for round_ in range(4):
+        cluster.add(1)
+        cluster.wait_settled()
+        cluster.running()[round_ % 2].stop()
+        cluster.wait_settled()
+    assert cluster.ledger.overlaps() == []
+
+
+def test_config_add_remove_and_change(cluster: Cluster) -> None:
+    """Added configs start, removed ones stop, a changed one is recreated with new content."""
+    cluster.add(2)
+    cluster.wait_settled()
+    cluster.configs = [c for c in cluster.configs if c["id"] != 0] + [{"id": "new"}]
+    cluster.configs[0] = {"id": 1, "url": "wss://changed"}
+    for m in cluster.running():
+        m.refresh()
+    cluster.wait_settled()
+    instances = {k: v for m in cluster.running() for k, v in m.instances.items()}
+    assert 0 not in instances and "new" in instances
+    assert instances[1].config["url"] == "wss://changed"
+    assert cluster.ledger.overlaps() == []
+
+
+def test_stop_leaves_only_history(redis_url: str, service: str, redis_client: redis.Redis) -> None:
+    """After every node stops, no member, claim, desired set or leader key remains."""
+    cluster = Cluster(redis_url, service, list(range(6)))
+    cluster.add(3)
+    cluster.wait_settled()
+    cluster.stop()
+    keys = sorted(k.decode() for k in redis_client.keys(Keys(service).prefix + "*"))
+    prefix = Keys(service).prefix
+    assert [k[len(prefix):] for k in keys] == ["configs", "fence", "version"]
+    # every instance that was ever created was disconnected
+    entries = [e for es in cluster.ledger.intervals.values() for e in es]
+    assert entries and all(end is not None for _node, _start, end in entries)
+
+
+def test_fencing_tokens_grow_across_owners(cluster: Cluster) -> None:
+    """A config's lease token is larger after each move to a new owner."""
+    a, = cluster.add(1)
+    cluster.wait_settled()
+    first = a.lease(3)
+    assert first is not None and first.node_id == a.node_id
+    b, = cluster.add(1)
+    a.stop()
+    cluster.wait_settled()
+    second = b.lease(3)
+    assert second is not None and second.token > first.token
+
+
+def test_lease_visible_inside_create(redis_url: str, service: str) -> None:
+    """create() can read the lease (and token) of the instance it is building."""
+    seen: dict[Any, Any] = {}
+    box: dict[str, Manager] = {}
+
+    def create(config: Any) -> object:
+        seen[config] = box["m"].lease(config)
+        return object()
+
+    manager = Manager(lambda: [1, 2], create, redis=redis_url, service=service, settings=FAST)
+    box["m"] = manager
+    with manager:
+        assert manager.wait_until_stable(10)
+        assert set(seen) == {1, 2}
+        assert all(lease is not None and lease.token > 0 for lease in seen.values())
+        assert manager.leases[1] == seen[1]
+
+
+def test_events_reach_listeners(redis_url: str, service: str) -> None:
+    """Listeners hear leadership, creation and rebalance; a raising listener is harmless."""
+    events: list[Any] = []
+    manager = Manager(lambda: [1], lambda c: object(), redis=redis_url, service=service,
+                      settings=FAST)
+    manager.add_listener(events.append)
+    manager.add_listener(lambda e: 1 / 0, EventType.INSTANCE_CREATED)
+    with manager:
+        assert manager.wait_until_stable(10)
+        wait_until(lambda: EventType.INSTANCE_CREATED in {e.type for e in events}, 5)
+    types = {e.type for e in events}
+    assert {EventType.LEADERSHIP_GAINED, EventType.REBALANCE_APPLIED,
+            EventType.INSTANCE_DISCONNECTED} <= types
+
+
+def test_status_shows_the_cluster(cluster: Cluster) -> None:
+    """status() names the leader, every node, and where each config is assigned and runs."""
+    cluster.add(2)
+    cluster.wait_settled()
+    status = cluster.managers[0].status()
+    assert status.leader in {m.node_id for m in cluster.managers}
+    assert {n.node_id for n in status.nodes} == {m.node_id for m in cluster.managers}
+    assert len(status.configs) == 12 and status.pending == [] and status.not_running == []
+    assert sum(n.running for n in status.nodes) == 12
+    data = status.to_dict()
+    assert data["service"] == cluster.service and len(data["configs"]) == 12
+
+
+def test_restart_gets_a_new_node_id(redis_url: str, service: str) -> None:
+    """start() after stop() joins again as a new node and runs the configs again."""
+    manager = Manager(lambda: [1], lambda c: object(), redis=redis_url, service=service,
+                      settings=FAST)
+    manager.start()
+    first = manager.node_id
+    assert manager.start() is manager  # idempotent while running
+    assert manager.wait_until_stable(10)
+    manager.stop()
+    manager.stop()  # safe twice
+    assert manager.node_id is None and manager.instances == {}
+    with pytest.raises(StateError):
+        manager.wait_until_stable(1)
+    manager.start()
+    try:
+        assert manager.node_id != first
+        assert manager.wait_until_stable(10) and list(manager.instances) == [1]
+    finally:
+        manager.stop()
+
+
+def test_no_thread_left_after_stop(redis_url: str, service: str) -> None:
+    """stop() ends every dim thread of the node."""
+    manager = Manager(lambda: [1, 2], lambda c: object(), redis=redis_url, service=service,
+                      settings=FAST).start()
+    node_id = manager.node_id
+    assert manager.wait_until_stable(10)
+    assert any(node_id in t.name for t in threading.enumerate())
+    manager.stop()
+    wait_until(lambda: not [t for t in threading.enumerate()
+                            if node_id in t.name and t.is_alive()], 5)

@@ -1,0 +1,173 @@
+"""Pure logic without Redis: settings, config validation, message schema, user calls."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from dim import CallTimeout, ConfigError, MessageError, Settings
+from dim.configs import decode as decode_config
+from dim.configs import normalize
+from dim.keys import check_service
+from dim.messages import MAX_MESSAGE_BYTES, Kind, Message, decode
+from dim.usercode import call_with_timeout
+
+
+def test_settings_defaults_match_the_design() -> None:
+    """Defaults are the documented ones."""
+    s = Settings()
+    assert (s.heartbeat_interval, s.node_ttl, s.leader_ttl) == (1.0, 5.0, 5.0)
+    assert (s.healthcheck_interval, s.healthcheck_timeout, s.config_interval) == (10, 5, 10)
+    assert (s.create_attempts, s.disconnect_timeout) == (3, 10)
+    assert s.renew_deadline == 4.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"heartbeat_interval": -1}, "heartbeat_interval"),
+        ({"heartbeat_interval": 0}, "heartbeat_interval"),
+        ({"node_ttl": float("nan")}, "node_ttl"),
+        ({"node_ttl": "5"}, "node_ttl"),
+        ({"node_ttl": 2.0}, "node_ttl"),  # not above twice the heartbeat
+        ({"leader_ttl": 1.5}, "leader_ttl"),
+        ({"create_attempts": 0}, "create_attempts"),
+        ({"create_attempts": 2.5}, "create_attempts"),
+        ({"create_attempts": True}, "create_attempts"),
+        ({"create_backoff": 5, "create_backoff_max": 1}, "create_backoff_max"),
+        ({"max_workers": 0}, "max_workers"),
+    ],
+)
+def test_invalid_settings_name_the_setting(changes: dict[str, Any], name: str) -> None:
+    """A bad setting raises ConfigError (also a ValueError) whose message names it."""
+    with pytest.raises(ConfigError, match=name) as info:
+        Settings(**changes)
+    assert isinstance(info.value, ValueError)
+
+
+def test_settings_are_frozen() -> None:
+    """Settings cannot be changed in place; replace() validates the copy."""
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.node_ttl = 1  # type: ignore[misc]
+    assert s.replace(node_ttl=7).node_ttl == 7
+    with pytest.raises(ConfigError, match="node_ttl"):
+        s.replace(node_ttl=1)
+
+
+def test_configs_accept_mappings_and_bare_ids() -> None:
+    """Mappings with an id and bare ints/strs are configs; the canonical form is stable."""
+    out = normalize([{"id": 1, "b": 2, "a": 1}, "x", 7])
+    assert list(out) == ["1", "x", "7"]
+    assert out["1"].json == '[1,{"a":1,"b":2,"id":1}]'
+    assert out["x"].id == "x" and out["7"].id == 7
+    assert normalize([{"id": 1, "a": 1, "b": 2}])["1"].json == out["1"].json
+
+
+def test_configs_custom_key() -> None:
+    """key= reads the id from each config."""
+    out = normalize([{"name": "a"}, {"name": "b"}], key=lambda c: c["name"])
+    assert [c.id for c in out.values()] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (None, "NoneType"),
+        ({"id": 1}, "dict"),
+        ("abc", "str"),
+        ([{"id": 1}, {"id": 1}], "duplicate config id 1"),
+        ([1, "1"], "duplicate config id '1'"),
+        ([{"name": "x"}], "no 'id'"),
+        ([{"id": 1.5}], "1.5"),
+        ([{"id": True}], "True"),
+        ([{"id": None}], "None"),
+        ([{"id": ""}], "''"),
+        ([{"id": "a\nb"}], "control"),
+        ([3.0], "3.0"),
+        ([{"id": 1, "f": object()}], "not JSON-serialisable"),
+        ([{"id": 2, "f": float("nan")}], "config 2 is not JSON"),
+    ],
+)
+def test_bad_configs_are_named(raw: Any, needle: str) -> None:
+    """Every kind of bad get_config result raises ConfigError naming the bad value."""
+    with pytest.raises(ConfigError) as info:
+        normalize(raw)
+    assert needle in str(info.value)
+
+
+def test_key_function_errors_are_wrapped() -> None:
+    """A key= that raises becomes a ConfigError naming the item."""
+    with pytest.raises(ConfigError, match="key\\(\\) raised"):
+        normalize([{"x": 1}], key=lambda c: c["id"])
+
+
+def test_stored_config_decoding_rejects_foreign_data() -> None:
+    """Data in the configs hash that dim did not write is ignored, not trusted."""
+    assert decode_config("1", '[1,{"id":1}]') is not None
+    for text in ["not json", '{"id":1}', "[1]", '[2,{"id":2}]', '[true,1]', '[[1],1]']:
+        assert decode_config("1", text) is None
+
+
+def test_service_names_are_checked() -> None:
+    """Service names with spaces, braces or nothing at all are refused."""
+    assert check_service("web.eu-1_a") == "web.eu-1_a"
+    for bad in ["", "a b", "a{b}", "x" * 101, None, 3]:
+        with pytest.raises(ConfigError):
+            check_service(bad)
+
+
+def test_messages_round_trip() -> None:
+    """A message decodes to what was encoded."""
+    message = Message(Kind.ASSIGNED, "n1", version=4, epoch=9, ckey="c")
+    assert decode(message.encode()) == message
+    assert decode(Message(Kind.LEFT, "n2").encode()) == Message(Kind.LEFT, "n2")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"k":"assigned"}',
+        b'{"k":"nope","n":"x"}',
+        b'{"k":"left","n":""}',
+        b'{"k":"left","n":"x","v":-1}',
+        b'{"k":"left","n":"x","v":"3"}',
+        b'{"k":"left","n":"x","e":true}',
+        b'{"k":"left","n":"x","zz":1}',
+        b'{"k":"left","n":"x","c":5}',
+        b'{"k":"left","n":"' + b"x" * MAX_MESSAGE_BYTES + b'"}',
+        12,
+    ],
+)
+def test_malformed_messages_are_rejected(payload: Any) -> None:
+    """Malformed, oversized or unknown messages raise MessageError."""
+    with pytest.raises(MessageError):
+        decode(payload)
+
+
+def test_call_with_timeout_returns_raises_and_abandons() -> None:
+    """A user call returns its value, re-raises its error, or times out; late results go
+    to on_late."""
+    assert call_with_timeout(lambda x: x + 1, 1, 1.0, "t") == 2
+    with pytest.raises(ZeroDivisionError):
+        call_with_timeout(lambda x: 1 / x, 0, 1.0, "t")
+    release = threading.Event()
+    late: list[Any] = []
+    got_late = threading.Event()
+
+    def slow(x: int) -> int:
+        release.wait(5)
+        return x
+
+    def on_late(value: Any) -> None:
+        late.append(value)
+        got_late.set()
+
+    with pytest.raises(CallTimeout, match="within 0.05"):
+        call_with_timeout(slow, 42, 0.05, "t", on_late=on_late)
+    release.set()
+    assert got_late.wait(5) and late == [42]
