@@ -73,8 +73,7 @@ def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
     """
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, (list, tuple)):
         raise ConfigError(
-            f"get_config must return a list of configs, got {type(raw).__name__}: "
-            f"{_short(raw)}",
+            f"get_config must return a list of configs, got {type(raw).__name__}: {_short(raw)}",
             raw,
         )
     out: dict[str, Config] = {}
@@ -84,7 +83,9 @@ def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
             try:
                 config_id = key(item)
             except Exception as exc:
-                raise ConfigError(f"{where}: key() raised {exc!r} for {_short(item)}", item) from exc
+                raise ConfigError(
+                    f"{where}: key() raised {exc!r} for {_short(item)}", item
+                ) from exc
         elif isinstance(item, Mapping):
             if "id" not in item:
                 raise ConfigError(f"{where}: config has no 'id': {_short(item)}", item)
@@ -101,8 +102,7 @@ def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
         ckey = str(config_id)
         if ckey in out:
             raise ConfigError(
-                f"{where}: duplicate config id {config_id!r} (already used by "
-                f"{out[ckey].id!r})",
+                f"{where}: duplicate config id {config_id!r} (already used by {out[ckey].id!r})",
                 config_id,
             )
         try:

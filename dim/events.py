@@ -82,8 +82,14 @@ class Dispatcher:
 
     def emit(self, event: Event) -> None:
         level = logging.WARNING if event.error is not None else logging.DEBUG
-        log.log(level, "event %s node=%s config=%r error=%r", event.type.value,
-                event.node_id, event.config_id, event.error)
+        log.log(
+            level,
+            "event %s node=%s config=%r error=%r",
+            event.type.value,
+            event.node_id,
+            event.config_id,
+            event.error,
+        )
         self._queue.put(event)
 
     def start(self, name: str) -> None:

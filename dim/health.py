@@ -34,7 +34,9 @@ class HealthLoop(Loop):
         super().__init__(node)
         self._healthcheck = healthcheck
         self._scheduler = schedule.Scheduler()
-        self._scheduler.every(node.settings.healthcheck_interval).seconds.do(self.check_all)
+        # schedule accepts float intervals although its hints say int
+        every = self._scheduler.every(node.settings.healthcheck_interval)  # type: ignore[arg-type]
+        every.seconds.do(self.check_all)
 
     def tick(self) -> float:
         self._scheduler.run_pending()
@@ -64,8 +66,12 @@ class HealthLoop(Loop):
                     done.set()
 
         for index, (_slot, instance) in enumerate(running):
-            threading.Thread(target=check, args=(index, instance), daemon=True,
-                             name=f"dim-healthcheck-{node.node_id}").start()
+            threading.Thread(
+                target=check,
+                args=(index, instance),
+                daemon=True,
+                name=f"dim-healthcheck-{node.node_id}",
+            ).start()
         timeout = node.settings.healthcheck_timeout
         done.wait(timeout)
         with lock:

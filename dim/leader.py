@@ -54,7 +54,9 @@ class LeaderLoop(Loop):
         self._lock = threading.RLock()
         self.alive_at = node.clock()
         self._scheduler = schedule.Scheduler()
-        self._scheduler.every(node.settings.config_interval).seconds.do(self.request_refresh)
+        # schedule accepts float intervals although its hints say int
+        every = self._scheduler.every(node.settings.config_interval)  # type: ignore[arg-type]
+        every.seconds.do(self.request_refresh)
         self._refresh = True
         self._epoch = 0
         self._good: Optional[dict[str, Config]] = None  # last good get_config result
@@ -152,12 +154,19 @@ class LeaderLoop(Loop):
             raw = self._get_config()
             configs = normalize(raw, self._key)
         except Exception as exc:
-            error = exc if isinstance(exc, ConfigError) else ConfigError(
-                f"get_config raised {exc!r}", exc)
+            error = (
+                exc
+                if isinstance(exc, ConfigError)
+                else ConfigError(f"get_config raised {exc!r}", exc)
+            )
             if error is not exc:
                 error.__cause__ = exc
-            log.error("node %s: %s; keeping the last good config (%d configs)", node.node_id,
-                      error, len(self._good or self._written))
+            log.error(
+                "node %s: %s; keeping the last good config (%d configs)",
+                node.node_id,
+                error,
+                len(self._good or self._written),
+            )
             node.emit(Event(EventType.CONFIG_ERROR, node.node_id, error=error))
             return
         if self._good is not None and list(configs) != list(self._good):
@@ -201,13 +210,15 @@ class LeaderLoop(Loop):
         change: dict[str, Any] = {
             "assign": {c: n for c, n in new.items() if old.get(c) != n},
             "unassign": [c for c in old if c not in new],
-            "configs": {c: cfg.json for c, cfg in configs.items()
-                        if self._written.get(c) != cfg.json},
+            "configs": {
+                c: cfg.json for c, cfg in configs.items() if self._written.get(c) != cfg.json
+            },
             "drop_configs": [c for c in self._written if c not in configs],
             "add": {},
             "rem": {},
-            "drop_nodes": sorted(set(dead) | {n for n in old.values() if n not in live}
-                                 - set(live)),
+            "drop_nodes": sorted(
+                set(dead) | {n for n in old.values() if n not in live} - set(live)
+            ),
             "drop_failures": expired,
         }
         for ckey, target in change["assign"].items():
@@ -223,8 +234,11 @@ class LeaderLoop(Loop):
             change["drop_nodes"] = [n for n in change["drop_nodes"] if n != exclude]
         version = store.leader_write(node.leader_value or "", change, node.epoch, node.node_id)
         if version < 0:
-            log.warning("node %s: leader write refused (epoch %d is over); stepping down",
-                        node.node_id, node.epoch)
+            log.warning(
+                "node %s: leader write refused (epoch %d is over); stepping down",
+                node.node_id,
+                node.epoch,
+            )
             node.set_leader(None)
             self._epoch = 0
             self._reset()
@@ -240,12 +254,28 @@ class LeaderLoop(Loop):
             counts[target] = counts.get(target, 0) + 1
         log.info(
             "rebalance v%d: %d configs on %d nodes (%d moved, %d placed, %d removed, "
-            "%d nodes dropped)%s", version, len(new), len(live), moved, placed,
-            len(change["unassign"]), len(change["drop_nodes"]),
+            "%d nodes dropped)%s",
+            version,
+            len(new),
+            len(live),
+            moved,
+            placed,
+            len(change["unassign"]),
+            len(change["drop_nodes"]),
             " [waiting for claims after a Redis reset]" if self._grace_until else "",
         )
-        node.emit(Event(EventType.REBALANCE_APPLIED, node.node_id, data={
-            "version": version, "moved": moved, "placed": placed,
-            "removed": len(change["unassign"]), "nodes": len(live), "configs": len(new),
-            "unplaced": len(configs) - len(new),
-        }))
+        node.emit(
+            Event(
+                EventType.REBALANCE_APPLIED,
+                node.node_id,
+                data={
+                    "version": version,
+                    "moved": moved,
+                    "placed": placed,
+                    "removed": len(change["unassign"]),
+                    "nodes": len(live),
+                    "configs": len(new),
+                    "unplaced": len(configs) - len(new),
+                },
+            )
+        )

@@ -36,7 +36,7 @@ class Listener(Loop):
     def tick(self) -> float:
         node = self.node
         if self._pubsub is None:
-            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(node.store.keys.events)
             except BaseException:
@@ -76,9 +76,8 @@ class Listener(Loop):
         if message.node == node.node_id:
             return message
         kind = message.kind
-        if kind in (Kind.JOINED, Kind.LEFT, Kind.FAILED):
-            if node.is_leader:
-                node.leader.wake()
+        if kind in (Kind.JOINED, Kind.LEFT, Kind.FAILED) and node.is_leader:
+            node.leader.wake()
         if kind is Kind.REFRESH and node.is_leader:
             node.leader.request_refresh()
         if kind in (Kind.RELEASED, Kind.LEFT, Kind.FAILED):

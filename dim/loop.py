@@ -70,8 +70,14 @@ class Loop:
                     log.warning("%s: Redis error (retrying in %.2fs): %r", self.role, delay, exc)
                 else:
                     log.exception("%s loop raised (retrying in %.2fs)", self.role, delay)
-                    self.node.emit(Event(EventType.LOOP_ERROR, self.node.node_id, error=exc,
-                                         data={"loop": self.role}))
+                    self.node.emit(
+                        Event(
+                            EventType.LOOP_ERROR,
+                            self.node.node_id,
+                            error=exc,
+                            data={"loop": self.role},
+                        )
+                    )
             if stop.is_set():
                 break
             self._wake.wait(max(delay, 0.0))

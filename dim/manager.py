@@ -50,10 +50,7 @@ def safe_url(url: str) -> str:
     if parts.password is None:
         return url
     netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
+    netloc = f"{parts.username or ''}:***@{netloc}"
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
@@ -140,8 +137,9 @@ class Manager:
         self.service = check_service(service)
         self.settings = settings
         self._redis_target = redis
-        self._callbacks = UserCallbacks(create=create, disconnect=disconnect,
-                                        healthcheck=healthcheck)
+        self._callbacks = UserCallbacks(
+            create=create, disconnect=disconnect, healthcheck=healthcheck
+        )
         self._get_config = get_config
         self._key = key
         self._weight = float(weight)
@@ -177,8 +175,12 @@ class Manager:
                 return self
             client = self._connect()
             store = Store(client, self.service)
-            node = Node(store=store, settings=self.settings, dispatcher=self._dispatcher,
-                        weight=self._weight)
+            node = Node(
+                store=store,
+                settings=self.settings,
+                dispatcher=self._dispatcher,
+                weight=self._weight,
+            )
             node.reconciler = Reconciler(node, self._callbacks)
             node.leader = LeaderLoop(node, self._get_config, self._key)
             node.listener = PubSubListener(node)
@@ -233,16 +235,14 @@ class Manager:
                 log.warning("final rebalance before stepping down failed", exc_info=True)
         node.leaving = True
         leader_value = node.leader_value
-        for what, action in (
-            ("leave", lambda: store.leave(node.node_id)),
-            ("resign", lambda: leader_value and store.resign(
-                leader_value, Message(Kind.LEADER_LEFT, node.node_id))),
-            ("announce", lambda: store.publish(Message(Kind.LEFT, node.node_id))),
-        ):
-            try:
-                action()
-            except redis.RedisError as exc:
-                log.warning("node %s could not %s: %r", node.node_id, what, exc)
+        try:
+            store.leave(node.node_id)
+            if leader_value is not None:
+                store.resign(leader_value, Message(Kind.LEADER_LEFT, node.node_id))
+            store.publish(Message(Kind.LEFT, node.node_id))
+        except redis.RedisError as exc:
+            # the cluster notices by TTL instead; the claims are still released below
+            log.warning("node %s could not announce that it leaves: %r", node.node_id, exc)
         node.set_leader(None)
         node.reconciler.close(wait)
         node.stop_event.set()
@@ -370,9 +370,7 @@ class Manager:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_delay(self.settings.connect_timeout),
             wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
-            retry=tenacity.retry_if_exception_type(
-                (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-            ),
+            retry=tenacity.retry_if_exception(_worth_retrying),
             reraise=True,
         )
         try:
@@ -398,6 +396,17 @@ class Manager:
                 log.debug("closing the Redis client failed", exc_info=True)
 
 
+def _worth_retrying(exc: BaseException) -> bool:
+    # redis-py makes a refused login a ConnectionError; retrying it cannot help
+    refused = (
+        redis.AuthenticationError,
+        getattr(redis.exceptions, "AuthorizationError", redis.AuthenticationError),
+    )
+    if isinstance(exc, refused):
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+
+
 def _fresh_dispatcher(old: Dispatcher) -> Dispatcher:
     """A new dispatcher with the same listeners, so a restarted manager keeps them."""
     new = Dispatcher()
@@ -417,7 +426,8 @@ def _after_fork_in_child() -> None:
     for manager in list(_live_managers):
         log.warning(
             "%r was started before this process forked; it is inert in the child "
-            "(start managers after forking)", manager
+            "(start managers after forking)",
+            manager,
         )
 
 

@@ -113,9 +113,7 @@ class Node:
             self.emit(Event(EventType.LEADERSHIP_LOST, self.node_id, data={"leader": old}))
         if value is not None:
             log.info("node %s is the leader (epoch %d)", self.node_id, self.epoch)
-            self.emit(
-                Event(EventType.LEADERSHIP_GAINED, self.node_id, data={"epoch": self.epoch})
-            )
+            self.emit(Event(EventType.LEADERSHIP_GAINED, self.node_id, data={"epoch": self.epoch}))
             self.leader.wake()
 
     def wake_all(self) -> None:
@@ -167,8 +165,9 @@ class Heartbeat(Loop):
             if status == 0:
                 node.reconciler.lease_lost(ckey, claims[ckey])
             elif status == 2:
-                log.warning("claim %r was missing in Redis; node %s took it back", ckey,
-                            node.node_id)
+                log.warning(
+                    "claim %r was missing in Redis; node %s took it back", ckey, node.node_id
+                )
         node.cluster_leader = result.leader
         mine = result.leader is not None and result.leader.startswith(node.node_id + ":")
         if mine and not node.leaving:

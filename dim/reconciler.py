@@ -133,9 +133,7 @@ class Reconciler(Loop):
     def instances(self) -> dict[Any, Any]:
         with self._lock:
             return {
-                s.config.id: s.instance
-                for s in self._slots.values()
-                if s.state is State.RUNNING
+                s.config.id: s.instance for s in self._slots.values() if s.state is State.RUNNING
             }
 
     def running(self) -> list[tuple[Slot, Any]]:
@@ -201,8 +199,11 @@ class Reconciler(Loop):
             slot = self._slots.get(ckey)
             if slot is None or slot.token != token or slot.state is State.CLAIMING:
                 return
-            log.warning("node %s lost the claim of %r to another node; stopping it",
-                        self.node.node_id, slot.config.id)
+            log.warning(
+                "node %s lost the claim of %r to another node; stopping it",
+                self.node.node_id,
+                slot.config.id,
+            )
             self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
             slot.token = None  # not ours any more: never released, never renewed
             self._begin_stop(slot, release=False)
@@ -216,8 +217,15 @@ class Reconciler(Loop):
             if slot.state is not State.RUNNING:
                 return
             slot.healthy = False
-            self.node.emit(Event(EventType.INSTANCE_UNHEALTHY, self.node.node_id,
-                                 slot.config.id, slot.token, error=error))
+            self.node.emit(
+                Event(
+                    EventType.INSTANCE_UNHEALTHY,
+                    self.node.node_id,
+                    slot.config.id,
+                    slot.token,
+                    error=error,
+                )
+            )
             slot.state = State.STOPPING
             self._pool.submit(self._guard, self._stop_task, slot, slot.instance, False, True)
 
@@ -236,8 +244,12 @@ class Reconciler(Loop):
                 if slot.state is not State.STOPPING:
                     del self._slots[ckey]
             self._need_read = True
-        log.warning("node %s could not renew its claims for %.2fs: stopping %d instances",
-                    node.node_id, node.settings.renew_deadline, len(victims))
+        log.warning(
+            "node %s could not renew its claims for %.2fs: stopping %d instances",
+            node.node_id,
+            node.settings.renew_deadline,
+            len(victims),
+        )
         node.set_leader(None)
         node.emit(Event(EventType.FENCED, node.node_id, data={"stopped": len(victims)}))
         self._disconnect_many(victims)
@@ -299,16 +311,16 @@ class Reconciler(Loop):
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
                     log.info("config %r changed; recreating its instance", want.id)
                     slot.state = State.STOPPING
-                    self._pool.submit(self._guard, self._stop_task, slot, slot.instance,
-                                      False, True, want)
+                    self._pool.submit(
+                        self._guard, self._stop_task, slot, slot.instance, False, True, want
+                    )
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
             for ckey, config in self._desired.items():
                 if ckey not in self._slots:
                     self._slots[ckey] = Slot(config)
             return [
-                c for c, s in self._slots.items()
-                if s.state is State.CLAIMING and s.retry_at <= now
+                c for c, s in self._slots.items() if s.state is State.CLAIMING and s.retry_at <= now
             ]
 
     def _claimed(self, tokens: dict[str, int]) -> None:
@@ -318,8 +330,13 @@ class Reconciler(Loop):
                 slot = self._slots.get(ckey)
                 if token <= 0:
                     continue
-                if (slot is None or slot.state is not State.CLAIMING or self._closing
-                        or self.node.fenced or ckey not in self._desired):
+                if (
+                    slot is None
+                    or slot.state is not State.CLAIMING
+                    or self._closing
+                    or self.node.fenced
+                    or ckey not in self._desired
+                ):
                     if slot is None or slot.state is State.CLAIMING:
                         lost.append((ckey, token))  # taken but no longer wanted: give back
                     continue
@@ -346,8 +363,9 @@ class Reconciler(Loop):
             task(*args)
         except Exception as exc:
             log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
-            self.node.emit(Event(EventType.LOOP_ERROR, self.node.node_id, error=exc,
-                                 data={"loop": "worker"}))
+            self.node.emit(
+                Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
+            )
         finally:
             self._notify()
             self.wake()
@@ -371,10 +389,23 @@ class Reconciler(Loop):
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            log.warning("create of config %r failed (attempt %d of %d): %r", slot.config.id,
-                        state.attempt_number, s.create_attempts, error)
-            node.emit(Event(EventType.CREATE_FAILED, node.node_id, slot.config.id, slot.token,
-                            error=error, data={"attempt": state.attempt_number}))
+            log.warning(
+                "create of config %r failed (attempt %d of %d): %r",
+                slot.config.id,
+                state.attempt_number,
+                s.create_attempts,
+                error,
+            )
+            node.emit(
+                Event(
+                    EventType.CREATE_FAILED,
+                    node.node_id,
+                    slot.config.id,
+                    slot.token,
+                    error=error,
+                    data={"attempt": state.attempt_number},
+                )
+            )
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(s.create_attempts)
@@ -415,11 +446,17 @@ class Reconciler(Loop):
         if not current:
             self._finish(slot, release=slot.token is not None and not node.fenced)
             return
-        log.error("node %s gives up creating config %r after %d attempts: %r; handing it "
-                  "over for %.0fs", node.node_id, slot.config.id, node.settings.create_attempts,
-                  exc, node.settings.failure_cooldown)
-        node.emit(Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token,
-                        error=exc))
+        log.error(
+            "node %s gives up creating config %r after %d attempts: %r; handing it over for %.0fs",
+            node.node_id,
+            slot.config.id,
+            node.settings.create_attempts,
+            exc,
+            node.settings.failure_cooldown,
+        )
+        node.emit(
+            Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token, error=exc)
+        )
         token = slot.token
         with self._lock:
             slot.state = State.CLAIMING
@@ -428,7 +465,9 @@ class Reconciler(Loop):
         if token is not None:
             self._release({slot.ckey: token})
         node.store.report_failure(
-            node.node_id, slot.ckey, node.settings.failure_cooldown,
+            node.node_id,
+            slot.ckey,
+            node.settings.failure_cooldown,
             Message(Kind.FAILED, node.node_id, ckey=slot.ckey),
         )
 
@@ -474,32 +513,45 @@ class Reconciler(Loop):
         node = self.node
         ckey = next(iter(tokens)) if len(tokens) == 1 else None
         try:
-            node.store.release(node.node_id, tokens, Message(Kind.RELEASED, node.node_id,
-                                                             ckey=ckey))
+            node.store.release(
+                node.node_id, tokens, Message(Kind.RELEASED, node.node_id, ckey=ckey)
+            )
         except redis.RedisError as exc:
             # the claims lapse by TTL since nobody renews them any more
-            log.warning("node %s could not release %d claims (they will expire): %r",
-                        node.node_id, len(tokens), exc)
+            log.warning(
+                "node %s could not release %d claims (they will expire): %r",
+                node.node_id,
+                len(tokens),
+                exc,
+            )
 
     def _disconnect(self, config: Config, instance: Any, token: Optional[int]) -> None:
         node = self.node
         error: Optional[BaseException] = None
         if self.callbacks.disconnect is not None:
             try:
-                call_with_timeout(self.callbacks.disconnect, instance,
-                                  node.settings.disconnect_timeout,
-                                  f"dim-disconnect-{node.node_id}")
+                call_with_timeout(
+                    self.callbacks.disconnect,
+                    instance,
+                    node.settings.disconnect_timeout,
+                    f"dim-disconnect-{node.node_id}",
+                )
             except Exception as exc:
                 error = exc
                 log.warning("disconnect of config %r raised or hung: %r", config.id, exc)
-        node.emit(Event(EventType.INSTANCE_DISCONNECTED, node.node_id, config.id, token,
-                        error=error))
+        node.emit(
+            Event(EventType.INSTANCE_DISCONNECTED, node.node_id, config.id, token, error=error)
+        )
 
     def _disconnect_many(self, victims: list[tuple[Slot, Any]]) -> None:
         """Disconnect several instances at once (fence, shutdown), bounded in time."""
         threads = [
-            threading.Thread(target=self._disconnect, args=(slot.config, inst, slot.token),
-                             name=f"dim-disconnect-{self.node.node_id}", daemon=True)
+            threading.Thread(
+                target=self._disconnect,
+                args=(slot.config, inst, slot.token),
+                name=f"dim-disconnect-{self.node.node_id}",
+                daemon=True,
+            )
             for slot, inst in victims
         ]
         for t in threads:
@@ -511,8 +563,10 @@ class Reconciler(Loop):
     def _dispose_late(self, config: Config, instance: Any) -> None:
         if instance is None:
             return
-        log.warning("create of config %r returned after its timeout; disconnecting the late "
-                    "instance", config.id)
+        log.warning(
+            "create of config %r returned after its timeout; disconnecting the late instance",
+            config.id,
+        )
         self._disconnect(config, instance, None)
 
     # -- shutdown -------------------------------------------------------------------------
@@ -543,5 +597,9 @@ class Reconciler(Loop):
         with self._lock:
             left = list(self._slots.values())
         if left:
-            log.warning("node %s stopped with %d instances still busy: %s", node.node_id,
-                        len(left), [s.config.id for s in left])
+            log.warning(
+                "node %s stopped with %d instances still busy: %s",
+                node.node_id,
+                len(left),
+                [s.config.id for s in left],
+            )

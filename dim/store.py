@@ -30,7 +30,7 @@ def text(value: Any) -> Optional[str]:
 
 
 def ms(seconds: float) -> int:
-    return max(1, int(round(seconds * 1000)))
+    return max(1, round(seconds * 1000))
 
 
 @attrs.frozen
@@ -172,7 +172,9 @@ class Store:
 
     def resign(self, leader_value: str, hint: Message) -> bool:
         return bool(
-            self._resign(keys=[self.keys.leader], args=[leader_value, self.keys.events, hint.encode()])
+            self._resign(
+                keys=[self.keys.leader], args=[leader_value, self.keys.events, hint.encode()]
+            )
         )
 
     # -- the leader -------------------------------------------------------------------
@@ -231,10 +233,12 @@ class Store:
                 out[str(text(field))] = 0  # malformed: treated as expired, then dropped
         return out
 
-    def leader_write(self, leader_value: str, change: dict[str, Any], epoch: int, node_id: str) -> int:
+    def leader_write(
+        self, leader_value: str, change: dict[str, Any], epoch: int, node_id: str
+    ) -> int:
         """Apply a change set if ``leader_value`` still leads; new version or -1."""
         k = self.keys
-        hint = '{"k":"assigned","n":%s,"e":%d' % (json.dumps(node_id), epoch)
+        hint = f'{{"k":"assigned","n":{json.dumps(node_id)},"e":{epoch}'
         return int(
             self._leader_write(
                 keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures],

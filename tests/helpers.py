@@ -74,7 +74,7 @@ class Ledger:
                 ordered = sorted(entries, key=lambda e: e[1])
                 for i, a in enumerate(ordered):
                     a_end = a[2] if a[2] is not None else float("inf")
-                    for b in ordered[i + 1:]:
+                    for b in ordered[i + 1 :]:
                         if b[1] < a_end and b[0] != a[0]:
                             found.append((config_id, a, b))
         return found
@@ -178,8 +178,12 @@ class Cluster:
         return all(m.wait_until_stable(0) for m in self.running())
 
     def wait_settled(self, timeout: float = 15.0) -> None:
-        wait_until(self.settled, timeout, interval=0.02,
-                   message=f"cluster did not settle: {self.placement()}")
+        wait_until(
+            self.settled,
+            timeout,
+            interval=0.02,
+            message=f"cluster did not settle: {self.placement()}",
+        )
 
     def counts(self) -> list[int]:
         return sorted(len(m.instances) for m in self.running())

@@ -18,8 +18,7 @@ from .helpers import FAST, Cluster
 
 def test_constructor_rejects_bad_arguments(redis_url: str) -> None:
     """Misuse at construction fails fast with a message naming the bad value."""
-    ok: dict[str, Any] = {"get_config": list, "create": object, "redis": redis_url,
-                          "service": "x"}
+    ok: dict[str, Any] = {"get_config": list, "create": object, "redis": redis_url, "service": "x"}
     cases = [
         ({"get_config": 5}, "get_config must be callable, got 5"),
         ({"create": None}, "create must be callable"),
@@ -42,8 +41,9 @@ def test_unreachable_redis_fails_start_within_the_timeout() -> None:
     """start() against a closed port raises RedisUnavailableError after connect_timeout."""
     port = free_port()
     settings = FAST.replace(connect_timeout=0.5)
-    manager = Manager(list, object, redis=f"redis://:secret@127.0.0.1:{port}/0",
-                      service="x", settings=settings)
+    manager = Manager(
+        list, object, redis=f"redis://:secret@127.0.0.1:{port}/0", service="x", settings=settings
+    )
     began = time.monotonic()
     with pytest.raises(RedisUnavailableError) as info:
         manager.start()
@@ -57,7 +57,7 @@ def test_wrong_password_is_a_clear_error(redis_factory: Any) -> None:
     server = redis_factory(password="right")
     url = server.url.replace("redis://", "redis://:wrong@")
     manager = Manager(list, object, redis=url, service="x", settings=FAST)
-    with pytest.raises(RedisUnavailableError, match="refused the login|auth|password|WRONGPASS"):
+    with pytest.raises(RedisUnavailableError, match=r"refused the login"):
         manager.start()
 
 
@@ -79,8 +79,7 @@ def _events(manager: Manager, *types: EventType) -> list[Any]:
     ],
     ids=["raises", "non-list", "duplicate-ids", "not-json", "id-type", "none"],
 )
-def test_bad_get_config_keeps_the_last_good_config(redis_url: str, service: str,
-                                                   bad: Any) -> None:
+def test_bad_get_config_keeps_the_last_good_config(redis_url: str, service: str, bad: Any) -> None:
     """A failing or bad get_config is reported and the running instances are kept."""
     state = {"value": [{"id": 1}, {"id": 2}]}
 
@@ -146,8 +145,13 @@ def test_create_failures_are_retried_then_handed_over(redis_url: str, service: s
 
 def test_create_returning_none_is_a_failure(redis_url: str, service: str) -> None:
     """create returning None counts as a failed attempt, reported with the config id."""
-    manager = Manager(lambda: [5], lambda c: None, redis=redis_url, service=service,
-                      settings=FAST.replace(create_attempts=2))
+    manager = Manager(
+        lambda: [5],
+        lambda c: None,
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(create_attempts=2),
+    )
     failed = _events(manager, EventType.INSTANCE_FAILED)
     with manager:
         wait_until(lambda: failed, 10)
@@ -170,8 +174,14 @@ def test_hanging_create_times_out_and_late_instance_is_disconnected(
             return "late"
         return "fresh"
 
-    manager = Manager(lambda: [1], create, disconnect=disconnected.append, redis=redis_url,
-                      service=service, settings=FAST.replace(create_timeout=0.2))
+    manager = Manager(
+        lambda: [1],
+        create,
+        disconnect=disconnected.append,
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(create_timeout=0.2),
+    )
     with manager:
         wait_until(lambda: manager.instances.get(1) == "fresh", 10)
         release.set()
@@ -182,7 +192,7 @@ def test_hanging_create_times_out_and_late_instance_is_disconnected(
 def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:
     """An instance whose healthcheck raises is disconnected and created again."""
     cluster = Cluster(redis_url, service, [{"id": 1}], healthcheck=_check_flag)
-    m, = cluster.add(1)
+    (m,) = cluster.add(1)
     try:
         cluster.wait_settled()
         first = m.instances[1]
@@ -218,8 +228,14 @@ def test_hanging_healthcheck_counts_as_unhealthy(redis_url: str, service: str) -
 
     unhealthy: list[Any] = []
     settings = FAST.replace(healthcheck_timeout=0.1)
-    manager = Manager(lambda: [1], create, healthcheck=healthcheck, redis=redis_url,
-                      service=service, settings=settings)
+    manager = Manager(
+        lambda: [1],
+        create,
+        healthcheck=healthcheck,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
     manager.add_listener(unhealthy.append, EventType.INSTANCE_UNHEALTHY)
     try:
         with manager:
@@ -231,8 +247,9 @@ def test_hanging_healthcheck_counts_as_unhealthy(redis_url: str, service: str) -
         stuck.set()
 
 
-def test_disconnect_raising_or_hanging_still_releases(redis_url: str, service: str,
-                                                      redis_client: redis.Redis) -> None:
+def test_disconnect_raising_or_hanging_still_releases(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
     """disconnect that raises or hangs is bounded; the claim is released and stop ends."""
     stuck = threading.Event()
 
@@ -241,8 +258,14 @@ def test_disconnect_raising_or_hanging_still_releases(redis_url: str, service: s
             raise OSError("socket already closed")
         stuck.wait(30)
 
-    manager = Manager(lambda: [1, 2], lambda c: c, disconnect=disconnect, redis=redis_url,
-                      service=service, settings=FAST.replace(disconnect_timeout=0.2))
+    manager = Manager(
+        lambda: [1, 2],
+        lambda c: c,
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(disconnect_timeout=0.2),
+    )
     try:
         manager.start()
         assert manager.wait_until_stable(10)
@@ -254,12 +277,12 @@ def test_disconnect_raising_or_hanging_still_releases(redis_url: str, service: s
         stuck.set()
 
 
-def test_foreign_data_and_bad_messages_are_ignored(redis_url: str, service: str,
-                                                   redis_client: redis.Redis) -> None:
+def test_foreign_data_and_bad_messages_are_ignored(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
     """Garbage in dim's keys and channel is logged and ignored; the cluster keeps working."""
     keys = Keys(service)
-    manager = Manager(lambda: [1, 2], lambda c: c, redis=redis_url, service=service,
-                      settings=FAST)
+    manager = Manager(lambda: [1, 2], lambda c: c, redis=redis_url, service=service, settings=FAST)
     with manager:
         assert manager.wait_until_stable(10)
         node = manager.node_id or ""
@@ -268,8 +291,13 @@ def test_foreign_data_and_bad_messages_are_ignored(redis_url: str, service: str,
         redis_client.zadd(keys.nodes, {"intruder": 1})
         redis_client.hset(keys.failures, "garbage", "x")
         redis_client.incr(keys.version)
-        for payload in [b"\x00\xff", b"{}", b'{"k":"assigned","n":"x","v":"NaN"}',
-                        b'{"k":"left","n":"' + b"x" * 5000 + b'"}', b"[]" * 1000]:
+        for payload in [
+            b"\x00\xff",
+            b"{}",
+            b'{"k":"assigned","n":"x","v":"NaN"}',
+            b'{"k":"left","n":"' + b"x" * 5000 + b'"}',
+            b"[]" * 1000,
+        ]:
             redis_client.publish(keys.events, payload)
         listener = manager._node.listener  # type: ignore[union-attr]
         wait_until(lambda: listener.dropped >= 5, 5)
@@ -279,7 +307,10 @@ def test_foreign_data_and_bad_messages_are_ignored(redis_url: str, service: str,
 
 
 def _dim_threads(node_id: str) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.endswith(node_id)
-            and t.name.split("-")[1] in ("heartbeat", "fence", "reconciler", "leader",
-                                         "listener", "events")]
-
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.endswith(node_id)
+        and t.name.split("-")[1]
+        in ("heartbeat", "fence", "reconciler", "leader", "listener", "events")
+    ]

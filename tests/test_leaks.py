@@ -22,15 +22,22 @@ def _clients(client: redis.Redis) -> int:
     return len(client.client_list())
 
 
-def test_fifty_start_stop_cycles_leak_nothing(redis_url: str, service: str,
-                                              redis_client: redis.Redis) -> None:
+def test_fifty_start_stop_cycles_leak_nothing(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
     """50 start/stop cycles of a manager running 3 instances leave the thread count,
     Redis connections, open files and the service's keys where they started."""
     created: list[int] = []
     closed: list[int] = []
-    manager = Manager(lambda: [1, 2, 3], lambda c: created.append(c) or c,
-                      disconnect=closed.append, healthcheck=lambda i: True,
-                      redis=redis_url, service=service, settings=FAST)
+    manager = Manager(
+        lambda: [1, 2, 3],
+        lambda c: created.append(c) or c,
+        disconnect=closed.append,
+        healthcheck=lambda i: True,
+        redis=redis_url,
+        service=service,
+        settings=FAST,
+    )
     # one warm-up cycle loads modules and lazily created pools before we count
     manager.start()
     assert manager.wait_until_stable(10)
@@ -43,10 +50,13 @@ def test_fifty_start_stop_cycles_leak_nothing(redis_url: str, service: str,
         manager.stop()
     assert len(created) == len(closed) == 51 * 3
     # threads that were abandoned on stop have already been joined or end at once
-    wait_until(lambda: threading.active_count() <= threads, 5,
-               message=f"threads: {[t.name for t in threading.enumerate()]}")
+    wait_until(
+        lambda: threading.active_count() <= threads,
+        5,
+        message=f"threads: {[t.name for t in threading.enumerate()]}",
+    )
     wait_until(lambda: _clients(redis_client) <= clients, 5, message="Redis connections leak")
     assert _open_fds() <= fds + 2
     prefix = Keys(service).prefix
-    left = sorted(k.decode()[len(prefix):] for k in redis_client.keys(prefix + "*"))
+    left = sorted(k.decode()[len(prefix) :] for k in redis_client.keys(prefix + "*"))
     assert left == ["configs", "fence", "version"]

@@ -111,7 +111,7 @@ def test_stop_leaves_only_history(redis_url: str, service: str, redis_client: re
     cluster.stop()
     keys = sorted(k.decode() for k in redis_client.keys(Keys(service).prefix + "*"))
     prefix = Keys(service).prefix
-    assert [k[len(prefix):] for k in keys] == ["configs", "fence", "version"]
+    assert [k[len(prefix) :] for k in keys] == ["configs", "fence", "version"]
     # every instance that was ever created was disconnected
     entries = [e for es in cluster.ledger.intervals.values() for e in es]
     assert entries and all(end is not None for _node, _start, end in entries)
@@ -119,11 +119,11 @@ def test_stop_leaves_only_history(redis_url: str, service: str, redis_client: re
 
 def test_fencing_tokens_grow_across_owners(cluster: Cluster) -> None:
     """A config's lease token is larger after each move to a new owner."""
-    a, = cluster.add(1)
+    (a,) = cluster.add(1)
     cluster.wait_settled()
     first = a.lease(3)
     assert first is not None and first.node_id == a.node_id
-    b, = cluster.add(1)
+    (b,) = cluster.add(1)
     a.stop()
     cluster.wait_settled()
     second = b.lease(3)
@@ -151,16 +151,20 @@ def test_lease_visible_inside_create(redis_url: str, service: str) -> None:
 def test_events_reach_listeners(redis_url: str, service: str) -> None:
     """Listeners hear leadership, creation and rebalance; a raising listener is harmless."""
     events: list[Any] = []
-    manager = Manager(lambda: [1], lambda c: object(), redis=redis_url, service=service,
-                      settings=FAST)
+    manager = Manager(
+        lambda: [1], lambda c: object(), redis=redis_url, service=service, settings=FAST
+    )
     manager.add_listener(events.append)
     manager.add_listener(lambda e: 1 / 0, EventType.INSTANCE_CREATED)
     with manager:
         assert manager.wait_until_stable(10)
         wait_until(lambda: EventType.INSTANCE_CREATED in {e.type for e in events}, 5)
     types = {e.type for e in events}
-    assert {EventType.LEADERSHIP_GAINED, EventType.REBALANCE_APPLIED,
-            EventType.INSTANCE_DISCONNECTED} <= types
+    assert {
+        EventType.LEADERSHIP_GAINED,
+        EventType.REBALANCE_APPLIED,
+        EventType.INSTANCE_DISCONNECTED,
+    } <= types
 
 
 def test_status_shows_the_cluster(cluster: Cluster) -> None:
@@ -178,8 +182,9 @@ def test_status_shows_the_cluster(cluster: Cluster) -> None:
 
 def test_restart_gets_a_new_node_id(redis_url: str, service: str) -> None:
     """start() after stop() joins again as a new node and runs the configs again."""
-    manager = Manager(lambda: [1], lambda c: object(), redis=redis_url, service=service,
-                      settings=FAST)
+    manager = Manager(
+        lambda: [1], lambda c: object(), redis=redis_url, service=service, settings=FAST
+    )
     manager.start()
     first = manager.node_id
     assert manager.start() is manager  # idempotent while running
@@ -199,11 +204,13 @@ def test_restart_gets_a_new_node_id(redis_url: str, service: str) -> None:
 
 def test_no_thread_left_after_stop(redis_url: str, service: str) -> None:
     """stop() ends every dim thread of the node."""
-    manager = Manager(lambda: [1, 2], lambda c: object(), redis=redis_url, service=service,
-                      settings=FAST).start()
+    manager = Manager(
+        lambda: [1, 2], lambda c: object(), redis=redis_url, service=service, settings=FAST
+    ).start()
     node_id = manager.node_id
     assert manager.wait_until_stable(10)
     assert any(node_id in t.name for t in threading.enumerate())
     manager.stop()
-    wait_until(lambda: not [t for t in threading.enumerate()
-                            if node_id in t.name and t.is_alive()], 5)
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if node_id in t.name and t.is_alive()], 5
+    )

@@ -107,7 +107,7 @@ def test_key_function_errors_are_wrapped() -> None:
 def test_stored_config_decoding_rejects_foreign_data() -> None:
     """Data in the configs hash that dim did not write is ignored, not trusted."""
     assert decode_config("1", '[1,{"id":1}]') is not None
-    for text in ["not json", '{"id":1}', "[1]", '[2,{"id":2}]', '[true,1]', '[[1],1]']:
+    for text in ["not json", '{"id":1}', "[1]", '[2,{"id":2}]', "[true,1]", "[[1],1]"]:
         assert decode_config("1", text) is None
 
 
@@ -167,7 +167,7 @@ def test_call_with_timeout_returns_raises_and_abandons() -> None:
         late.append(value)
         got_late.set()
 
-    with pytest.raises(CallTimeout, match="within 0.05"):
+    with pytest.raises(CallTimeout, match=r"within 0\.05"):
         call_with_timeout(slow, 42, 0.05, "t", on_late=on_late)
     release.set()
     assert got_late.wait(5) and late == [42]
