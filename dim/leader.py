@@ -69,6 +69,7 @@ class LeaderLoop(Loop):
         self._weights: dict[str, float] = {}
         self._grace_until = 0.0
         self._dirty = True
+        self._wrote = False  # nothing written yet in this epoch
 
     def request_refresh(self) -> None:
         """Call get_config at the next tick (config_interval job, refresh(), hint)."""
@@ -135,13 +136,15 @@ class LeaderLoop(Loop):
         for node_id, info in store.node_infos(unknown).items():
             self._weights[node_id] = parse_weight(info.get("weight"))
         live = {n: self._weights.get(n, 1.0) for n in live_ids}
-        if self._grace_until and node.clock() >= self._grace_until:
-            self._grace_until = 0.0
+        if self._grace_until:
+            if node.clock() >= self._grace_until:
+                self._grace_until = 0.0
+            # until the grace ends, look for claims that nodes take back every tick
             self._dirty = True
         changed_members = live != self._live or bool(dead)
         if not (self._dirty or changed_members or self._configs_differ(configs)):
             return
-        self._rebalance(configs, live, dead, now_ms, exclude)
+        self._rebalance(configs, live, dead, now_ms, exclude, force=changed_members)
 
     def _configs_differ(self, configs: dict[str, Config]) -> bool:
         if len(configs) != len(self._written):
@@ -180,6 +183,7 @@ class LeaderLoop(Loop):
         dead: list[str],
         now_ms: int,
         exclude: Optional[str],
+        force: bool,
     ) -> None:
         node = self.node
         store = node.store
@@ -232,6 +236,10 @@ class LeaderLoop(Loop):
                 change["rem"].setdefault(previous, []).append(ckey)
         if exclude is not None:
             change["drop_nodes"] = [n for n in change["drop_nodes"] if n != exclude]
+        if not force and self._wrote and not any(change.values()):
+            self._live = live
+            self._dirty = False
+            return  # nothing to say: no version bump, no hint
         version = store.leader_write(node.leader_value or "", change, node.epoch, node.node_id)
         if version < 0:
             log.warning(
@@ -245,6 +253,7 @@ class LeaderLoop(Loop):
             return
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
+        self._wrote = True
         self._assignment = new
         self._written = {c: cfg.json for c, cfg in configs.items()}
         self._live = live

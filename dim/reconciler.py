@@ -38,6 +38,7 @@ from dim.errors import CreateError
 from dim.events import Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
+from dim.store import Placement
 from dim.usercode import call_with_timeout
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class Reconciler(Loop):
         self._changed = threading.Condition(self._lock)
         self._slots: dict[str, Slot] = {}
         self._desired: dict[str, Config] = {}
+        self._placements: dict[str, Placement] = {}
         self._read_version: Optional[str] = None
         self._have_read = False
         self._need_read = True
@@ -270,8 +272,10 @@ class Reconciler(Loop):
             return interval
         if self._need_read:
             self._need_read = False
+            with self._lock:
+                handled = list(self._slots)
             try:
-                version, raw = node.store.read_desired(node.node_id)
+                version, raw, placements = node.store.read_desired(node.node_id, handled)
             except BaseException:
                 self._need_read = True
                 raise
@@ -282,6 +286,7 @@ class Reconciler(Loop):
                     desired[ckey] = config
             with self._lock:
                 self._desired = desired
+                self._placements = placements
                 self._read_version = version
                 self._have_read = True
             # what we just read is the truth as of now; the heartbeat moves it on later
@@ -301,6 +306,8 @@ class Reconciler(Loop):
                 return []
             for ckey, slot in list(self._slots.items()):
                 want = self._desired.get(ckey)
+                if want is None and slot.state is not State.CLAIMING and self._keep(ckey):
+                    continue
                 if want is None:
                     if slot.state is State.CLAIMING:
                         del self._slots[ckey]
@@ -322,6 +329,21 @@ class Reconciler(Loop):
             return [
                 c for c, s in self._slots.items() if s.state is State.CLAIMING and s.retry_at <= now
             ]
+
+    def _keep(self, ckey: str) -> bool:
+        """Keep running a config that is not in our desired set?
+
+        Only while nobody else is meant to run it and it still exists: after Redis lost
+        its data (no version yet) or while a new leader rebuilds the placement from the
+        claims, a config is briefly unassigned, and stopping it then would move it for
+        nothing. A config assigned elsewhere, or removed, stops.
+        """
+        if self._read_version is None:
+            return True
+        placement = self._placements.get(ckey)
+        if placement is None:
+            return False
+        return placement.node is None and placement.config_json is not None
 
     def _claimed(self, tokens: dict[str, int]) -> None:
         lost: list[tuple[str, int]] = []

@@ -205,14 +205,24 @@ return {now_ms(), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
 )
 
 READ_DESIRED = """
--- KEYS[1] desired set of one node, KEYS[2] configs hash, KEYS[3] version
--- returns {version or nil, {ckey, config json or nil, ckey, config json or nil, ...}}
+-- KEYS[1] desired set of one node, KEYS[2] configs hash, KEYS[3] version,
+-- KEYS[4] assignment hash
+-- ARGV[1..] config keys this node runs or handles now (to learn where they belong)
+-- returns {version or nil,
+--          {ckey, config json or nil, ...} for the desired set,
+--          {ckey, assigned node or nil, config json or nil, ...} for the ARGV keys}
 local out = {}
 for _, ckey in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   out[#out + 1] = ckey
   out[#out + 1] = redis.call('HGET', KEYS[2], ckey)
 end
-return {redis.call('GET', KEYS[3]), out}
+local mine = {}
+for i = 1, #ARGV do
+  mine[#mine + 1] = ARGV[i]
+  mine[#mine + 1] = redis.call('HGET', KEYS[4], ARGV[i])
+  mine[#mine + 1] = redis.call('HGET', KEYS[2], ARGV[i])
+end
+return {redis.call('GET', KEYS[3]), out, mine}
 """
 
 RESIGN = """

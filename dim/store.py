@@ -45,6 +45,14 @@ class Beat:
     claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node
 
 
+@attrs.frozen
+class Placement:
+    """Where the leader put a config (None: unassigned) and its stored JSON (None: gone)."""
+
+    node: Optional[str]
+    config_json: Optional[str]
+
+
 def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
     """Split ``'<node>:<number>'`` (a claim or leader value); None if malformed."""
     if not value:
@@ -144,14 +152,26 @@ class Store:
             )
         )
 
-    def read_desired(self, node_id: str) -> tuple[Optional[str], dict[str, Optional[str]]]:
-        """This node's share: (version, {ckey: config json or None})."""
+    def read_desired(
+        self, node_id: str, handled: list[str]
+    ) -> tuple[Optional[str], dict[str, Optional[str]], dict[str, Placement]]:
+        """This node's share, and where the configs it handles now belong.
+
+        Returns ``(version, {ckey: config json or None}, {ckey: Placement})``, the last
+        for each key in ``handled``.
+        """
         k = self.keys
-        version, flat = self._read_desired(keys=[k.desired(node_id), k.configs, k.version])
+        version, flat, mine = self._read_desired(
+            keys=[k.desired(node_id), k.configs, k.version, k.assignment], args=handled
+        )
         flat = flat or []
-        return text(version), {
-            str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)
+        mine = mine or []
+        desired = {str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+        placements = {
+            str(text(mine[i])): Placement(text(mine[i + 1]), text(mine[i + 2]))
+            for i in range(0, len(mine) - 2, 3)
         }
+        return text(version), desired, placements
 
     def publish(self, message: Message) -> None:
         self.client.publish(self.keys.events, message.encode())
