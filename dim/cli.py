@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start node processes on a private Redis (or --redis), print the "
         "cluster every second and run a short scenario: add a node, stop one gracefully "
         "(SIGTERM), kill one (SIGKILL). On a terminal, keys a (add), s (stop), k (kill) "
-        "and q (quit) act at once.",
+        "and q (quit) act at once, and the demo runs until --seconds or q; "
+        "otherwise it ends with the scenario.",
     )
     demo.add_argument(
         "--redis",
@@ -557,6 +558,8 @@ class Demo:
         self.failed = False
         self.quit = False
         self._count = 0
+        self._read_failing = False
+        self._step = ""  # "step 2/3: " while a scripted step prints its caption
         self._env = dict(os.environ)
         self._env[REDIS_URL_ENV] = url  # not on the command line: it may hold a password
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -570,7 +573,8 @@ class Demo:
         print(text, flush=True)
 
     def caption(self, text: str) -> None:
-        self.say(f"\n>>> {text}")
+        self.say(f"\n>>> {self._step}{text}")
+        self._step = ""
 
     def table(self, status: ClusterStatus, title: str) -> None:
         labels = {n.pid: n.label for n in self.nodes}
@@ -624,7 +628,8 @@ class Demo:
     def stop_node(self, status: Optional[ClusterStatus]) -> bool:
         node = self.pick(status)
         if node is None or len(self.running()) < 2:
-            self.say("(not stopping a node: it would leave none)")
+            self.say(f"\n{self._step}(not stopping a node: it would leave none)")
+            self._step = ""
             return False
         self.caption(
             f"stop {self.describe(node, status)} gracefully with SIGTERM: it disconnects its "
@@ -637,7 +642,8 @@ class Demo:
     def kill_node(self, status: Optional[ClusterStatus]) -> bool:
         node = self.pick(status)
         if node is None or len(self.running()) < 2:
-            self.say("(not killing a node: it would leave none)")
+            self.say(f"\n{self._step}(not killing a node: it would leave none)")
+            self._step = ""
             return False
         self.caption(
             f"kill {self.describe(node, status)} with SIGKILL: nothing is released; its "
@@ -717,11 +723,18 @@ class Demo:
         )
 
     def read(self) -> Optional[ClusterStatus]:
+        """The cluster now, or None if Redis does not answer (said once per outage)."""
         try:
-            return read_status(self.store)
+            status = read_status(self.store)
         except redis.RedisError as exc:
-            self.say(f"(cannot read the cluster: {describe_redis_error(exc, self.url)})")
+            if not self._read_failing:
+                self.say(f"(cannot read the cluster: {describe_redis_error(exc, self.url)})")
+            self._read_failing = True
             return None
+        if self._read_failing:
+            self.say("(reading the cluster again)")
+        self._read_failing = False
+        return status
 
     def reap(self) -> None:
         """Report node processes that ended without being told to."""
@@ -780,7 +793,7 @@ class Demo:
             if awaiting is None and now >= next_step:
                 if steps:
                     step = steps.pop(0)
-                    self.say(f"\nstep {total - len(steps)}/{total}")
+                    self._step = f"step {total - len(steps)}/{total}: "
                     if step(status):
                         awaiting = time.monotonic()
                 elif self.keys is None:
