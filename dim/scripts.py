@@ -194,16 +194,6 @@ return version
 """
 )
 
-MEMBERS = (
-    _PRELUDE
-    + """
--- KEYS[1] nodes zset
--- returns {now ms, {node id, expiry ms, node id, expiry ms, ...}} for every member,
---   live or expired (the caller compares expiry with now)
-return {now_ms(), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
-"""
-)
-
 READ_DESIRED = """
 -- KEYS[1] desired set of one node, KEYS[2] configs hash, KEYS[3] version,
 -- KEYS[4] assignment hash

@@ -74,7 +74,6 @@ class Store:
         self._claim = register(scripts.CLAIM)
         self._release = register(scripts.RELEASE)
         self._leader_write = register(scripts.LEADER_WRITE)
-        self._members = register(scripts.MEMBERS)
         self._read_desired = register(scripts.READ_DESIRED)
         self._resign = register(scripts.RESIGN)
         self._report_failure = register(scripts.REPORT_FAILURE)
@@ -201,15 +200,18 @@ class Store:
 
     def members(self) -> tuple[int, dict[str, int]]:
         """(server now ms, {node id: expiry ms}) for every member, live or expired."""
-        now, flat = self._members(keys=[self.keys.nodes])
-        flat = flat or []
+        # plain reads (no script), so a read-only user can run `dim status`
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(self.keys.nodes, 0, -1, withscores=True)
+            (seconds, micros), pairs = pipe.execute()
         out: dict[str, int] = {}
-        for i in range(0, len(flat) - 1, 2):
+        for member, score in pairs or []:
             try:
-                out[str(text(flat[i]))] = int(float(flat[i + 1]))
+                out[str(text(member))] = int(float(score))
             except (TypeError, ValueError):
-                log.warning("ignoring malformed member entry %r in %s", flat[i], self.keys.nodes)
-        return int(now), out
+                log.warning("ignoring malformed member entry %r in %s", member, self.keys.nodes)
+        return int(seconds) * 1000 + int(micros) // 1000, out
 
     def node_infos(self, node_ids: list[str]) -> dict[str, dict[str, str]]:
         if not node_ids:

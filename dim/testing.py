@@ -397,6 +397,9 @@ class RedisServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=str(self.directory),
+                # its own session: a Ctrl-C in the terminal reaches us, not the server,
+                # so we stop it in order
+                start_new_session=True,
             )
         self._process = process
         self._paused = False
