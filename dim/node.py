@@ -142,18 +142,19 @@ class Heartbeat(Loop):
             # renew only while the leader loop itself is alive: a leader stuck in
             # get_config must lose the lease rather than freeze the cluster
             renew_leader = leader_value
-        claims = node.reconciler.held_claims()
-        sent = node.clock()
-        result = node.store.heartbeat(
-            node.node_id,
-            node_ttl=s.node_ttl,
-            leader_ttl=s.leader_ttl,
-            leaving=node.leaving,
-            may_lead=not node.leaving,
-            renew_leader=renew_leader,
-            info=node.info(),
-            claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
-        )
+        with node.reconciler.claims_lock:
+            claims = node.reconciler.held_claims()
+            sent = node.clock()
+            result = node.store.heartbeat(
+                node.node_id,
+                node_ttl=s.node_ttl,
+                leader_ttl=s.leader_ttl,
+                leaving=node.leaving,
+                may_lead=not node.leaving,
+                renew_leader=renew_leader,
+                info=node.info(),
+                claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
+            )
         node.last_renew = sent
         if not node.redis_ok:
             node.redis_ok = True

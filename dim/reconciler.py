@@ -101,6 +101,10 @@ class Reconciler(Loop):
         super().__init__(node)
         self.callbacks = callbacks
         self._lock = threading.RLock()
+        # Held around every Redis call that takes, renews or releases claims (claim,
+        # heartbeat, release), so a renewal never races a release; always taken
+        # before self._lock, never after.
+        self.claims_lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._slots: dict[str, Slot] = {}
         self._desired: dict[str, Config] = {}
@@ -293,8 +297,9 @@ class Reconciler(Loop):
             node.version = version
         to_claim = self._plan()
         if to_claim:
-            tokens = node.store.claim(node.node_id, to_claim, node.settings.node_ttl)
-            self._claimed(tokens)
+            with self.claims_lock:
+                tokens = node.store.claim(node.node_id, to_claim, node.settings.node_ttl)
+                self._claimed(tokens)
         self._notify()
         return interval
 
@@ -480,12 +485,13 @@ class Reconciler(Loop):
             Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token, error=exc)
         )
         token = slot.token
-        with self._lock:
-            slot.state = State.CLAIMING
-            slot.token = None
-            slot.retry_at = node.clock() + node.settings.failure_cooldown
-        if token is not None:
-            self._release({slot.ckey: token})
+        with self.claims_lock:
+            with self._lock:
+                slot.state = State.CLAIMING
+                slot.token = None
+                slot.retry_at = node.clock() + node.settings.failure_cooldown
+            if token is not None:
+                self._release({slot.ckey: token})
         node.store.report_failure(
             node.node_id,
             slot.ckey,
@@ -525,13 +531,18 @@ class Reconciler(Loop):
     def _finish(self, slot: Slot, release: bool) -> None:
         """The slot's instance is gone: release its claim (if asked) and forget it."""
         token = slot.token
-        if release and token is not None:
-            self._release({slot.ckey: token})
-        with self._lock:
-            if self._slots.get(slot.ckey) is slot:
-                del self._slots[slot.ckey]
+        # Forget the slot and release in one claims_lock section: a heartbeat that
+        # snapshotted the claim before the release would otherwise find it missing and
+        # take it back, and a new slot for the same config would reuse the old token.
+        with self.claims_lock:
+            with self._lock:
+                if self._slots.get(slot.ckey) is slot:
+                    del self._slots[slot.ckey]
+            if release and token is not None:
+                self._release({slot.ckey: token})
 
     def _release(self, tokens: dict[str, int]) -> None:
+        """Delete claims; callers hold claims_lock and have already dropped the slots."""
         node = self.node
         ckey = next(iter(tokens)) if len(tokens) == 1 else None
         try:

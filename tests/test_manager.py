@@ -96,10 +96,18 @@ def test_config_add_remove_and_change(cluster: Cluster) -> None:
     cluster.configs[0] = {"id": 1, "url": "wss://changed"}
     for m in cluster.running():
         m.refresh()
+
+    def instances() -> dict[Any, Any]:
+        return {k: v for m in cluster.running() for k, v in m.instances.items()}
+
+    wait_until(
+        lambda: instances().get(1) and instances()[1].config["url"] == "wss://changed",
+        10,
+        message="changed config not recreated",
+    )
     cluster.wait_settled()
-    instances = {k: v for m in cluster.running() for k, v in m.instances.items()}
-    assert 0 not in instances and "new" in instances
-    assert instances[1].config["url"] == "wss://changed"
+    assert 0 not in instances() and "new" in instances()
+    assert instances()[1].config["url"] == "wss://changed"
     assert cluster.ledger.overlaps() == []
 
 
