@@ -233,7 +233,10 @@ class Manager:
                 node.leader.final_rebalance()
             except Exception:
                 log.warning("final rebalance before stepping down failed", exc_info=True)
-        node.leaving = True
+        # under claims_lock: no heartbeat is in flight, and every later one renews
+        # claims only (no membership, no leadership)
+        with node.reconciler.claims_lock:
+            node.leaving = True
         leader_value = node.leader_value
         try:
             store.leave(node.node_id)

@@ -172,7 +172,9 @@ class Heartbeat(Loop):
         node.cluster_leader = result.leader
         mine = result.leader is not None and result.leader.startswith(node.node_id + ":")
         if mine and not node.leaving:
-            node.set_leader(result.leader, fresh_redis=result.fence_was_missing)
+            # no fence counter or no assignment version: Redis is new or lost its data
+            fresh = result.fence_was_missing or result.version is None
+            node.set_leader(result.leader, fresh_redis=fresh)
         elif node.is_leader:
             node.set_leader(None)
         if result.version != node.version:

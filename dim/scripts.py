@@ -48,6 +48,9 @@ local now = now_ms()
 local node = ARGV[1]
 local node_ttl = tonumber(ARGV[2])
 local ninfo = tonumber(ARGV[7])
+-- read before the claim loop, which may create the counter while taking claims back
+local fence_missing = 0
+if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
 if ARGV[4] == 'member' then
   redis.call('ZADD', KEYS[1], now + node_ttl, node)
   if ninfo > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
@@ -81,13 +84,11 @@ for i = 6, #KEYS do
 end
 local leader = redis.call('GET', KEYS[3])
 local acquired = 0
-local fence_missing = 0
 if leader then
   if ARGV[6] ~= '' and leader == ARGV[6] then
     redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[3]))
   end
 elseif ARGV[5] == '1' and ARGV[4] == 'member' then
-  if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
   leader = node .. ':' .. num(next_fence(KEYS[4], now))
   redis.call('SET', KEYS[3], leader, 'PX', tonumber(ARGV[3]))
   acquired = 1
