@@ -103,6 +103,9 @@ class Dispatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        from dim.usercode import block_signals
+
+        block_signals()
         while True:
             event = self._queue.get()
             if event is None:

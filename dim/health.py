@@ -15,6 +15,7 @@ import schedule
 
 from dim.errors import DimError
 from dim.loop import Loop
+from dim.usercode import block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -54,6 +55,7 @@ class HealthLoop(Loop):
         lock = threading.Lock()
 
         def check(index: int, instance: Any) -> None:
+            block_signals()
             error: Optional[BaseException] = None
             try:
                 if self._healthcheck(instance) is False:

@@ -85,6 +85,11 @@ class Keys:
         return self.prefix + "failures"
 
     @property
+    def left(self) -> str:
+        """ZSET of nodes that left, scored by when their tombstone expires (ms)."""
+        return self.prefix + "left"
+
+    @property
     def events(self) -> str:
         """Pub/sub channel for hints (never the truth)."""
         return self.prefix + "events"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import redis
 
 from dim.events import Event, EventType
+from dim.usercode import block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -55,6 +56,7 @@ class Loop:
         raise NotImplementedError
 
     def _run(self) -> None:
+        block_signals()
         stop = self.node.stop_event
         while not stop.is_set():
             self._wake.clear()

@@ -194,11 +194,12 @@ class Manager:
                     f"Redis at {self._describe_target()} refused dim's first heartbeat: {exc}"
                 ) from exc
             node.joined_version = node.version
+            # visible before any thread runs, so create() can already read its lease
+            self._node = node
+            self._client = client
             self._dispatcher.start(f"dim-events-{node.node_id}")
             for loop in node.loops():
                 loop.start()
-            self._node = node
-            self._client = client
             _live_managers.add(self)
             try:
                 store.publish(Message(Kind.JOINED, node.node_id))
@@ -224,7 +225,14 @@ class Manager:
                 return
             if os.getpid() != self._pid:
                 return  # a forked child must not touch its parent's cluster state
-            self._node = None
+            try:
+                self._leave(node, timeout)
+            finally:
+                self._node = None
+
+    def _leave(self, node: Node, timeout: Optional[float]) -> None:
+        # no new claims from here on: the final rebalance may not hand us anything
+        node.reconciler.begin_close()
         s = self.settings
         wait = s.disconnect_timeout + 1.0 if timeout is None else timeout
         store = node.store
@@ -252,6 +260,11 @@ class Manager:
         node.wake_all()
         for loop in node.loops():
             loop.join(max(1.0, s.heartbeat_interval * 2))
+        try:
+            # a tombstone outlives any request of ours still queued in a stalled server
+            store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl))
+        except redis.RedisError as exc:
+            log.warning("node %s could not clear its traces (they expire): %r", node.node_id, exc)
         if isinstance(node.listener, PubSubListener):
             node.listener.close()
         self._dispatcher.stop(timeout=1.0)

@@ -163,7 +163,7 @@ class Heartbeat(Loop):
         if node.fenced:
             node.reconciler.unfence()
         for ckey, status in result.claims.items():
-            if status == 0:
+            if status in (0, 3):
                 node.reconciler.lease_lost(ckey, claims[ckey])
             elif status == 2:
                 log.warning(

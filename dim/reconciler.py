@@ -39,7 +39,7 @@ from dim.events import Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.store import Placement
-from dim.usercode import call_with_timeout
+from dim.usercode import block_signals, call_with_timeout
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -109,6 +109,7 @@ class Reconciler(Loop):
         self._slots: dict[str, Slot] = {}
         self._desired: dict[str, Config] = {}
         self._placements: dict[str, Placement] = {}
+        self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
         self._read_version: Optional[str] = None
         self._have_read = False
         self._need_read = True
@@ -116,6 +117,7 @@ class Reconciler(Loop):
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=node.settings.max_workers,
             thread_name_prefix=f"dim-worker-{node.node_id}",
+            initializer=block_signals,
         )
 
     def __repr__(self) -> str:
@@ -206,7 +208,7 @@ class Reconciler(Loop):
             if slot is None or slot.token != token or slot.state is State.CLAIMING:
                 return
             log.warning(
-                "node %s lost the claim of %r to another node; stopping it",
+                "node %s lost its claim of %r (taken or gone); stopping it",
                 self.node.node_id,
                 slot.config.id,
             )
@@ -249,6 +251,10 @@ class Reconciler(Loop):
                     victims.append((slot, slot.instance))
                 if slot.state is not State.STOPPING:
                     del self._slots[ckey]
+                    if slot.token is not None:
+                        # not renewed any more; released once Redis answers, unless we
+                        # are still meant to run it (then the claim script hands it back)
+                        self._orphans[ckey] = slot.token
             self._need_read = True
         log.warning(
             "node %s could not renew its claims for %.2fs: stopping %d instances",
@@ -295,6 +301,7 @@ class Reconciler(Loop):
                 self._have_read = True
             # what we just read is the truth as of now; the heartbeat moves it on later
             node.version = version
+            self._release_orphans(keep=set(desired))
         to_claim = self._plan()
         if to_claim:
             with self.claims_lock:
@@ -334,6 +341,15 @@ class Reconciler(Loop):
             return [
                 c for c, s in self._slots.items() if s.state is State.CLAIMING and s.retry_at <= now
             ]
+
+    def _release_orphans(self, keep: set[str]) -> None:
+        """Let go of claims a fence dropped, except those we are meant to run again."""
+        with self.claims_lock:
+            with self._lock:
+                orphans = {c: t for c, t in self._orphans.items() if c not in keep}
+                self._orphans.clear()
+            if orphans:
+                self._release(orphans)
 
     def _keep(self, ckey: str) -> bool:
         """Keep running a config that is not in our desired set?
@@ -580,7 +596,7 @@ class Reconciler(Loop):
         """Disconnect several instances at once (fence, shutdown), bounded in time."""
         threads = [
             threading.Thread(
-                target=self._disconnect,
+                target=self._disconnect_in_thread,
                 args=(slot.config, inst, slot.token),
                 name=f"dim-disconnect-{self.node.node_id}",
                 daemon=True,
@@ -593,6 +609,10 @@ class Reconciler(Loop):
         for t in threads:
             t.join(max(0.0, deadline - self.node.clock()))
 
+    def _disconnect_in_thread(self, config: Config, instance: Any, token: Optional[int]) -> None:
+        block_signals()
+        self._disconnect(config, instance, token)
+
     def _dispose_late(self, config: Config, instance: Any) -> None:
         if instance is None:
             return
@@ -603,6 +623,11 @@ class Reconciler(Loop):
         self._disconnect(config, instance, None)
 
     # -- shutdown -------------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        """Take no new claims and start nothing new (the first step of a graceful stop)."""
+        with self._lock:
+            self._closing = True
 
     def close(self, timeout: float) -> None:
         """Graceful stop: disconnect everything, releasing each claim as soon as it can."""
@@ -627,6 +652,7 @@ class Reconciler(Loop):
                 self._changed.wait(min(0.05, max(0.0, deadline - node.clock())))
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - node.clock()))
         self._pool.shutdown(wait=False)
+        self._release_orphans(keep=set())
         with self._lock:
             left = list(self._slots.values())
         if left:

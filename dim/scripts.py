@@ -34,20 +34,33 @@ HEARTBEAT = (
     _PRELUDE
     + """
 -- KEYS[1] nodes zset, KEYS[2] this node's info hash, KEYS[3] leader, KEYS[4] fence,
--- KEYS[5] version, KEYS[6..] claim keys this node holds
+-- KEYS[5] version, KEYS[6] left zset (tombstones), KEYS[7..] claim keys this node holds
 -- ARGV[1] node id, ARGV[2] node ttl ms, ARGV[3] leader ttl ms,
 -- ARGV[4] 'member' (renew membership) or 'leaving' (renew claims only),
 -- ARGV[5] '1' if this node may take leadership when nobody holds it,
 -- ARGV[6] the leader value this node holds and wants renewed, or '',
 -- ARGV[7] n = number of info field/value pairs, ARGV[8 .. 7+2n] the pairs,
--- ARGV[8+2n ..] the claim values ('<node>:<token>') matching KEYS[6..]
+-- ARGV[8+2n ..] the claim values ('<node>:<token>') matching KEYS[7..]
 -- returns {now ms, version or nil, leader value or nil, acquired 0/1,
---          fence was missing 0/1, {claim status per claim key}}
---   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else
+--          fence was missing 0/1, {claim status per claim key}, gone 0/1}
+--   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else,
+--   3 missing and not taken back (the node's membership was intact, so the claim was
+--   released, not lost)
+-- A node that has left has a tombstone in KEYS[6]: a heartbeat that reaches Redis after
+-- that (sent before, delayed by a stalled server) changes nothing.
 local now = now_ms()
 local node = ARGV[1]
 local node_ttl = tonumber(ARGV[2])
 local ninfo = tonumber(ARGV[7])
+local tomb = redis.call('ZSCORE', KEYS[6], node)
+if tomb and tonumber(tomb) > now then
+  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1}
+end
+-- Redis lost its data, or this node's membership lapsed (a frozen process): only then
+-- may a missing claim be taken back. With the membership intact a missing claim was
+-- released (a delayed heartbeat must not bring it back).
+local score = redis.call('ZSCORE', KEYS[1], node)
+local lapsed = (not score) or tonumber(score) <= now
 -- read before the claim loop, which may create the counter while taking claims back
 local fence_missing = 0
 if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
@@ -62,12 +75,14 @@ if ARGV[4] == 'member' then
 end
 local statuses = {}
 local first = 8 + 2 * ninfo
-for i = 6, #KEYS do
-  local want = ARGV[first + i - 6]
+for i = 7, #KEYS do
+  local want = ARGV[first + i - 7]
   local cur = redis.call('GET', KEYS[i])
   if cur == want then
     redis.call('PEXPIRE', KEYS[i], node_ttl)
     statuses[#statuses + 1] = 1
+  elseif (not cur) and not (lapsed and ARGV[4] == 'member') then
+    statuses[#statuses + 1] = 3
   elseif not cur then
     -- Redis lost the claim (restart) or it lapsed with nobody taking it: nobody else
     -- can be running it, so the holder takes it back, keeping its token and making sure
@@ -93,21 +108,27 @@ elseif ARGV[5] == '1' and ARGV[4] == 'member' then
   redis.call('SET', KEYS[3], leader, 'PX', tonumber(ARGV[3]))
   acquired = 1
 end
-return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses}
+return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses, 0}
 """
 )
 
 CLAIM = (
     _PRELUDE
     + """
--- KEYS[1] fence, KEYS[2..] claim keys to take
+-- KEYS[1] fence, KEYS[2] left zset (tombstones), KEYS[3..] claim keys to take
 -- ARGV[1] node id, ARGV[2] ttl ms
 -- returns {token per claim key}: the token this node now holds (a fresh one, or its
---   existing one if it already held the claim), or 0 if another node holds it
+--   existing one if it already held the claim), or 0 if another node holds it (or this
+--   node has left: a delayed request takes nothing)
 local now = now_ms()
 local node = ARGV[1]
 local out = {}
-for i = 2, #KEYS do
+local tomb = redis.call('ZSCORE', KEYS[2], node)
+if tomb and tonumber(tomb) > now then
+  for i = 3, #KEYS do out[#out + 1] = 0 end
+  return out
+end
+for i = 3, #KEYS do
   local cur = redis.call('GET', KEYS[i])
   if not cur then
     local token = next_fence(KEYS[1], now)
@@ -238,5 +259,21 @@ local until_ms = now_ms() + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[1], num(until_ms))
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return until_ms
+"""
+)
+
+FORGET = (
+    _PRELUDE
+    + """
+-- KEYS[1] left zset (tombstones), KEYS[2] nodes zset, KEYS[3] node info hash,
+-- KEYS[4] the node's desired set
+-- ARGV[1] node id, ARGV[2] tombstone ttl ms
+-- returns 1; trims expired tombstones, adds this node's, removes every trace of it
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4])
+return 1
 """
 )

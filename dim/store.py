@@ -42,7 +42,9 @@ class Beat:
     leader: Optional[str]
     acquired: bool
     fence_was_missing: bool
-    claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node
+    claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node,
+    # 3 missing and not taken back
+    gone: bool  # this node has left (a tombstone exists): nothing was renewed
 
 
 @attrs.frozen
@@ -76,6 +78,7 @@ class Store:
         self._leader_write = register(scripts.LEADER_WRITE)
         self._read_desired = register(scripts.READ_DESIRED)
         self._resign = register(scripts.RESIGN)
+        self._forget = register(scripts.FORGET)
         self._report_failure = register(scripts.REPORT_FAILURE)
 
     # -- every node -----------------------------------------------------------------
@@ -102,7 +105,7 @@ class Store:
         for field, value in info.items():
             pairs += [field, value]
         reply = self._heartbeat(
-            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version]
+            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version, k.left]
             + [k.claim(c) for c in ckeys],
             args=[
                 node_id,
@@ -124,6 +127,7 @@ class Store:
             acquired=bool(reply[3]),
             fence_was_missing=bool(reply[4]),
             claims={c: int(s) for c, s in zip(ckeys, statuses)},
+            gone=bool(reply[6]),
         )
 
     def claim(self, node_id: str, ckeys: list[str], ttl: float) -> dict[str, int]:
@@ -131,7 +135,9 @@ class Store:
         if not ckeys:
             return {}
         k = self.keys
-        reply = self._claim(keys=[k.fence] + [k.claim(c) for c in ckeys], args=[node_id, ms(ttl)])
+        reply = self._claim(
+            keys=[k.fence, k.left] + [k.claim(c) for c in ckeys], args=[node_id, ms(ttl)]
+        )
         return {c: int(t) for c, t in zip(ckeys, reply)}
 
     def release(self, node_id: str, tokens: dict[str, int], hint: Optional[Message]) -> int:
@@ -188,6 +194,18 @@ class Store:
             pipe.zrem(k.nodes, node_id)
             pipe.delete(k.node(node_id), k.desired(node_id))
             pipe.execute()
+
+    def forget(self, node_id: str, tombstone: float) -> None:
+        """Last step of leaving: drop every trace of the node and leave a tombstone.
+
+        The tombstone makes a request this node sent earlier, still queued in a stalled
+        server, a no-op when it finally runs. Expired tombstones are trimmed here.
+        """
+        k = self.keys
+        self._forget(
+            keys=[k.left, k.nodes, k.node(node_id), k.desired(node_id)],
+            args=[node_id, ms(tombstone)],
+        )
 
     def resign(self, leader_value: str, hint: Message) -> bool:
         return bool(

@@ -8,10 +8,26 @@ so it does not leak).
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any, Callable, Optional
 
 from dim.errors import CallTimeout
+
+_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)}
+
+
+def block_signals() -> None:
+    """Keep SIGINT/SIGTERM away from the calling (dim) thread.
+
+    The kernel delivers a process signal to any thread that does not block it. Python
+    runs handlers in the main thread anyway, but only a signal delivered to the main
+    thread interrupts what it is blocked on (``Event.wait()``, ``join()``), so an
+    application waiting for Ctrl-C or SIGTERM would not wake. Every thread dim starts
+    calls this first.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
 
 
 def call_with_timeout(
@@ -28,6 +44,7 @@ def call_with_timeout(
     abandoned = False
 
     def run() -> None:
+        block_signals()
         try:
             box["value"] = fn(arg)
         except BaseException as exc:
