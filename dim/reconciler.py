@@ -222,7 +222,7 @@ class Reconciler(Loop):
         with self._lock:
             if self._slots.get(slot.ckey) is not slot or slot.instance is not instance:
                 return
-            if slot.state is not State.RUNNING:
+            if slot.state is not State.RUNNING or self._closing:
                 return
             slot.healthy = False
             self.node.emit(
