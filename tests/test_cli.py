@@ -302,9 +302,8 @@ def test_demo_runs_its_script_and_cleans_up() -> None:
         assert "NAME  NODE" in out and "EXPIRES IN" in out
         assert "4 configs each running once on 1 node(s)" in out  # 2 + 1 - 1 - 1
         assert "scenario complete" in out and out.rstrip().endswith("done")
-        commands = list(demo.names.values())
-        assert sum("demo-node" in c for c in commands) == 3, commands
-        assert sum("redis-server" in c or "valkey-server" in c for c in commands) == 1, commands
+        # (which children existed is sampled by polling and may miss a short-lived one,
+        # so only what is left at the end is checked)
         assert demo.left_behind() == []
         assert port_closed(demo.redis_port())
     finally:
