@@ -222,3 +222,34 @@ def test_no_thread_left_after_stop(redis_url: str, service: str) -> None:
     wait_until(
         lambda: not [t for t in threading.enumerate() if node_id in t.name and t.is_alive()], 5
     )
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads (3.12+)
+def test_fork_after_start_is_detected(redis_url: str, service: str) -> None:
+    """A started manager inherited through fork() refuses to work in the child, saying
+    why, and the parent's node is unaffected."""
+    import os
+
+    from dim import ForkedError
+
+    manager = Manager(
+        lambda: [1], lambda c: object(), redis=redis_url, service=service, settings=FAST
+    ).start()
+    try:
+        assert manager.wait_until_stable(10)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            code = 3
+            try:
+                manager.instances  # noqa: B018
+            except ForkedError as exc:
+                code = 0 if "post_fork" in str(exc) else 4
+            except BaseException:
+                code = 5
+            manager.stop()  # a no-op in the child: it must not touch the parent's claims
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert manager.wait_until_stable(5) and list(manager.instances) == [1]
+    finally:
+        manager.stop()
