@@ -70,6 +70,7 @@ class LeaderLoop(Loop):
         self._grace_until = 0.0
         self._dirty = True
         self._wrote = False  # nothing written yet in this epoch
+        self._compared: Optional[dict[str, Config]] = None  # configs known to be written
 
     def request_refresh(self) -> None:
         """Call get_config at the next tick (config_interval job, refresh(), hint)."""
@@ -142,7 +143,10 @@ class LeaderLoop(Loop):
             # until the grace ends, look for claims that nodes take back every tick
             self._dirty = True
         changed_members = live != self._live or bool(dead)
-        if not (self._dirty or changed_members or self._configs_differ(configs)):
+        # compare contents only when get_config produced a new result (O(configs))
+        fresh_configs = configs is not self._compared and self._configs_differ(configs)
+        if not (self._dirty or changed_members or fresh_configs):
+            self._compared = configs
             return
         self._rebalance(configs, live, dead, now_ms, exclude, force=changed_members)
 
@@ -239,6 +243,7 @@ class LeaderLoop(Loop):
         if not force and self._wrote and not any(change.values()):
             self._live = live
             self._dirty = False
+            self._compared = configs
             return  # nothing to say: no version bump, no hint
         version = store.leader_write(node.leader_value or "", change, node.epoch, node.node_id)
         if version < 0:
@@ -254,6 +259,7 @@ class LeaderLoop(Loop):
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
         self._wrote = True
+        self._compared = configs
         self._assignment = new
         self._written = {c: cfg.json for c, cfg in configs.items()}
         self._live = live
