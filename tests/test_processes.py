@@ -439,8 +439,13 @@ def test_redis_restart_while_a_node_is_frozen(
         )
         view = procs.view()
         assert_clean(view)
-        bad = unexplained_moves(view, began)
-        assert bad == [], f"the restart moved {bad}\n{procs.log_tails(40)}"
+        frozen = resumed - stopped
+        if frozen < TTL - 2 * HB:
+            # still inside its lease: it takes its claims back and nothing moves. (On a
+            # loaded machine the restart itself can outlast the lease; then moves are
+            # legitimate and only the no-overlap check above applies.)
+            bad = unexplained_moves(view, began)
+            assert bad == [], f"the restart moved {bad}\n{procs.log_tails(40)}"
     finally:
         c.close()
 
