@@ -24,6 +24,7 @@ from dim.configs import Config, KeyFunc, decode, normalize
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Loop
+from dim.store import parse_owner
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -70,6 +71,7 @@ class LeaderLoop(Loop):
         self._grace_until = 0.0
         self._dirty = True
         self._wrote = False  # nothing written yet in this epoch
+        self._value = ""  # the leader value this state belongs to
         self._compared: Optional[dict[str, Config]] = None  # configs known to be written
 
     def request_refresh(self) -> None:
@@ -106,10 +108,18 @@ class LeaderLoop(Loop):
     def _lead(self, exclude: Optional[str]) -> None:
         node = self.node
         store = node.store
-        if self._epoch != node.epoch:
+        # Everything below works for this one leader value: if the heartbeat moves us to
+        # a new epoch meanwhile (Redis lost its data and we won again), the write fails
+        # its check instead of publishing a plan made from the old epoch's view.
+        value = node.leader_value
+        owner = parse_owner(value)
+        if value is None or owner is None:
+            return
+        if self._epoch != owner[1]:
             # a new epoch: start from the truth in Redis, then keep our own copy
             self._reset()
-            self._epoch = node.epoch
+            self._epoch = owner[1]
+            self._value = value
             self._assignment = store.assignment()
             self._written = store.configs()
             if node.fresh_redis:
@@ -245,15 +255,14 @@ class LeaderLoop(Loop):
             self._dirty = False
             self._compared = configs
             return  # nothing to say: no version bump, no hint
-        version = store.leader_write(node.leader_value or "", change, node.epoch, node.node_id)
+        version = store.leader_write(self._value, change, self._epoch, node.node_id)
         if version < 0:
             log.warning(
-                "node %s: leader write refused (epoch %d is over); stepping down",
-                node.node_id,
-                node.epoch,
+                "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch
             )
-            node.set_leader(None)
-            self._epoch = 0
+            if node.leader_value == self._value:
+                node.set_leader(None)  # deposed: step down
+            self._epoch = 0  # a newer epoch of ours (if any) starts from Redis again
             self._reset()
             return
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
