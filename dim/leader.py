@@ -57,7 +57,7 @@ class LeaderLoop(Loop):
         self._scheduler = schedule.Scheduler()
         # schedule accepts float intervals although its hints say int
         every = self._scheduler.every(node.settings.config_interval)  # type: ignore[arg-type]
-        every.seconds.do(self.request_refresh)
+        every.seconds.do(self._poll)
         self._refresh = True
         self._epoch = 0
         self._good: Optional[dict[str, Config]] = None  # last good get_config result
@@ -74,10 +74,23 @@ class LeaderLoop(Loop):
         self._value = ""  # the leader value this state belongs to
         self._compared: Optional[dict[str, Config]] = None  # configs known to be written
 
+    def mark_dirty(self) -> None:
+        """Re-plan at the next tick even if membership and configs look unchanged.
+
+        For what the leader does not watch itself: a node reporting that it gave up a
+        config (the failures hash), and a periodic re-check with every config poll.
+        """
+        self._dirty = True
+        self.wake()
+
     def request_refresh(self) -> None:
         """Call get_config at the next tick (config_interval job, refresh(), hint)."""
         self._refresh = True
         self.wake()
+
+    def _poll(self) -> None:
+        self._dirty = True  # a periodic full re-plan catches any hint that was lost
+        self.request_refresh()
 
     def tick(self) -> float:
         node = self.node

@@ -76,8 +76,10 @@ class Listener(Loop):
         if message.node == node.node_id:
             return message
         kind = message.kind
-        if kind in (Kind.JOINED, Kind.LEFT, Kind.FAILED) and node.is_leader:
+        if kind in (Kind.JOINED, Kind.LEFT) and node.is_leader:
             node.leader.wake()
+        if kind is Kind.FAILED:
+            node.leader.mark_dirty()
         if kind is Kind.REFRESH and node.is_leader:
             node.leader.request_refresh()
         if kind in (Kind.RELEASED, Kind.LEFT, Kind.FAILED):

@@ -514,6 +514,7 @@ class Reconciler(Loop):
             node.settings.failure_cooldown,
             Message(Kind.FAILED, node.node_id, ckey=slot.ckey),
         )
+        node.leader.mark_dirty()  # when this node leads, it hears no hint of its own
 
     def _stop_task(
         self,
