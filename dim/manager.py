@@ -173,6 +173,7 @@ class Manager:
             self._check_fork()
             if self._node is not None:
                 return self
+            self._pid = os.getpid()  # a manager built before a fork may start after it
             client = self._connect()
             store = Store(client, self.service)
             node = Node(
@@ -447,6 +448,12 @@ def _after_fork_in_child() -> None:
         )
 
 
+# threading's exit hooks run before concurrent.futures shuts its pools and before the
+# interpreter refuses new threads (3.12+), so a stop there can still disconnect; the
+# plain atexit hook is the fallback (it finds nothing left to do when the first ran)
+_register_early = getattr(threading, "_register_atexit", None)
+if _register_early is not None:
+    _register_early(_stop_all_at_exit)
 atexit.register(_stop_all_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -643,10 +643,17 @@ class Reconciler(Loop):
                     victims.append(slot)
                 elif slot.state is State.CLAIMING:
                     del self._slots[ckey]
-        futures = [
-            self._pool.submit(self._guard, self._stop_task, slot, slot.instance, True, False)
-            for slot in victims
-        ]
+        futures = []
+        for slot in victims:
+            try:
+                futures.append(
+                    self._pool.submit(
+                        self._guard, self._stop_task, slot, slot.instance, True, False
+                    )
+                )
+            except RuntimeError:
+                # the interpreter is exiting and has shut the pools: stop it here
+                self._guard(self._stop_task, slot, slot.instance, True, False)
         deadline = node.clock() + timeout
         with self._changed:
             while self._slots and node.clock() < deadline:

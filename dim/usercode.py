@@ -56,7 +56,12 @@ def call_with_timeout(
             on_late(box["value"])
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:
+        # the interpreter is shutting down and starts no threads (3.12+): call it here,
+        # without a time limit, rather than not at all
+        return fn(arg)
     if not done.wait(timeout):
         with lock:
             if not done.is_set():

@@ -1,0 +1,1 @@
+"""An example Django app whose feeds dim spreads over the serving processes."""
