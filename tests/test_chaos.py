@@ -254,4 +254,8 @@ def test_seeded_chaos_run(tmp_path: Path) -> None:
     (tmp_path / "chaos.json").write_text(json.dumps(result, default=str))
     assert result["error"] is None, result["error"]
     assert set(result["fault_counts"]) == set(FAULTS), result["fault_counts"]
-    assert result["ok"], table
+    report = result["report"]
+    details = json.dumps(
+        {"overlaps": report["overlaps"][:5], "faults": report["faults"]}, default=str
+    )
+    assert result["ok"], f"{table}\n{details[:20000]}"
