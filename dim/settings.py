@@ -45,7 +45,8 @@ class Settings:
 
     :param heartbeat_interval: one heartbeat (one Redis round trip) per node per interval.
     :param node_ttl: how long a node and its claims live without a heartbeat. A node that
-        cannot renew for ``node_ttl - heartbeat_interval`` stops its instances.
+        cannot renew for ``node_ttl - max(heartbeat_interval, node_ttl / 4)`` stops its
+        instances.
     :param leader_ttl: how long the leader lock lives without renewal.
     :param healthcheck_interval: how often each instance's ``healthcheck`` runs.
     :param healthcheck_timeout: a ``healthcheck`` that takes longer counts as failed.
@@ -99,10 +100,12 @@ class Settings:
     def renew_deadline(self) -> float:
         """Seconds without a successful renewal after which a node fences itself.
 
-        One heartbeat interval before the claims can expire, so the instances are
-        disconnected while the claims still protect them.
+        The margin before the claims can expire is at least one heartbeat interval and
+        a quarter of ``node_ttl``: the instances must be disconnected while the claims
+        still protect them, even when the fence thread is scheduled late on a busy
+        machine or ``disconnect`` takes a moment.
         """
-        return self.node_ttl - self.heartbeat_interval
+        return self.node_ttl - max(self.heartbeat_interval, self.node_ttl / 4)
 
     @property
     def socket_timeout(self) -> float:

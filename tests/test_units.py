@@ -21,7 +21,7 @@ def test_settings_defaults_match_the_design() -> None:
     assert (s.heartbeat_interval, s.node_ttl, s.leader_ttl) == (1.0, 5.0, 5.0)
     assert (s.healthcheck_interval, s.healthcheck_timeout, s.config_interval) == (10, 5, 10)
     assert (s.create_attempts, s.disconnect_timeout) == (3, 10)
-    assert s.renew_deadline == 4.0
+    assert s.renew_deadline == 3.75  # node_ttl minus max(heartbeat, node_ttl / 4)
 
 
 @pytest.mark.parametrize(
