@@ -278,6 +278,9 @@ class LeaderLoop(Loop):
             self._epoch = 0  # a newer epoch of ours (if any) starts from Redis again
             self._reset()
             return
+        # the leader hears no hint of its own: pick up its own share now, not at the next
+        # heartbeat (that delay was most of a graceful join or leave)
+        node.reconciler.wake(read=True)
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
         self._wrote = True

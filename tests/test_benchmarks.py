@@ -1,0 +1,168 @@
+"""Smoke runs of the process benchmarks at tiny sizes, so the scripts do not rot.
+
+Benchmarks are not tests: nothing here checks a timing. Each script runs once with the
+smallest settings that still exercise every code path, and must exit 0 and write its
+JSON report with the expected shape. ``versus_tooz.py`` needs tooz, which is never a
+dependency of dim: without it the script must say how to install it and exit 2; with
+it (``DIM_BENCH_TOOZ_PYTHON`` naming an interpreter that has tooz, or tooz importable
+here) it runs too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script; on timeout stop it with SIGTERM first, so that it stops
+    its node processes and its Redis server, then fail."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"{script} did not finish within {timeout:g} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def report(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    assert data["quick"] is True
+    assert data["machine"]["cpu_count"] >= 1
+    return data
+
+
+def test_rebalance_latency_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    result = run(
+        "rebalance_latency.py",
+        "--quick",
+        "--nodes",
+        "2",
+        "--configs",
+        "6",
+        "--reps",
+        "1",
+        "--events",
+        "join",
+        "leave",
+        "crash",
+        "config_add",
+        "config_change",
+        "--hb",
+        "0.05",
+        "--ttl",
+        "0.4",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "median ms" in result.stdout
+    data = report(out)
+    events = {row["event"] for row in data["summary"]}
+    assert events == {"join", "leave", "crash", "config_add", "config_change"}
+    assert data["floor"]["start"]["rtt"]["n"] > 0
+    assert all(row["failed"] == 0 for row in data["summary"])
+
+
+def test_idle_cost_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "idle.json"
+    result = run(
+        "idle_cost.py", "--quick", "--window", "1", "--layouts", "2x10", "--output", str(out)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = report(out)
+    roles = {row["role"] for row in data["summary"]}
+    assert roles == {"leader", "follower"}
+    assert all(row["cpu_percent_of_core"] >= 0 for row in data["summary"])
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    result = run(
+        "scale.py",
+        "--quick",
+        "--nodes",
+        "2",
+        "--configs",
+        "10",
+        "--reps",
+        "1",
+        "--large",
+        "1x3",
+        "--large-configs",
+        "9",
+        "--idle-window",
+        "0.5",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = report(out)
+    assert {row["event"] for row in data["summary"]} == {"join", "leave"}
+    assert data["large_cluster"]["nodes"] == 3
+
+
+def _tooz_python() -> Optional[str]:
+    explicit = os.environ.get("DIM_BENCH_TOOZ_PYTHON")
+    python = explicit or sys.executable
+    probe = subprocess.run(
+        [python, "-c", "import tooz.coordination"], capture_output=True, timeout=60
+    )
+    return python if probe.returncode == 0 else None
+
+
+def test_versus_tooz_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "versus.json"
+    python = _tooz_python()
+    if python is None:
+        result = run("versus_tooz.py", "--quick", "--output", str(out))
+        assert result.returncode == 2
+        assert "pip install tooz" in result.stderr
+        assert not out.exists()
+        pytest.skip("tooz is not installed (set DIM_BENCH_TOOZ_PYTHON to run this smoke test)")
+    result = run(
+        "versus_tooz.py",
+        "--quick",
+        "--tooz-python",
+        python,
+        "--nodes",
+        "2",
+        "--configs",
+        "8",
+        "--reps",
+        "1",
+        "--ttl",
+        "0.5",
+        "--poll",
+        "0.05",
+        "--output",
+        str(out),
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = report(out)
+    assert {row["system"] for row in data["summary"]} == {"dim", "tooz"}
+    assert {r["event"] for r in data["ratios"]} == {"join", "leave", "crash"}
