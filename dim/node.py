@@ -67,8 +67,10 @@ class Node:
         self.joined_version: Optional[str] = None
         self.leader_value: Optional[str] = None  # '<me>:<epoch>' while this node leads
         self.epoch = 0
-        self.fresh_redis = False  # the fence counter was missing when we took leadership
-        self.cluster_leader: Optional[str] = None
+        # no fence counter or no assignment version when we took leadership: Redis is new
+        # or lost its data, so the leader waits before placing unclaimed configs
+        self.fresh_redis = False
+        self._info: Optional[dict[str, str]] = None
         self.reconciler: Reconciler
         self.leader: LeaderLoop
         self.listener: Optional[Loop] = None
@@ -88,15 +90,19 @@ class Node:
         self.dispatcher.emit(event)
 
     def info(self) -> dict[str, str]:
-        from dim import __version__
+        """This node's description (constant for its life, built once: every heartbeat
+        sends it, and Redis stores it only when the hash is missing)."""
+        if self._info is None:
+            from dim import __version__
 
-        return {
-            "host": socket.gethostname(),
-            "pid": str(self.pid),
-            "started": f"{self.started_at:.3f}",
-            "weight": repr(self.weight),
-            "version": __version__,
-        }
+            self._info = {
+                "host": socket.gethostname(),
+                "pid": str(self.pid),
+                "started": f"{self.started_at:.3f}",
+                "weight": repr(self.weight),
+                "version": __version__,
+            }
+        return self._info
 
     def set_leader(self, value: Optional[str], *, fresh_redis: bool = False) -> None:
         """Record leadership gained (value '<me>:<epoch>') or lost (None)."""
@@ -169,7 +175,6 @@ class Heartbeat(Loop):
                 log.warning(
                     "claim %r was missing in Redis; node %s took it back", ckey, node.node_id
                 )
-        node.cluster_leader = result.leader
         mine = result.leader is not None and result.leader.startswith(node.node_id + ":")
         if mine and not node.leaving:
             # no fence counter or no assignment version: Redis is new or lost its data
