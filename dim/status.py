@@ -8,6 +8,7 @@ from typing import Any, Optional
 import attrs
 
 from dim.configs import decode
+from dim.leader import parse_weight
 from dim.store import Store, parse_owner
 
 
@@ -122,7 +123,7 @@ def read_status(store: Store) -> ClusterStatus:
                 node_id=node_id,
                 host=info.get("host"),
                 pid=_int(info.get("pid")),
-                weight=_float(info.get("weight"), 1.0),
+                weight=parse_weight(info.get("weight")),  # the weight the leader uses
                 started=_float(info.get("started"), None),
                 expires_in=(members[node_id] - now_ms) / 1000.0,
                 library_version=info.get("version"),
