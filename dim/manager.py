@@ -439,15 +439,6 @@ def _stop_all_at_exit() -> None:
             log.exception("stopping %r at exit failed", manager)
 
 
-def _after_fork_in_child() -> None:
-    for manager in list(_live_managers):
-        log.warning(
-            "%r was started before this process forked; it is inert in the child "
-            "(start managers after forking)",
-            manager,
-        )
-
-
 # threading's exit hooks run before concurrent.futures shuts its pools and before the
 # interpreter refuses new threads (3.12+), so a stop there can still disconnect; the
 # plain atexit hook is the fallback (it finds nothing left to do when the first ran)
@@ -455,7 +446,5 @@ _register_early = getattr(threading, "_register_atexit", None)
 if _register_early is not None:
     _register_early(_stop_all_at_exit)
 atexit.register(_stop_all_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = ["Event", "Manager"]
