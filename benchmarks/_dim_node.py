@@ -83,6 +83,7 @@ def install_trace(ledger: LedgerFile) -> None:
         "resign",
         "claims",
         "failures",
+        "leader_read",
     ):
         wrap(store.Store, name)
     wrap(listener.Listener, "handle")

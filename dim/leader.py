@@ -24,7 +24,7 @@ from dim.configs import Config, KeyFunc, decode, normalize
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Loop
-from dim.store import parse_owner
+from dim.store import View, parse_owner
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -61,6 +61,9 @@ class LeaderLoop(Loop):
         self._refresh = True
         self._epoch = 0
         self._good: Optional[dict[str, Config]] = None  # last good get_config result
+        # the membership as the leader's own heartbeat last returned it: (clock, view)
+        self._view: Optional[tuple[float, View]] = None
+        self._read = True  # read the membership now instead of using the heartbeat's view
         self._reset()
 
     def _reset(self) -> None:
@@ -74,6 +77,22 @@ class LeaderLoop(Loop):
         self._value = ""  # the leader value this state belongs to
         self._compared: Optional[dict[str, Config]] = None  # configs known to be written
 
+    def wake(self) -> None:
+        """Look now, at a freshly read membership (a hint said it changed)."""
+        self._read = True
+        super().wake()
+
+    def observe(self, view: View, sent_at: float) -> None:
+        """The leader's heartbeat brought the membership back: plan with it.
+
+        This is what keeps an idle leader at one round trip per heartbeat: it reads the
+        membership itself only when a hint, an election or a missed heartbeat calls for it.
+        """
+        current = self._view
+        if current is None or view.now_ms >= current[1].now_ms:
+            self._view = (sent_at, view)
+        super().wake()
+
     def mark_dirty(self) -> None:
         """Re-plan at the next tick even if membership and configs look unchanged.
 
@@ -86,7 +105,7 @@ class LeaderLoop(Loop):
     def request_refresh(self) -> None:
         """Call get_config at the next tick (config_interval job, refresh(), hint)."""
         self._refresh = True
-        self.wake()
+        super().wake()  # the heartbeat's view of the membership will do
 
     def _poll(self) -> None:
         self._dirty = True  # a periodic full re-plan catches any hint that was lost
@@ -105,7 +124,10 @@ class LeaderLoop(Loop):
         with self._lock:
             self._lead(exclude=None)
         self.alive_at = node.clock()
-        delay = min(interval, max(self._scheduler.idle_seconds or interval, 0.0))
+        # the leader's heartbeat wakes it every interval with a fresh view; this is a
+        # fallback for when heartbeats fail
+        fallback = 2 * interval
+        delay = min(fallback, max(self._scheduler.idle_seconds or fallback, 0.0))
         if self._grace_until:
             delay = min(delay, max(self._grace_until - node.clock(), 0.0))
         return delay
@@ -151,15 +173,17 @@ class LeaderLoop(Loop):
                 config = decode(ckey, text)
                 if config is not None:
                     configs[ckey] = config
-        now_ms, members = store.members()
-        live_ids = sorted(n for n, expiry in members.items() if expiry > now_ms)
-        dead = sorted(n for n, expiry in members.items() if expiry <= now_ms)
+        view = self._current_view()
+        live_ids = view.live()
+        dead = view.dead()
         if exclude is not None and exclude in live_ids:
             live_ids.remove(exclude)
         unknown = [n for n in live_ids if n not in self._weights]
         for node_id, info in store.node_infos(unknown).items():
             self._weights[node_id] = parse_weight(info.get("weight"))
         live = {n: self._weights.get(n, 1.0) for n in live_ids}
+        if len(self._weights) > 2 * len(view.members) + 16:  # forget nodes long gone
+            self._weights = {n: w for n, w in self._weights.items() if n in view.members}
         if self._grace_until:
             if node.clock() >= self._grace_until:
                 self._grace_until = 0.0
@@ -171,7 +195,29 @@ class LeaderLoop(Loop):
         if not (self._dirty or changed_members or fresh_configs):
             self._compared = configs
             return
-        self._rebalance(configs, live, dead, now_ms, exclude, force=changed_members)
+        self._rebalance(configs, live, dead, view, exclude, force=changed_members)
+
+    def _current_view(self) -> View:
+        """The heartbeat's view if it is recent and nothing asked for a fresh read."""
+        node = self.node
+        read, self._read = self._read, False
+        snapshot = self._view
+        if (
+            not read
+            and snapshot is not None
+            and node.clock() - snapshot[0] < 1.5 * node.settings.heartbeat_interval
+        ):
+            return snapshot[1]
+        try:
+            view = node.store.leader_read()
+        except BaseException:
+            self._read = True
+            raise
+        for node_id, weight in (view.weights or {}).items():
+            self._weights[node_id] = parse_weight(weight)
+        if snapshot is None or view.now_ms >= snapshot[1].now_ms:
+            self._view = (node.clock(), view)
+        return view
 
     def _configs_differ(self, configs: dict[str, Config]) -> bool:
         if len(configs) != len(self._written):
@@ -208,13 +254,14 @@ class LeaderLoop(Loop):
         configs: dict[str, Config],
         live: dict[str, float],
         dead: list[str],
-        now_ms: int,
+        view: View,
         exclude: Optional[str],
         force: bool,
     ) -> None:
         node = self.node
         store = node.store
-        failures = store.failures()
+        now_ms = view.now_ms
+        failures = view.failures
         excluded: dict[str, set[str]] = {}
         expired = []
         for field, until in failures.items():
@@ -268,7 +315,11 @@ class LeaderLoop(Loop):
             self._dirty = False
             self._compared = configs
             return  # nothing to say: no version bump, no hint
-        version = store.leader_write(self._value, change, self._epoch, node.node_id)
+        targets = set(change["add"]) | set(change["rem"])
+        targets.update(new[c] for c in change["configs"] if c in new)
+        version = store.leader_write(
+            self._value, change, self._epoch, node.node_id, sorted(targets)
+        )
         if version < 0:
             log.warning(
                 "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch

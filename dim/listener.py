@@ -82,12 +82,14 @@ class Listener(Loop):
             node.leader.mark_dirty()
         if kind is Kind.REFRESH and node.is_leader:
             node.leader.request_refresh()
-        if kind in (Kind.RELEASED, Kind.LEFT, Kind.FAILED):
-            node.reconciler.wake()
+        if kind is Kind.RELEASED:
+            node.reconciler.released(message.ckeys)
+        if kind in (Kind.LEFT, Kind.FAILED):
+            node.reconciler.released(())
         if kind is Kind.ASSIGNED:
             stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader
             if not stale and (message.version is None or str(message.version) != node.version):
-                node.reconciler.wake(read=True)
+                node.reconciler.assigned(message.version, message.targets)
         if kind is Kind.LEADER_LEFT:
             node.heartbeat.wake()
         return message

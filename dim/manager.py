@@ -201,11 +201,8 @@ class Manager:
             self._dispatcher.start(f"dim-events-{node.node_id}")
             for loop in node.loops():
                 loop.start()
+            # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
-            try:
-                store.publish(Message(Kind.JOINED, node.node_id))
-            except redis.RedisError as exc:  # a hint only: the leader sees us at its next tick
-                log.warning("could not announce node %s: %r", node.node_id, exc)
             log.info("node %s joined service %r", node.node_id, self.service)
             return self
 

@@ -7,12 +7,17 @@ JSON, unknown kind, wrong types) is rejected with :class:`~dim.errors.MessageErr
 dropped by the listener.
 
 Wire format: a JSON object ``{"k": kind, "n": node id, "v": version, "e": epoch,
-"c": config key}``; ``v``, ``e`` and ``c`` are optional.
+"c": [config keys], "t": [node ids]}``; all but ``k`` and ``n`` are optional. An
+``assigned`` hint names the nodes whose share changed when they fit (``t``), so the
+others need not read theirs again. A ``released`` hint names the
+claims it freed when they fit in one message, so only the nodes waiting for one of them
+wake; without ``c`` every waiting node retries.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from enum import Enum
 from typing import Optional, Union
 
@@ -43,16 +48,27 @@ class Message:
     node: str
     version: Optional[int] = None
     epoch: Optional[int] = None
-    ckey: Optional[str] = None
+    ckeys: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+
+    @classmethod
+    def released(cls, node: str, ckeys: Iterable[str]) -> Message:
+        """A ``released`` hint naming these claims, or none if they do not all fit."""
+        names = tuple(ckeys)
+        if sum(len(c) + 3 for c in names) > MAX_MESSAGE_BYTES - 300:
+            names = ()  # too many to name: every node waiting for a claim retries
+        return cls(Kind.RELEASED, node, ckeys=names)
 
     def encode(self) -> bytes:
-        body: dict[str, Union[str, int]] = {"k": self.kind.value, "n": self.node}
+        body: dict[str, Union[str, int, list[str]]] = {"k": self.kind.value, "n": self.node}
         if self.version is not None:
             body["v"] = self.version
         if self.epoch is not None:
             body["e"] = self.epoch
-        if self.ckey is not None:
-            body["c"] = self.ckey
+        if self.ckeys:
+            body["c"] = list(self.ckeys)
+        if self.targets:
+            body["t"] = list(self.targets)
         data = json.dumps(body, separators=(",", ":")).encode()
         if len(data) > MAX_MESSAGE_BYTES:
             raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
@@ -66,6 +82,15 @@ def _optional_int(body: dict[str, object], field: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise MessageError(f"message field {field!r} must be a non-negative int, got {value!r}")
     return value
+
+
+def _strings(body: dict[str, object], field: str, what: str) -> tuple[str, ...]:
+    value = body.get(field, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MessageError(f"message {what} must be a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def decode(data: object) -> Message:
@@ -82,7 +107,7 @@ def decode(data: object) -> Message:
         raise MessageError(f"message is not JSON: {data[:80]!r}") from exc
     if not isinstance(body, dict):
         raise MessageError(f"message must be a JSON object, got {data[:80]!r}")
-    unknown = set(body) - {"k", "n", "v", "e", "c"}
+    unknown = set(body) - {"k", "n", "v", "e", "c", "t"}
     if unknown:
         raise MessageError(f"message has unknown fields {sorted(unknown)!r}")
     try:
@@ -92,13 +117,13 @@ def decode(data: object) -> Message:
     node = body.get("n")
     if not isinstance(node, str) or not node or len(node) > 200:
         raise MessageError(f"message node must be a non-empty string, got {node!r}")
-    ckey = body.get("c")
-    if ckey is not None and (not isinstance(ckey, str) or len(ckey) > 512):
-        raise MessageError(f"message config key must be a string, got {ckey!r}")
+    ckeys = _strings(body, "c", "config keys")
+    targets = _strings(body, "t", "target nodes")
     return Message(
         kind=kind,
         node=node,
         version=_optional_int(body, "v"),
         epoch=_optional_int(body, "e"),
-        ckey=ckey,
+        ckeys=ckeys,
+        targets=targets,
     )

@@ -19,6 +19,7 @@ import redis
 
 from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
+from dim.messages import Kind, Message
 from dim.settings import Settings
 from dim.store import Store, parse_owner
 
@@ -136,6 +137,12 @@ class Heartbeat(Loop):
 
     role = "heartbeat"
 
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        # published by the heartbeat script when it (re)adds this node to the membership
+        self._joined = Message(Kind.JOINED, node.node_id)
+        self._now = False
+
     def beat(self) -> None:
         """One heartbeat; raises redis errors to the caller."""
         node = self.node
@@ -148,6 +155,7 @@ class Heartbeat(Loop):
             # renew only while the leader loop itself is alive: a leader stuck in
             # get_config must lose the lease rather than freeze the cluster
             renew_leader = leader_value
+        leads = leader_value is not None and not node.leaving
         with node.reconciler.claims_lock:
             claims = node.reconciler.held_claims()
             sent = node.clock()
@@ -160,6 +168,8 @@ class Heartbeat(Loop):
                 renew_leader=renew_leader,
                 info=node.info(),
                 claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
+                view=leads,
+                joined=self._joined,
             )
         node.last_renew = sent
         if not node.redis_ok:
@@ -185,8 +195,20 @@ class Heartbeat(Loop):
         if result.version != node.version:
             node.version = result.version
             node.reconciler.wake(read=True)
+        if result.view is not None and node.is_leader:
+            node.leader.observe(result.view, sent)
+
+    def wake(self) -> None:
+        """Beat now rather than when the next one is due (a leader just stepped down)."""
+        self._now = True
+        super().wake()
 
     def tick(self) -> float:
+        node = self.node
+        now, self._now = self._now, False
+        due = node.last_renew + node.settings.heartbeat_interval - node.clock()
+        if not now and due > 0.001:
+            return due  # start() or a woken beat just renewed everything
         try:
             self.beat()
         except redis.RedisError as exc:

@@ -39,7 +39,7 @@ from dim.events import Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.store import Placement
-from dim.usercode import block_signals, call_with_timeout
+from dim.usercode import Runners, block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -110,6 +110,9 @@ class Reconciler(Loop):
         self._desired: dict[str, Config] = {}
         self._placements: dict[str, Placement] = {}
         self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
+        self._releasing: dict[str, int] = {}  # disconnected, claim not yet released
+        self._hinted: set[str] = set()  # claims announced as released since the last try
+        self._retry_all_at = 0.0  # when to retry every pending claim, hint or not
         self._read_version: Optional[str] = None
         self._have_read = False
         self._need_read = True
@@ -119,6 +122,8 @@ class Reconciler(Loop):
             thread_name_prefix=f"dim-worker-{node.node_id}",
             initializer=block_signals,
         )
+        # the threads that run create/disconnect calls, each with its timeout
+        self._runners = Runners(f"dim-call-{node.node_id}", keep=node.settings.max_workers)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -196,6 +201,45 @@ class Reconciler(Loop):
         if read:
             self._need_read = True
         super().wake()
+
+    def released(self, ckeys: tuple[str, ...]) -> None:
+        """Another node released claims: retry ours now if we wait for one of them."""
+        with self._lock:
+            waiting = {c for c, s in self._slots.items() if s.state is State.CLAIMING}
+            if not waiting or (ckeys and waiting.isdisjoint(ckeys)):
+                return
+            if ckeys:
+                self._hinted.update(ckeys)
+            else:
+                self._retry_all_at = 0.0  # some claim was freed: retry them all
+        self.wake()
+
+    def assigned(self, version: Optional[int], targets: tuple[str, ...]) -> None:
+        """The leader wrote a new assignment version; ``targets`` are the nodes whose
+        share it changed (empty: not said).
+
+        A node not named skips the read if it had read the version just before and
+        handles nothing outside its share: its share is the same.
+        """
+        node = self.node
+        if version is None or not targets or node.node_id in targets:
+            self.wake(read=True)
+            return
+        with self._lock:
+            same = (
+                not self._need_read
+                and self._read_version is not None
+                and self._read_version == str(version - 1)
+                and node.version in (None, self._read_version, str(version))
+                and self._slots.keys() == self._desired.keys()
+            )
+            if same:
+                self._read_version = str(version)
+                node.version = str(version)
+        if same:
+            self._notify()
+        else:
+            self.wake(read=True)
 
     def _notify(self) -> None:
         with self._changed:
@@ -280,6 +324,7 @@ class Reconciler(Loop):
         interval = node.settings.heartbeat_interval
         if node.fenced or self._closing:
             return interval
+        read = self._need_read
         if self._need_read:
             self._need_read = False
             with self._lock:
@@ -302,16 +347,24 @@ class Reconciler(Loop):
             # what we just read is the truth as of now; the heartbeat moves it on later
             node.version = version
             self._release_orphans(keep=set(desired))
-        to_claim = self._plan()
+        to_claim = self._plan(retry_all=read)
         if to_claim:
             with self.claims_lock:
+                # a claim we are about to release must go first, or the claim script
+                # would hand the old token to the new slot
+                self._flush_releases()
                 tokens = node.store.claim(node.node_id, to_claim, node.settings.node_ttl)
                 self._claimed(tokens)
         self._notify()
         return interval
 
-    def _plan(self) -> list[str]:
-        """Start/stop what the desired set says; return the config keys to claim."""
+    def _plan(self, retry_all: bool) -> list[str]:
+        """Start/stop what the desired set says; return the config keys to claim.
+
+        Pending claims are all retried after a read and once per heartbeat interval;
+        in between, a ``released`` hint retries only the claims it names, so a node
+        waiting for many claims does not ask for all of them on every release.
+        """
         now = self.node.clock()
         with self._lock:
             if self._closing or self.node.fenced:
@@ -338,8 +391,14 @@ class Reconciler(Loop):
             for ckey, config in self._desired.items():
                 if ckey not in self._slots:
                     self._slots[ckey] = Slot(config)
+            hinted, self._hinted = self._hinted, set()
+            everything = retry_all or now >= self._retry_all_at
+            if everything:
+                self._retry_all_at = now + self.node.settings.heartbeat_interval
             return [
-                c for c, s in self._slots.items() if s.state is State.CLAIMING and s.retry_at <= now
+                c
+                for c, s in self._slots.items()
+                if s.state is State.CLAIMING and s.retry_at <= now and (everything or c in hinted)
             ]
 
     def _release_orphans(self, keep: set[str]) -> None:
@@ -415,7 +474,7 @@ class Reconciler(Loop):
 
     def _create_once(self, slot: Slot) -> Any:
         config = slot.config
-        instance = call_with_timeout(
+        instance = self._runners.call(
             self.callbacks.create,
             config.value,
             self.node.settings.create_timeout,
@@ -512,7 +571,7 @@ class Reconciler(Loop):
             node.node_id,
             slot.ckey,
             node.settings.failure_cooldown,
-            Message(Kind.FAILED, node.node_id, ckey=slot.ckey),
+            Message(Kind.FAILED, node.node_id, ckeys=(slot.ckey,)),
         )
         node.leader.mark_dirty()  # when this node leads, it hears no hint of its own
 
@@ -546,26 +605,35 @@ class Reconciler(Loop):
             self._finish(slot, release=(release or recreate) and slot.token is not None)
 
     def _finish(self, slot: Slot, release: bool) -> None:
-        """The slot's instance is gone: release its claim (if asked) and forget it."""
+        """The slot's instance is gone: forget it and release its claim (if asked).
+
+        Releases are group-committed: while one worker's release is in flight (holding
+        claims_lock), the workers finishing meanwhile queue theirs, and the next one
+        through releases the whole queue in one round trip with one hint. Once the slot
+        is gone no heartbeat renews the claim, and a release never runs while a
+        heartbeat is in flight (claims_lock), so a released claim is never taken back.
+        """
         token = slot.token
-        # Forget the slot and release in one claims_lock section: a heartbeat that
-        # snapshotted the claim before the release would otherwise find it missing and
-        # take it back, and a new slot for the same config would reuse the old token.
+        with self._lock:
+            if self._slots.get(slot.ckey) is slot:
+                del self._slots[slot.ckey]
+            if release and token is not None:
+                self._releasing[slot.ckey] = token
+        if release and token is not None:
+            self._flush_releases()
+
+    def _flush_releases(self) -> None:
         with self.claims_lock:
             with self._lock:
-                if self._slots.get(slot.ckey) is slot:
-                    del self._slots[slot.ckey]
-            if release and token is not None:
-                self._release({slot.ckey: token})
+                batch, self._releasing = self._releasing, {}
+            if batch:
+                self._release(batch)
 
     def _release(self, tokens: dict[str, int]) -> None:
         """Delete claims; callers hold claims_lock and have already dropped the slots."""
         node = self.node
-        ckey = next(iter(tokens)) if len(tokens) == 1 else None
         try:
-            node.store.release(
-                node.node_id, tokens, Message(Kind.RELEASED, node.node_id, ckey=ckey)
-            )
+            node.store.release(node.node_id, tokens, Message.released(node.node_id, tokens))
         except redis.RedisError as exc:
             # the claims lapse by TTL since nobody renews them any more
             log.warning(
@@ -580,7 +648,7 @@ class Reconciler(Loop):
         error: Optional[BaseException] = None
         if self.callbacks.disconnect is not None:
             try:
-                call_with_timeout(
+                self._runners.call(
                     self.callbacks.disconnect,
                     instance,
                     node.settings.disconnect_timeout,
@@ -660,6 +728,7 @@ class Reconciler(Loop):
                 self._changed.wait(min(0.05, max(0.0, deadline - node.clock())))
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - node.clock()))
         self._pool.shutdown(wait=False)
+        self._runners.close()
         self._release_orphans(keep=set())
         with self._lock:
             left = list(self._slots.values())

@@ -34,15 +34,20 @@ HEARTBEAT = (
     _PRELUDE
     + """
 -- KEYS[1] nodes zset, KEYS[2] this node's info hash, KEYS[3] leader, KEYS[4] fence,
--- KEYS[5] version, KEYS[6] left zset (tombstones), KEYS[7..] claim keys this node holds
+-- KEYS[5] version, KEYS[6] left zset (tombstones), KEYS[7] failures hash,
+-- KEYS[8..] claim keys this node holds
 -- ARGV[1] node id, ARGV[2] node ttl ms, ARGV[3] leader ttl ms,
 -- ARGV[4] 'member' (renew membership) or 'leaving' (renew claims only),
 -- ARGV[5] '1' if this node may take leadership when nobody holds it,
 -- ARGV[6] the leader value this node holds and wants renewed, or '',
--- ARGV[7] n = number of info field/value pairs, ARGV[8 .. 7+2n] the pairs,
--- ARGV[8+2n ..] the claim values ('<node>:<token>') matching KEYS[7..]
+-- ARGV[7] '1' to get the membership and failures back (the leader's view, so an idle
+--   leader needs no other round trip), ARGV[8] channel, ARGV[9] hint published when
+--   this node (re)joins the membership, or '',
+-- ARGV[10] n = number of info field/value pairs, ARGV[11 .. 10+2n] the pairs,
+-- ARGV[11+2n ..] the claim values ('<node>:<token>') matching KEYS[8..]
 -- returns {now ms, version or nil, leader value or nil, acquired 0/1,
---          fence was missing 0/1, {claim status per claim key}, gone 0/1}
+--          fence was missing 0/1, {claim status per claim key}, gone 0/1,
+--          {member, expiry ms, ...} or {}, {failure field, until ms, ...} or {}}
 --   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else,
 --   3 missing and not taken back (the node's membership was intact, so the claim was
 --   released, not lost)
@@ -51,10 +56,10 @@ HEARTBEAT = (
 local now = now_ms()
 local node = ARGV[1]
 local node_ttl = tonumber(ARGV[2])
-local ninfo = tonumber(ARGV[7])
+local ninfo = tonumber(ARGV[10])
 local tomb = redis.call('ZSCORE', KEYS[6], node)
 if tomb and tonumber(tomb) > now then
-  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1}
+  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}}
 end
 -- Redis lost its data, or this node's membership lapsed (a frozen process): only then
 -- may a missing claim be taken back. With the membership intact a missing claim was
@@ -66,17 +71,18 @@ local fence_missing = 0
 if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
 if ARGV[4] == 'member' then
   redis.call('ZADD', KEYS[1], now + node_ttl, node)
+  if lapsed and ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
   if ninfo > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
-    for i = 8, 7 + 2 * ninfo, 2 do
+    for i = 11, 10 + 2 * ninfo, 2 do
       redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     end
   end
   redis.call('PEXPIRE', KEYS[2], node_ttl)
 end
 local statuses = {}
-local first = 8 + 2 * ninfo
-for i = 7, #KEYS do
-  local want = ARGV[first + i - 7]
+local first = 11 + 2 * ninfo
+for i = 8, #KEYS do
+  local want = ARGV[first + i - 8]
   local cur = redis.call('GET', KEYS[i])
   if cur == want then
     redis.call('PEXPIRE', KEYS[i], node_ttl)
@@ -108,7 +114,13 @@ elseif ARGV[5] == '1' and ARGV[4] == 'member' then
   redis.call('SET', KEYS[3], leader, 'PX', tonumber(ARGV[3]))
   acquired = 1
 end
-return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses, 0}
+local members, failures = {}, {}
+if ARGV[7] == '1' then
+  members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  failures = redis.call('HGETALL', KEYS[7])
+end
+return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses, 0,
+        members, failures}
 """
 )
 
@@ -145,6 +157,27 @@ for i = 3, #KEYS do
   end
 end
 return out
+"""
+)
+
+LEADER_READ = (
+    _PRELUDE
+    + """
+-- KEYS[1] nodes zset, KEYS[2] failures hash
+-- ARGV[1] key prefix (for node info hashes)
+-- returns {now ms, {member, expiry ms, ...}, {failure field, until ms, ...},
+--          {member, weight or nil, ...} for the live members}
+-- The leader's view in one round trip when a hint says the membership changed.
+local now = now_ms()
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local weights = {}
+for i = 1, #members, 2 do
+  if tonumber(members[i + 1]) > now then
+    weights[#weights + 1] = members[i]
+    weights[#weights + 1] = redis.call('HGET', ARGV[1] .. 'node:' .. members[i], 'weight')
+  end
+end
+return {now, members, redis.call('HGETALL', KEYS[2]), weights}
 """
 )
 

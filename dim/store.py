@@ -45,6 +45,23 @@ class Beat:
     claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node,
     # 3 missing and not taken back
     gone: bool  # this node has left (a tombstone exists): nothing was renewed
+    view: Optional[View] = None  # the membership, when asked for (the leader)
+
+
+@attrs.frozen
+class View:
+    """The leader's view of the membership, read in one round trip."""
+
+    now_ms: int  # server time of the read
+    members: dict[str, int]  # node id -> expiry ms, live or expired
+    failures: dict[str, int]  # '<node> <ckey>' -> until ms
+    weights: Optional[dict[str, Optional[str]]] = None  # live node -> weight field, if read
+
+    def live(self) -> list[str]:
+        return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
+
+    def dead(self) -> list[str]:
+        return sorted(n for n, expiry in self.members.items() if expiry <= self.now_ms)
 
 
 @attrs.frozen
@@ -73,6 +90,7 @@ class Store:
         self.keys = Keys(service)
         register = client.register_script
         self._heartbeat = register(scripts.HEARTBEAT)
+        self._leader_read = register(scripts.LEADER_READ)
         self._claim = register(scripts.CLAIM)
         self._release = register(scripts.RELEASE)
         self._leader_write = register(scripts.LEADER_WRITE)
@@ -97,15 +115,21 @@ class Store:
         renew_leader: str,
         info: dict[str, str],
         claims: dict[str, str],
+        view: bool = False,
+        joined: Optional[Message] = None,
     ) -> Beat:
-        """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT)."""
+        """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT).
+
+        With ``view`` the reply carries the membership and failures (for the leader);
+        ``joined`` is published if this beat (re)adds the node to the membership.
+        """
         k = self.keys
         ckeys = list(claims)
         pairs: list[str] = []
         for field, value in info.items():
             pairs += [field, value]
         reply = self._heartbeat(
-            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version, k.left]
+            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version, k.left, k.failures]
             + [k.claim(c) for c in ckeys],
             args=[
                 node_id,
@@ -114,21 +138,51 @@ class Store:
                 "leaving" if leaving else "member",
                 "1" if may_lead else "0",
                 renew_leader,
+                "1" if view else "0",
+                k.events,
+                joined.encode() if joined is not None else "",
                 len(info),
                 *pairs,
                 *(claims[c] for c in ckeys),
             ],
         )
         statuses = reply[5] or []
+        now_ms = int(reply[0])
         return Beat(
-            now_ms=int(reply[0]),
+            now_ms=now_ms,
             version=text(reply[1]),
             leader=text(reply[2]),
             acquired=bool(reply[3]),
             fence_was_missing=bool(reply[4]),
             claims={c: int(s) for c, s in zip(ckeys, statuses)},
             gone=bool(reply[6]),
+            view=(
+                View(now_ms, self._members(reply[7]), self._failures(reply[8]))
+                if view and not reply[6]
+                else None
+            ),
         )
+
+    def _members(self, flat: Any) -> dict[str, int]:
+        out: dict[str, int] = {}
+        flat = flat or []
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                out[str(text(flat[i]))] = int(float(text(flat[i + 1]) or ""))
+            except (TypeError, ValueError):
+                log.warning("ignoring malformed member entry %r in %s", flat[i], self.keys.nodes)
+        return out
+
+    @staticmethod
+    def _failures(flat: Any) -> dict[str, int]:
+        out: dict[str, int] = {}
+        flat = flat or []
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                out[str(text(flat[i]))] = int(text(flat[i + 1]) or "")
+            except ValueError:
+                out[str(text(flat[i]))] = 0  # malformed: treated as expired, then dropped
+        return out
 
     def claim(self, node_id: str, ckeys: list[str], ttl: float) -> dict[str, int]:
         """Try to take claims; ckey -> token held now, or 0 if another node holds it."""
@@ -216,6 +270,20 @@ class Store:
 
     # -- the leader -------------------------------------------------------------------
 
+    def leader_read(self) -> View:
+        """Membership, failures and the live nodes' weights, in one round trip."""
+        k = self.keys
+        now, members, failures, weights = self._leader_read(
+            keys=[k.nodes, k.failures], args=[k.prefix]
+        )
+        weights = weights or []
+        return View(
+            int(now),
+            self._members(members),
+            self._failures(failures),
+            {str(text(weights[i])): text(weights[i + 1]) for i in range(0, len(weights) - 1, 2)},
+        )
+
     def members(self) -> tuple[int, dict[str, int]]:
         """(server now ms, {node id: expiry ms}) for every member, live or expired."""
         # plain reads (no script), so a read-only user can run `dim status`
@@ -265,20 +333,26 @@ class Store:
 
     def failures(self) -> dict[str, int]:
         raw = self.client.hgetall(self.keys.failures)
-        out = {}
-        for field, value in raw.items():
-            try:
-                out[str(text(field))] = int(text(value) or "")
-            except ValueError:
-                out[str(text(field))] = 0  # malformed: treated as expired, then dropped
-        return out
+        return self._failures([x for pair in raw.items() for x in pair])
 
     def leader_write(
-        self, leader_value: str, change: dict[str, Any], epoch: int, node_id: str
+        self,
+        leader_value: str,
+        change: dict[str, Any],
+        epoch: int,
+        node_id: str,
+        targets: Optional[list[str]] = None,
     ) -> int:
-        """Apply a change set if ``leader_value`` still leads; new version or -1."""
+        """Apply a change set if ``leader_value`` still leads; new version or -1.
+
+        ``targets`` (the nodes whose share changes) go into the hint if they fit.
+        """
         k = self.keys
         hint = f'{{"k":"assigned","n":{json.dumps(node_id)},"e":{epoch}'
+        if targets:
+            named = json.dumps(targets, separators=(",", ":"))
+            if len(named) + len(hint) < 900:
+                hint += f',"t":{named}'
         return int(
             self._leader_write(
                 keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures],

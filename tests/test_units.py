@@ -12,7 +12,8 @@ from dim.configs import decode as decode_config
 from dim.configs import normalize
 from dim.keys import check_service
 from dim.messages import MAX_MESSAGE_BYTES, Kind, Message, decode
-from dim.usercode import call_with_timeout
+from dim.testing import wait_until
+from dim.usercode import Runners, call_with_timeout
 
 
 def test_settings_defaults_match_the_design() -> None:
@@ -121,9 +122,19 @@ def test_service_names_are_checked() -> None:
 
 def test_messages_round_trip() -> None:
     """A message decodes to what was encoded."""
-    message = Message(Kind.ASSIGNED, "n1", version=4, epoch=9, ckey="c")
+    message = Message(Kind.ASSIGNED, "n1", version=4, epoch=9, ckeys=("c",))
     assert decode(message.encode()) == message
     assert decode(Message(Kind.LEFT, "n2").encode()) == Message(Kind.LEFT, "n2")
+    assert decode(b'{"k":"failed","n":"n3","c":"7"}').ckeys == ("7",)  # a single key
+
+
+def test_released_hint_names_claims_only_when_they_fit() -> None:
+    """A release hint names its claims, or none (everyone retries) when they do not fit."""
+    few = Message.released("n1", ["1", "2", "3"])
+    assert decode(few.encode()).ckeys == ("1", "2", "3")
+    many = Message.released("n1", [str(i) for i in range(1000)])
+    assert many.ckeys == ()
+    assert decode(many.encode()).kind is Kind.RELEASED
 
 
 @pytest.mark.parametrize(
@@ -171,3 +182,24 @@ def test_call_with_timeout_returns_raises_and_abandons() -> None:
         call_with_timeout(slow, 42, 0.05, "t", on_late=on_late)
     release.set()
     assert got_late.wait(5) and late == [42]
+
+
+def test_runners_reuse_threads_abandon_hung_ones_and_close() -> None:
+    """Consecutive calls run on one kept thread; a call that times out keeps its thread
+    (abandoned, never reused); close() lets the idle threads exit."""
+    runners = Runners("dim-test-runner", keep=2)
+    idents = {runners.call(lambda _: threading.get_ident(), None, 1.0, "t") for _ in range(5)}
+    assert len(idents) == 1
+    release = threading.Event()
+    with pytest.raises(CallTimeout):
+        runners.call(lambda _: (release.wait(5), threading.get_ident())[1], None, 0.05, "t")
+    # the hung call holds the kept thread, so the next call gets another one
+    other = runners.call(lambda _: threading.get_ident(), None, 1.0, "t")
+    assert other not in idents
+    release.set()
+    runners.close()
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "dim-test-runner"],
+        5,
+        message="runner threads did not exit after close()",
+    )
