@@ -20,6 +20,7 @@ import queue
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,9 +35,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from dim import redis_errors
+from dim.configs import decode as decode_config
 from dim.errors import ConfigError, DimError
 from dim.keys import check_service
 from dim.manager import Manager, safe_url
+from dim.messages import Kind, Message
 from dim.settings import Settings
 from dim.status import ClusterStatus, age, read_status
 from dim.store import Store
@@ -143,7 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"dim {__version__}")
     # The metavar hides the internal demo-node command from the usage line.
-    commands = parser.add_subparsers(dest="command", metavar="{status,demo}", required=True)
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="{status,watch,config,rebalance,pause,resume,drain,demo}",
+        required=True,
+    )
+
+    def target(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--redis",
+            type=_redis_url,
+            default=default_url,
+            metavar="URL",
+            help=f"Redis URL (default: ${REDIS_URL_ENV} or {DEFAULT_REDIS_URL})",
+        )
+        sub.add_argument(
+            "--service",
+            type=_service_name,
+            default=default_service,
+            help=f"service name (required unless ${SERVICE_ENV} is set)",
+        )
 
     status = commands.add_parser(
         "status",
@@ -151,21 +174,81 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the nodes, leader, assignment and pending handoffs of one "
         "service. Only reads from Redis.",
     )
-    status.add_argument(
-        "--redis",
-        type=_redis_url,
-        default=default_url,
-        metavar="URL",
-        help=f"Redis URL (default: ${REDIS_URL_ENV} or {DEFAULT_REDIS_URL})",
-    )
-    status.add_argument(
-        "--service",
-        type=_service_name,
-        default=default_service,
-        help=f"service name (required unless ${SERVICE_ENV} is set)",
-    )
+    target(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=_cmd_status, parser=status)
+
+    watch = commands.add_parser(
+        "watch",
+        help="the status table, refreshed live, with every move as it happens (read-only)",
+        description="Print the status table every --interval seconds (redrawn in place on "
+        "a terminal) followed by the moves seen so far: a config starting, stopping or "
+        "changing node. When the output is not a terminal, the table is printed once and "
+        "then one line per move. Ctrl-C ends it.",
+    )
+    target(watch)
+    watch.add_argument(
+        "--interval", type=_seconds, default=1.0, help="seconds between reads (default 1)"
+    )
+    watch.add_argument(
+        "--count", type=_int_between(1, 10**9), default=None, help="stop after this many reads"
+    )
+    watch.set_defaults(func=_cmd_watch, parser=watch)
+
+    config = commands.add_parser(
+        "config",
+        help="show the configs the leader published, and where each is assigned (read-only)",
+        description="Show every config as the leader last published it (its id, the node "
+        "it is assigned to, the node holding its claim and its content).",
+    )
+    target(config)
+    config.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config.set_defaults(func=_cmd_config, parser=config)
+
+    rebalance = commands.add_parser(
+        "rebalance",
+        help="ask the leader to call get_config and re-plan now",
+        description="Ask the leader to call get_config and re-plan now instead of at its "
+        "next config poll. The assignment is sticky: only what is unbalanced or changed "
+        "moves.",
+    )
+    target(rebalance)
+    rebalance.set_defaults(func=_cmd_rebalance, parser=rebalance)
+
+    pause = commands.add_parser(
+        "pause",
+        help="stop all rebalancing until 'dim resume' (instances keep running and healing)",
+        description="Pause rebalancing: the leader changes no assignment until 'dim "
+        "resume'. Instances keep running where they are and unhealthy ones are still "
+        "recreated in place, but the configs of a node that stops or dies wait, and new "
+        "configs are not placed.",
+    )
+    target(pause)
+    pause.set_defaults(func=_cmd_pause, parser=pause, on=True)
+    resume = commands.add_parser(
+        "resume", help="end a 'dim pause'", description="Resume rebalancing after dim pause."
+    )
+    target(resume)
+    resume.set_defaults(func=_cmd_pause, parser=resume, on=False)
+
+    drain = commands.add_parser(
+        "drain",
+        help="move every config off one node (before a deploy), or --undo",
+        description="Move every config off NODE, which stays a member with nothing to run "
+        "until it stops (or until --undo). NODE is a node id from 'dim status', or a "
+        "unique prefix of one. With --wait, return once the node runs nothing.",
+    )
+    target(drain)
+    drain.add_argument("node", metavar="NODE", help="node id, or a unique prefix of one")
+    drain.add_argument("--undo", action="store_true", help="stop draining the node")
+    drain.add_argument(
+        "--wait",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wait until the node runs nothing (exit 1 if it still does after SECONDS)",
+    )
+    drain.set_defaults(func=_cmd_drain, parser=drain)
 
     demo = commands.add_parser(
         "demo",
@@ -250,24 +333,13 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
 
 def describe_redis_error(exc: redis.RedisError, url: str) -> str:
     """One line for the user saying what went wrong with Redis at ``url``."""
-    where = safe_url(url)
-    detail = " ".join(str(exc).split()) or type(exc).__name__
-    # AuthenticationError is a ConnectionError: test it first.
-    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in detail or "WRONGPASS" in detail:
-        if urlsplit(url).password is None:
-            return (
-                f"Redis at {where} requires a password; give it in the URL: "
-                "redis://[user]:PASSWORD@host:port/0"
-            )
-        return (
-            f"Redis at {where} refused the login ({detail}); give the password in the URL: "
-            "redis://[user]:PASSWORD@host:port/0"
-        )
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"cannot reach Redis at {where}: {detail}"
-    if isinstance(exc, redis.ResponseError):
-        return f"Redis at {where} refused a command: {detail}"
-    return f"Redis error at {where}: {detail}"
+    return redis_errors.explain(
+        exc,
+        safe_url(url),
+        has_password=urlsplit(url).password is not None,
+        acl_hint="the read-only ACL in dim's docs (Connecting) covers status, watch and "
+        "config; pause, resume, drain and rebalance need the operator ACL",
+    )
 
 
 def fetch_status(client: redis.Redis, service: str, url: str) -> ClusterStatus:
@@ -312,6 +384,8 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
         leader += f" (epoch {status.epoch})"
     version = "none" if status.version is None else str(status.version)
     lines = [f"service {status.service}   leader {leader}   assignment version {version}"]
+    if status.paused:
+        lines.append("REBALANCING PAUSED (dim resume ends it)")
     if not status.nodes:
         lines.append("no live nodes")
     else:
@@ -329,7 +403,7 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
                 _duration(age(node.started)),
                 _duration(node.expires_in),
                 str(node.assigned),
-                str(node.running),
+                str(node.running) + (" (draining)" if node.draining else ""),
             ]
             if labels is not None:
                 row.insert(1, labels.get(node.pid, "?") if node.pid is not None else "?")
@@ -373,6 +447,206 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(format_status(status), flush=True)
     return 0
+
+
+# -- dim watch, config, rebalance, pause, resume, drain ----------------------------------------
+
+
+def _service(args: argparse.Namespace) -> str:
+    if args.service is None:
+        raise UsageError(f"--service is required (or set ${SERVICE_ENV})")
+    service: str = args.service
+    return service
+
+
+def moves_between(before: ClusterStatus, after: ClusterStatus) -> list[str]:
+    """One line per config whose holder changed between two reads."""
+    lines = []
+    for config_id in sorted(set(before.configs) | set(after.configs), key=str):
+        old = before.configs.get(config_id)
+        new = after.configs.get(config_id)
+        was = old.claimed_by if old else None
+        now = new.claimed_by if new else None
+        if was == now:
+            continue
+        if was is None:
+            lines.append(f"config {config_id}: started on {now}")
+        elif now is None:
+            lines.append(f"config {config_id}: stopped on {was}")
+        else:
+            lines.append(f"config {config_id}: moved {was} -> {now}")
+    return lines
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    service = _service(args)
+    tty = sys.stdout.isatty()
+    client = connect(args.redis)
+    log_lines: list[str] = []
+    previous: Optional[ClusterStatus] = None
+    reads = 0
+    stop = threading.Event()
+    try:
+        with _signals_set(stop, signal.SIGTERM, signal.SIGINT):
+            while not _stopped(args, reads, stop):
+                status = fetch_status(client, service, args.redis)
+                reads += 1
+                stamp = time.strftime("%H:%M:%S")
+                changes = moves_between(previous, status) if previous is not None else []
+                previous = status
+                if tty:
+                    log_lines = (log_lines + [f"{stamp}  {line}" for line in changes])[-15:]
+                    moves = "\n".join(log_lines) or "-"
+                    print(f"\x1b[H\x1b[2J{format_status(status)}\n\nmoves:\n{moves}", flush=True)
+                elif reads == 1:
+                    print(format_status(status), flush=True)
+                else:
+                    for line in changes:
+                        print(f"{stamp}  {line}", flush=True)
+    finally:
+        client.close()
+    return 0
+
+
+def _stopped(args: argparse.Namespace, reads: int, stop: threading.Event) -> bool:
+    """Has `dim watch` read enough (--count) or been stopped, after waiting its interval?"""
+    if args.count is not None and reads >= args.count:
+        return True
+    return reads > 0 and stop.wait(args.interval)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    service = _service(args)
+    client = connect(args.redis)
+    try:
+        status = fetch_status(client, service, args.redis)
+        try:
+            stored = Store(client, service).configs()
+        except redis.RedisError as exc:
+            raise CommandError(describe_redis_error(exc, args.redis)) from None
+    finally:
+        client.close()
+    rows = []
+    for ckey in sorted(stored, key=lambda c: (len(c), c)):
+        config = decode_config(ckey, stored[ckey])
+        if config is None:
+            continue
+        where = status.configs.get(config.id)
+        rows.append(
+            {
+                "id": config.id,
+                "assigned_to": where.assigned_to if where else None,
+                "claimed_by": where.claimed_by if where else None,
+                "config": config.value,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2), flush=True)
+        return 0
+    print(
+        f"service {service}: {len(rows)} configs (as published by the leader, "
+        f"assignment version {status.version if status.version is not None else 'none'})"
+    )
+    if rows:
+        table = [["ID", "ASSIGNED TO", "HELD BY", "CONFIG"]]
+        for row in rows:
+            content = json.dumps(row["config"], default=str, sort_keys=True)
+            if len(content) > 60:
+                content = content[:57] + "..."
+            table.append(
+                [str(row["id"]), row["assigned_to"] or "-", row["claimed_by"] or "-", content]
+            )
+        print("\n".join(_columns(table)), flush=True)
+    return 0
+
+
+def _hint() -> Message:
+    return Message(Kind.CONTROL, f"cli-{socket.gethostname()}-{os.getpid()}")
+
+
+def _cmd_rebalance(args: argparse.Namespace) -> int:
+    service = _service(args)
+    client = connect(args.redis)
+    try:
+        status = fetch_status(client, service, args.redis)
+        if status.leader is None:
+            raise CommandError(f"service {service!r} has no leader (no live node?)")
+        try:
+            Store(client, service).publish(_hint())
+        except redis.RedisError as exc:
+            raise CommandError(describe_redis_error(exc, args.redis)) from None
+    finally:
+        client.close()
+    paused = " (rebalancing is paused: nothing moves until 'dim resume')" if status.paused else ""
+    print(f"asked the leader {status.leader} to re-plan now{paused}", flush=True)
+    return 0
+
+
+def _cmd_pause(args: argparse.Namespace) -> int:
+    service = _service(args)
+    client = connect(args.redis)
+    try:
+        Store(client, service).set_paused(args.on, _hint())
+    except redis.RedisError as exc:
+        raise CommandError(describe_redis_error(exc, args.redis)) from None
+    finally:
+        client.close()
+    if args.on:
+        print(f"rebalancing of {service} is paused until 'dim resume'", flush=True)
+    else:
+        print(f"rebalancing of {service} resumed", flush=True)
+    return 0
+
+
+def _find_node(status: ClusterStatus, name: str) -> str:
+    ids = [n.node_id for n in status.nodes]
+    if name in ids:
+        return name
+    matches = [n for n in ids if n.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(ids) or "none"
+    if matches:
+        raise UsageError(f"{name!r} matches {len(matches)} nodes: {', '.join(matches)}")
+    raise UsageError(f"no live node {name!r} in service {status.service!r} (nodes: {known})")
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    service = _service(args)
+    client = connect(args.redis)
+    try:
+        status = fetch_status(client, service, args.redis)
+        if args.undo:
+            drained = {f[len("drain ") :] for f in Store(client, service).control()}
+            node_id = args.node if args.node in drained else _find_node(status, args.node)
+        else:
+            node_id = _find_node(status, args.node)
+        try:
+            Store(client, service).set_draining(node_id, not args.undo, _hint())
+        except redis.RedisError as exc:
+            raise CommandError(describe_redis_error(exc, args.redis)) from None
+        if args.undo:
+            print(f"node {node_id} takes configs again", flush=True)
+            return 0
+        print(f"draining node {node_id}", flush=True)
+        if args.wait is None:
+            return 0
+        deadline = time.monotonic() + args.wait
+        pause = threading.Event()  # never set: the poll interval
+        while True:
+            status = fetch_status(client, service, args.redis)
+            node = next((n for n in status.nodes if n.node_id == node_id), None)
+            if node is None or (node.assigned == 0 and node.running == 0):
+                print(f"node {node_id} runs nothing now", flush=True)
+                return 0
+            if time.monotonic() >= deadline:
+                raise CommandError(
+                    f"node {node_id} still runs {node.running} configs after {args.wait:g} s"
+                    + (" (rebalancing is paused)" if status.paused else "")
+                )
+            pause.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+    finally:
+        client.close()
 
 
 # -- dim demo-node --------------------------------------------------------------------------

@@ -90,6 +90,12 @@ class Keys:
         return self.prefix + "left"
 
     @property
+    def control(self) -> str:
+        """HASH of operator controls: ``paused`` -> '1' while rebalancing is paused;
+        ``drain <node id>`` -> when it was asked, for each node being drained."""
+        return self.prefix + "control"
+
+    @property
     def events(self) -> str:
         """Pub/sub channel for hints (never the truth)."""
         return self.prefix + "events"

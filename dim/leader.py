@@ -64,6 +64,8 @@ class LeaderLoop(Loop):
         # the membership as the leader's own heartbeat last returned it: (clock, view)
         self._view: Optional[tuple[float, View]] = None
         self._read = True  # read the membership now instead of using the heartbeat's view
+        self._paused = False  # an operator paused rebalancing (control hash)
+        self._draining: set[str] = set()  # live nodes an operator is draining
         self._reset()
 
     def _reset(self) -> None:
@@ -174,10 +176,23 @@ class LeaderLoop(Loop):
                 if config is not None:
                     configs[ckey] = config
         view = self._current_view()
+        if view.paused != self._paused:
+            self._paused = view.paused
+            self._dirty = True  # resumed: re-plan everything at once
+            log.warning("rebalancing is %s by an operator", "paused" if view.paused else "resumed")
+        if self._paused:
+            return  # hold everything where it is; instances still heal where they run
         live_ids = view.live()
         dead = view.dead()
         if exclude is not None and exclude in live_ids:
             live_ids.remove(exclude)
+        draining = view.draining & set(live_ids)
+        if draining and len(draining) < len(live_ids):
+            live_ids = [n for n in live_ids if n not in draining]
+        elif draining:
+            log.warning("every live node is being drained: ignoring the drain")
+            draining = set()
+        self._draining = draining
         unknown = [n for n in live_ids if n not in self._weights]
         for node_id, info in store.node_infos(unknown).items():
             self._weights[node_id] = parse_weight(info.get("weight"))
@@ -299,17 +314,18 @@ class LeaderLoop(Loop):
             ),
             "drop_failures": expired,
         }
+        # live nodes that get nothing new but still hold a desired set to shrink
+        holding = self._draining | ({exclude} if exclude is not None else set())
         for ckey, target in change["assign"].items():
             change["add"].setdefault(target, []).append(ckey)
             previous = old.get(ckey)
-            if previous is not None and (previous in live or previous == exclude):
+            if previous is not None and (previous in live or previous in holding):
                 change["rem"].setdefault(previous, []).append(ckey)
         for ckey in change["unassign"]:
             previous = old[ckey]
-            if previous in live or previous == exclude:
+            if previous in live or previous in holding:
                 change["rem"].setdefault(previous, []).append(ckey)
-        if exclude is not None:
-            change["drop_nodes"] = [n for n in change["drop_nodes"] if n != exclude]
+        change["drop_nodes"] = [n for n in change["drop_nodes"] if n not in holding]
         if not force and self._wrote and not any(change.values()):
             self._live = live
             self._dirty = False

@@ -82,6 +82,9 @@ class Listener(Loop):
             node.leader.mark_dirty()
         if kind is Kind.REFRESH and node.is_leader:
             node.leader.request_refresh()
+        if kind is Kind.CONTROL and node.is_leader:
+            node.leader.request_refresh()
+            node.leader.mark_dirty()
         if kind is Kind.RELEASED:
             node.reconciler.released(message.ckeys)
         if kind in (Kind.LEFT, Kind.FAILED):

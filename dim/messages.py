@@ -38,6 +38,7 @@ class Kind(str, Enum):
     FAILED = "failed"  # a node gave up a config after repeated create failures
     LEADER_LEFT = "leader_left"  # the leader stepped down: nodes try to take over now
     REFRESH = "refresh"  # someone asked the leader to call get_config now
+    CONTROL = "control"  # an operator paused, resumed, drained or asked for a rebalance
 
 
 @attrs.frozen

@@ -35,19 +35,20 @@ HEARTBEAT = (
     + """
 -- KEYS[1] nodes zset, KEYS[2] this node's info hash, KEYS[3] leader, KEYS[4] fence,
 -- KEYS[5] version, KEYS[6] left zset (tombstones), KEYS[7] failures hash,
--- KEYS[8..] claim keys this node holds
+-- KEYS[8] control hash, KEYS[9..] claim keys this node holds
 -- ARGV[1] node id, ARGV[2] node ttl ms, ARGV[3] leader ttl ms,
 -- ARGV[4] 'member' (renew membership) or 'leaving' (renew claims only),
 -- ARGV[5] '1' if this node may take leadership when nobody holds it,
 -- ARGV[6] the leader value this node holds and wants renewed, or '',
--- ARGV[7] '1' to get the membership and failures back (the leader's view, so an idle
+-- ARGV[7] '1' to get the membership, failures and controls back (the leader's view, so an idle
 --   leader needs no other round trip), ARGV[8] channel, ARGV[9] hint published when
 --   this node (re)joins the membership, or '',
 -- ARGV[10] n = number of info field/value pairs, ARGV[11 .. 10+2n] the pairs,
--- ARGV[11+2n ..] the claim values ('<node>:<token>') matching KEYS[8..]
+-- ARGV[11+2n ..] the claim values ('<node>:<token>') matching KEYS[9..]
 -- returns {now ms, version or nil, leader value or nil, acquired 0/1,
 --          fence was missing 0/1, {claim status per claim key}, gone 0/1,
---          {member, expiry ms, ...} or {}, {failure field, until ms, ...} or {}}
+--          {member, expiry ms, ...} or {}, {failure field, until ms, ...} or {},
+--          {control field, value, ...} or {}}
 --   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else,
 --   3 missing and not taken back (the node's membership was intact, so the claim was
 --   released, not lost)
@@ -59,7 +60,7 @@ local node_ttl = tonumber(ARGV[2])
 local ninfo = tonumber(ARGV[10])
 local tomb = redis.call('ZSCORE', KEYS[6], node)
 if tomb and tonumber(tomb) > now then
-  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}}
+  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}, {}}
 end
 -- Redis lost its data, or this node's membership lapsed (a frozen process): only then
 -- may a missing claim be taken back. With the membership intact a missing claim was
@@ -81,8 +82,8 @@ if ARGV[4] == 'member' then
 end
 local statuses = {}
 local first = 11 + 2 * ninfo
-for i = 8, #KEYS do
-  local want = ARGV[first + i - 8]
+for i = 9, #KEYS do
+  local want = ARGV[first + i - 9]
   local cur = redis.call('GET', KEYS[i])
   if cur == want then
     redis.call('PEXPIRE', KEYS[i], node_ttl)
@@ -114,13 +115,14 @@ elseif ARGV[5] == '1' and ARGV[4] == 'member' then
   redis.call('SET', KEYS[3], leader, 'PX', tonumber(ARGV[3]))
   acquired = 1
 end
-local members, failures = {}, {}
+local members, failures, control = {}, {}, {}
 if ARGV[7] == '1' then
   members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
   failures = redis.call('HGETALL', KEYS[7])
+  control = redis.call('HGETALL', KEYS[8])
 end
 return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses, 0,
-        members, failures}
+        members, failures, control}
 """
 )
 
@@ -163,10 +165,10 @@ return out
 LEADER_READ = (
     _PRELUDE
     + """
--- KEYS[1] nodes zset, KEYS[2] failures hash
+-- KEYS[1] nodes zset, KEYS[2] failures hash, KEYS[3] control hash
 -- ARGV[1] key prefix (for node info hashes)
 -- returns {now ms, {member, expiry ms, ...}, {failure field, until ms, ...},
---          {member, weight or nil, ...} for the live members}
+--          {member, weight or nil, ...} for the live members, {control field, value, ...}}
 -- The leader's view in one round trip when a hint says the membership changed.
 local now = now_ms()
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
@@ -177,7 +179,7 @@ for i = 1, #members, 2 do
     weights[#weights + 1] = redis.call('HGET', ARGV[1] .. 'node:' .. members[i], 'weight')
   end
 end
-return {now, members, redis.call('HGETALL', KEYS[2]), weights}
+return {now, members, redis.call('HGETALL', KEYS[2]), weights, redis.call('HGETALL', KEYS[3])}
 """
 )
 
@@ -202,7 +204,7 @@ LEADER_WRITE = (
     _PRELUDE
     + """
 -- KEYS[1] leader, KEYS[2] assignment, KEYS[3] configs, KEYS[4] version, KEYS[5] nodes,
--- KEYS[6] failures
+-- KEYS[6] failures, KEYS[7] control
 -- ARGV[1] expected leader value '<node>:<epoch>', ARGV[2] key prefix (for desired sets),
 -- ARGV[3] JSON change set:
 --   {"assign": {ckey: node}, "unassign": [ckey], "configs": {ckey: json},
@@ -238,6 +240,7 @@ for _, node in ipairs(change['drop_nodes'] or {}) do
   if (not score) or tonumber(score) <= now then
     redis.call('ZREM', KEYS[5], node)
     redis.call('DEL', prefix .. 'desired:' .. node)
+    redis.call('HDEL', KEYS[7], 'drain ' .. node)
   end
 end
 for _, field in ipairs(change['drop_failures'] or {}) do
@@ -299,7 +302,7 @@ FORGET = (
     _PRELUDE
     + """
 -- KEYS[1] left zset (tombstones), KEYS[2] nodes zset, KEYS[3] node info hash,
--- KEYS[4] the node's desired set
+-- KEYS[4] the node's desired set, KEYS[5] control hash
 -- ARGV[1] node id, ARGV[2] tombstone ttl ms
 -- returns 1; trims expired tombstones, adds this node's, removes every trace of it
 local now = now_ms()
@@ -307,6 +310,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HDEL', KEYS[5], 'drain ' .. ARGV[1])
 return 1
 """
 )

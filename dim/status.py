@@ -9,7 +9,7 @@ import attrs
 
 from dim.configs import decode
 from dim.leader import parse_weight
-from dim.store import Store, parse_owner
+from dim.store import Store, draining, parse_owner, paused
 
 
 @attrs.frozen
@@ -25,6 +25,7 @@ class NodeStatus:
     library_version: Optional[str]
     assigned: int  # configs the leader placed here
     running: int  # claims this node holds
+    draining: bool = False  # an operator is moving everything off it (``dim drain``)
 
 
 @attrs.frozen
@@ -52,6 +53,7 @@ class ClusterStatus:
     :ivar nodes: live members.
     :ivar configs: every config the leader published, by config id.
     :ivar local: this node's instances (state, token, health), when read by a manager.
+    :ivar paused: rebalancing is paused (``dim pause``): nothing moves until ``dim resume``.
     """
 
     service: str
@@ -62,6 +64,7 @@ class ClusterStatus:
     configs: dict[Any, ConfigStatus]
     local: dict[Any, dict[str, Any]] = attrs.field(factory=dict)
     node_id: Optional[str] = None
+    paused: bool = False  # rebalancing paused by an operator (``dim pause``)
 
     @property
     def not_running(self) -> list[Any]:
@@ -81,6 +84,7 @@ class ClusterStatus:
             "leader": self.leader,
             "epoch": self.epoch,
             "version": self.version,
+            "paused": self.paused,
             "nodes": [attrs.asdict(n) for n in self.nodes],
             "configs": [attrs.asdict(c) for c in self.configs.values()],
             "not_running": self.not_running,
@@ -99,6 +103,8 @@ def read_status(store: Store) -> ClusterStatus:
     assignment = store.assignment()
     stored = store.configs()
     holders = store.claims(sorted(stored))
+    control = store.control()
+    drained = draining(control)
     configs: dict[Any, ConfigStatus] = {}
     assigned_count: dict[str, int] = {}
     running_count: dict[str, int] = {}
@@ -129,6 +135,7 @@ def read_status(store: Store) -> ClusterStatus:
                 library_version=info.get("version"),
                 assigned=assigned_count.get(node_id, 0),
                 running=running_count.get(node_id, 0),
+                draining=node_id in drained,
             )
         )
     return ClusterStatus(
@@ -138,6 +145,7 @@ def read_status(store: Store) -> ClusterStatus:
         version=_int(version_text),
         nodes=nodes,
         configs=configs,
+        paused=paused(control),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Optional, Union
 
 import attrs
@@ -56,6 +57,15 @@ class View:
     members: dict[str, int]  # node id -> expiry ms, live or expired
     failures: dict[str, int]  # '<node> <ckey>' -> until ms
     weights: Optional[dict[str, Optional[str]]] = None  # live node -> weight field, if read
+    control: dict[str, str] = attrs.field(factory=dict)  # the operator's controls
+
+    @property
+    def paused(self) -> bool:
+        return paused(self.control)
+
+    @property
+    def draining(self) -> set[str]:
+        return draining(self.control)
 
     def live(self) -> list[str]:
         return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
@@ -70,6 +80,16 @@ class Placement:
 
     node: Optional[str]
     config_json: Optional[str]
+
+
+def paused(control: dict[str, str]) -> bool:
+    """Is rebalancing paused, by the control hash?"""
+    return control.get("paused") == "1"
+
+
+def draining(control: dict[str, str]) -> set[str]:
+    """The nodes being drained, by the control hash."""
+    return {f[len("drain ") :] for f in control if f.startswith("drain ")}
 
 
 def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
@@ -129,7 +149,16 @@ class Store:
         for field, value in info.items():
             pairs += [field, value]
         reply = self._heartbeat(
-            keys=[k.nodes, k.node(node_id), k.leader, k.fence, k.version, k.left, k.failures]
+            keys=[
+                k.nodes,
+                k.node(node_id),
+                k.leader,
+                k.fence,
+                k.version,
+                k.left,
+                k.failures,
+                k.control,
+            ]
             + [k.claim(c) for c in ckeys],
             args=[
                 node_id,
@@ -157,7 +186,12 @@ class Store:
             claims={c: int(s) for c, s in zip(ckeys, statuses)},
             gone=bool(reply[6]),
             view=(
-                View(now_ms, self._members(reply[7]), self._failures(reply[8]))
+                View(
+                    now_ms,
+                    self._members(reply[7]),
+                    self._failures(reply[8]),
+                    control=_pairs(reply[9]),
+                )
                 if view and not reply[6]
                 else None
             ),
@@ -257,7 +291,7 @@ class Store:
         """
         k = self.keys
         self._forget(
-            keys=[k.left, k.nodes, k.node(node_id), k.desired(node_id)],
+            keys=[k.left, k.nodes, k.node(node_id), k.desired(node_id), k.control],
             args=[node_id, ms(tombstone)],
         )
 
@@ -273,8 +307,8 @@ class Store:
     def leader_read(self) -> View:
         """Membership, failures and the live nodes' weights, in one round trip."""
         k = self.keys
-        now, members, failures, weights = self._leader_read(
-            keys=[k.nodes, k.failures], args=[k.prefix]
+        now, members, failures, weights, control = self._leader_read(
+            keys=[k.nodes, k.failures, k.control], args=[k.prefix]
         )
         weights = weights or []
         return View(
@@ -282,7 +316,36 @@ class Store:
             self._members(members),
             self._failures(failures),
             {str(text(weights[i])): text(weights[i + 1]) for i in range(0, len(weights) - 1, 2)},
+            control=_pairs(control),
         )
+
+    # -- the operator (CLI) -----------------------------------------------------------
+
+    def control(self) -> dict[str, str]:
+        return {
+            str(text(f)): str(text(v)) for f, v in self.client.hgetall(self.keys.control).items()
+        }
+
+    def set_paused(self, on: bool, hint: Message) -> None:
+        """Pause or resume rebalancing, and tell the leader."""
+        with self.client.pipeline(transaction=True) as pipe:
+            if on:
+                pipe.hset(self.keys.control, "paused", "1")
+            else:
+                pipe.hdel(self.keys.control, "paused")
+            pipe.publish(self.keys.events, hint.encode())
+            pipe.execute()
+
+    def set_draining(self, node_id: str, on: bool, hint: Message) -> None:
+        """Start or stop draining one node, and tell the leader."""
+        field = f"drain {node_id}"
+        with self.client.pipeline(transaction=True) as pipe:
+            if on:
+                pipe.hset(self.keys.control, field, str(time.time()))
+            else:
+                pipe.hdel(self.keys.control, field)
+            pipe.publish(self.keys.events, hint.encode())
+            pipe.execute()
 
     def members(self) -> tuple[int, dict[str, int]]:
         """(server now ms, {node id: expiry ms}) for every member, live or expired."""
@@ -355,7 +418,7 @@ class Store:
                 hint += f',"t":{named}'
         return int(
             self._leader_write(
-                keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures],
+                keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures, k.control],
                 args=[leader_value, k.prefix, json.dumps(change), k.events, hint],
             )
         )
@@ -367,6 +430,11 @@ class Store:
 
     def version(self) -> Optional[str]:
         return text(self.client.get(self.keys.version))
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    flat = flat or []
+    return {str(text(flat[i])): str(text(flat[i + 1])) for i in range(0, len(flat) - 1, 2)}
 
 
 def redis_from(target: Union[str, redis.Redis], socket_timeout: float) -> redis.Redis:
