@@ -78,6 +78,12 @@ class LeaderLoop(Loop):
         self._wrote = False  # nothing written yet in this epoch
         self._value = ""  # the leader value this state belongs to
         self._compared: Optional[dict[str, Config]] = None  # configs known to be written
+        # paced moves: configs moved from one node to another and not yet arrived
+        self._moving: dict[str, str] = {}
+        self._deferred = False  # some moves wait (pacing or debounce): re-plan each tick
+        self._seen_live: Optional[dict[str, float]] = None  # membership at the last tick
+        self._quiet_since = 0.0  # when the membership last changed
+        self._burst_since: Optional[float] = None  # first change of the current burst
 
     def wake(self) -> None:
         """Look now, at a freshly read membership (a hint said it changed)."""
@@ -132,7 +138,17 @@ class LeaderLoop(Loop):
         delay = min(fallback, max(self._scheduler.idle_seconds or fallback, 0.0))
         if self._grace_until:
             delay = min(delay, max(self._grace_until - node.clock(), 0.0))
+        settle = self._debounce_ends()
+        if settle is not None:
+            delay = min(delay, max(settle - node.clock(), 0.0))
         return delay
+
+    def _debounce_ends(self) -> Optional[float]:
+        """When the current burst of membership changes stops holding moves back."""
+        delay = self.node.settings.rebalance_delay
+        if not delay or self._burst_since is None:
+            return None
+        return min(self._quiet_since + delay, self._burst_since + 10 * delay)
 
     def final_rebalance(self) -> None:
         """On graceful stop: place this node's configs elsewhere before resigning."""
@@ -159,6 +175,12 @@ class LeaderLoop(Loop):
             self._value = value
             self._assignment = store.assignment()
             self._written = store.configs()
+            if node.settings.max_concurrent_moves is not None and self._assignment:
+                # moves a previous leader started and that have not arrived yet
+                holders = store.claims(list(self._assignment))
+                self._moving = {
+                    c: n for c, n in self._assignment.items() if c in holders and holders[c][0] != n
+                }
             if node.fresh_redis:
                 # Redis has no fence counter: it is new or lost its data. Nodes still
                 # running instances take their claims back within a heartbeat; wait one
@@ -204,6 +226,15 @@ class LeaderLoop(Loop):
                 self._grace_until = 0.0
             # until the grace ends, look for claims that nodes take back every tick
             self._dirty = True
+        if live != self._seen_live:
+            now = node.clock()
+            if self._seen_live is not None:
+                self._quiet_since = now
+                if self._burst_since is None:
+                    self._burst_since = now
+            self._seen_live = dict(live)
+        if self._deferred:
+            self._dirty = True  # moves wait for room or for quiet: look again
         changed_members = live != self._live or bool(dead)
         # compare contents only when get_config produced a new result (O(configs))
         fresh_configs = configs is not self._compared and self._configs_differ(configs)
@@ -233,6 +264,69 @@ class LeaderLoop(Loop):
         if snapshot is None or view.now_ms >= snapshot[1].now_ms:
             self._view = (node.clock(), view)
         return view
+
+    def _pace(
+        self,
+        new: dict[str, str],
+        old: dict[str, str],
+        live: dict[str, float],
+        holding: set[str],
+        exclude: Optional[str],
+    ) -> None:
+        """Hold back moves of running instances beyond ``max_concurrent_moves`` or during
+        the ``rebalance_delay`` after a membership change (in place, on ``new``).
+
+        A held-back config stays where it runs; the leader re-plans every tick until
+        nothing waits, and the sticky, deterministic assignment picks the same targets
+        again. Configs that run nowhere, and moves off a leaving leader, never wait.
+        """
+        node = self.node
+        s = node.settings
+        moves = [
+            c
+            for c, target in new.items()
+            if (source := old.get(c)) is not None
+            and source != target
+            and source != exclude
+            and (source in live or source in holding)
+        ]
+        if not moves and not self._moving:
+            self._deferred = False
+            return
+        budget = len(moves)
+        settle = self._debounce_ends()
+        if settle is not None:
+            if node.clock() < settle:
+                budget = 0
+            else:
+                self._burst_since = None  # quiet long enough: this burst is over
+        if s.max_concurrent_moves is not None:
+            self._arrived(new, live)
+            budget = min(budget, max(0, s.max_concurrent_moves - len(self._moving)))
+        moves.sort(key=lambda c: balance._pair_hash(c, new[c]))
+        for ckey in moves[budget:]:
+            new[ckey] = old[ckey]
+        if s.max_concurrent_moves is not None:
+            for ckey in moves[:budget]:
+                self._moving[ckey] = new[ckey]
+        if budget < len(moves) and not self._deferred:
+            log.info(
+                "holding back %d of %d moves (%s)",
+                len(moves) - budget,
+                len(moves),
+                "membership still changing" if budget == 0 and settle else "max_concurrent_moves",
+            )
+        self._deferred = budget < len(moves)
+
+    def _arrived(self, new: dict[str, str], live: dict[str, float]) -> None:
+        """Forget the moves whose target now holds the claim (or that no longer apply)."""
+        if not self._moving:
+            return
+        holders = self.node.store.claims(list(self._moving))
+        for ckey, target in list(self._moving.items()):
+            holder = holders.get(ckey)
+            if new.get(ckey) != target or target not in live or (holder and holder[0] == target):
+                del self._moving[ckey]
 
     def _configs_differ(self, configs: dict[str, Config]) -> bool:
         if len(configs) != len(self._written):
@@ -296,6 +390,8 @@ class LeaderLoop(Loop):
             to_place = [c for c in configs if current.get(c) in live]
         new = balance.assign(live, to_place, current, excluded) if live else {}
         old = self._assignment
+        holding = self._draining | ({exclude} if exclude is not None else set())
+        self._pace(new, old, live, holding, exclude)
         if self._grace_until and not new and not old:
             # nothing claimed yet: publish nothing until the grace ends, so no node
             # believes it is settled while configs are held back
@@ -315,7 +411,6 @@ class LeaderLoop(Loop):
             "drop_failures": expired,
         }
         # live nodes that get nothing new but still hold a desired set to shrink
-        holding = self._draining | ({exclude} if exclude is not None else set())
         for ckey, target in change["assign"].items():
             change["add"].setdefault(target, []).append(ckey)
             previous = old.get(ckey)

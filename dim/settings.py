@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 
@@ -22,6 +22,20 @@ def _positive_number(instance: Any, attribute: attrs.Attribute[Any], value: Any)
 def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"setting {attribute.name} must be an integer >= 1, got {value!r}", value)
+
+
+def _non_negative_number(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"setting {attribute.name} must be a number of seconds, got {value!r}", value
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"setting {attribute.name} must be >= 0, got {value!r}", value)
+
+
+def _optional_positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive_int(instance, attribute, value)
 
 
 def _seconds(default: float) -> Any:
@@ -63,6 +77,14 @@ class Settings:
     :param connect_timeout: how long ``start()`` retries an unreachable Redis before it
         raises :class:`~dim.RedisUnavailableError`.
     :param max_workers: how many ``create``/``disconnect`` calls run at once on a node.
+    :param max_concurrent_moves: at most this many running instances are being moved
+        from one node to another at any moment, cluster-wide (None: no limit). Configs
+        that run nowhere (a new config, a dead node's) are placed at once whatever the
+        limit; the moves beyond it wait until earlier ones have arrived.
+    :param rebalance_delay: after the membership changes, wait until it has been quiet
+        this long before moving running instances (0: move at once), so a burst of joins
+        or a rolling deploy causes a few rebalances, not one per node. Configs that run
+        nowhere are placed at once. The wait is at most ``10 * rebalance_delay``.
     """
 
     heartbeat_interval: float = _seconds(1.0)
@@ -79,6 +101,10 @@ class Settings:
     disconnect_timeout: float = _seconds(10.0)
     connect_timeout: float = _seconds(10.0)
     max_workers: int = attrs.field(default=8, validator=_positive_int)
+    max_concurrent_moves: Optional[int] = attrs.field(
+        default=None, validator=_optional_positive_int
+    )
+    rebalance_delay: float = attrs.field(default=0.0, validator=_non_negative_number)
 
     def __attrs_post_init__(self) -> None:
         for name in ("node_ttl", "leader_ttl"):

@@ -48,14 +48,14 @@ def test_drain_moves_everything_off_a_node_and_undo_brings_it_back(
     assert result.returncode == 0, result.stderr
     assert f"node {target.node_id} runs nothing now" in result.stdout
     assert target.instances == {}
-    wait_until(lambda: sorted(cluster.counts()) == [0, 4, 5], 10, message=cluster.counts())
+    wait_until(lambda: sorted(cluster.counts()) == [0, 4, 5], 10, message=str(cluster.counts()))
     node = next(n for n in status(redis_url, service)["nodes"] if n["node_id"] == target.node_id)
     assert node["draining"] is True and node["running"] == 0
     assert cluster.ledger.overlaps() == []
 
     result = run_dim("drain", target.node_id, "--undo", "--redis", redis_url, "--service", service)
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: cluster.counts() == [3, 3, 3], 10, message=cluster.counts())
+    wait_until(lambda: cluster.counts() == [3, 3, 3], 10, message=str(cluster.counts()))
     cluster.wait_settled()
     assert cluster.ledger.overlaps() == []
 
