@@ -27,6 +27,16 @@ def check_service(service: object) -> str:
     return service
 
 
+def check_node_name(name: object) -> str:
+    """Return ``name`` if it is a usable static node name, else raise ConfigError."""
+    if not isinstance(name, str) or not _SERVICE_RE.match(name):
+        raise ConfigError(
+            f"node_name must be 1-100 characters of letters, digits, '_', '.' or '-', got {name!r}",
+            name,
+        )
+    return name
+
+
 @attrs.frozen
 class Keys:
     """The key names of one service."""

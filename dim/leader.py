@@ -73,6 +73,8 @@ class LeaderLoop(Loop):
         self._written: dict[str, str] = {}  # ckey -> config json, as stored
         self._live: dict[str, float] = {}  # node id -> weight
         self._weights: dict[str, float] = {}
+        self._static: set[str] = set()  # nodes with a static name (they may come back)
+        self._absent: dict[str, float] = {}  # static node gone -> end of its rejoin grace
         self._grace_until = 0.0
         self._dirty = True
         self._wrote = False  # nothing written yet in this epoch
@@ -141,7 +143,25 @@ class LeaderLoop(Loop):
         settle = self._debounce_ends()
         if settle is not None:
             delay = min(delay, max(settle - node.clock(), 0.0))
+        if self._absent:
+            delay = min(delay, max(min(self._absent.values()) - node.clock(), 0.0))
         return delay
+
+    def _track_absent(self, live: set[str]) -> None:
+        """Static nodes gone with configs assigned: their grace starts now."""
+        grace = self.node.settings.rejoin_grace
+        if not grace:
+            return
+        now = self.node.clock()
+        holders = set(self._assignment.values())
+        for node_id in holders - live:
+            if node_id in self._static and node_id not in self._absent:
+                log.info("static node %s is gone: its configs wait %gs for it", node_id, grace)
+                self._absent[node_id] = now + grace
+        for node_id, until in list(self._absent.items()):
+            if node_id in live or node_id not in holders or now >= until:
+                del self._absent[node_id]
+                self._dirty = True
 
     def _debounce_ends(self) -> Optional[float]:
         """When the current burst of membership changes stops holding moves back."""
@@ -206,6 +226,7 @@ class LeaderLoop(Loop):
             return  # hold everything where it is; instances still heal where they run
         live_ids = view.live()
         dead = view.dead()
+        self._track_absent(set(live_ids))
         if exclude is not None and exclude in live_ids:
             live_ids.remove(exclude)
         draining = view.draining & set(live_ids)
@@ -218,6 +239,8 @@ class LeaderLoop(Loop):
         unknown = [n for n in live_ids if n not in self._weights]
         for node_id, info in store.node_infos(unknown).items():
             self._weights[node_id] = parse_weight(info.get("weight"))
+            if info.get("static") == "1":
+                self._static.add(node_id)
         live = {n: self._weights.get(n, 1.0) for n in live_ids}
         if len(self._weights) > 2 * len(view.members) + 16:  # forget nodes long gone
             self._weights = {n: w for n, w in self._weights.items() if n in view.members}
@@ -261,6 +284,7 @@ class LeaderLoop(Loop):
             raise
         for node_id, weight in (view.weights or {}).items():
             self._weights[node_id] = parse_weight(weight)
+        self._static.update(view.static or ())
         if snapshot is None or view.now_ms >= snapshot[1].now_ms:
             self._view = (node.clock(), view)
         return view
@@ -380,15 +404,18 @@ class LeaderLoop(Loop):
             else:
                 excluded.setdefault(ckey, set()).add(failed_node)
         current = {c: n for c, n in self._assignment.items() if c in configs}
-        unplaced = [c for c in configs if current.get(c) not in live]
+        # configs of a static node within its rejoin grace stay assigned to it
+        held = {c: n for c, n in current.items() if n in self._absent}
+        unplaced = [c for c in configs if current.get(c) not in live and c not in held]
         holders = store.claims(unplaced) if unplaced else {}
         for ckey, (holder, _token) in holders.items():
             if holder in live:
                 current[ckey] = holder  # rebuild placement from claims (Redis restart)
-        to_place = list(configs)
+        to_place = [c for c in configs if c not in held]
         if self._grace_until:
             to_place = [c for c in configs if current.get(c) in live]
         new = balance.assign(live, to_place, current, excluded) if live else {}
+        new.update(held)
         old = self._assignment
         holding = self._draining | ({exclude} if exclude is not None else set())
         self._pace(new, old, live, holding, exclude)
@@ -410,6 +437,11 @@ class LeaderLoop(Loop):
             ),
             "drop_failures": expired,
         }
+        # a node that (re)joined gets its whole share written again: a static node back
+        # from its grace finds the configs it had, though its desired set was deleted
+        for ckey, target in new.items():
+            if target not in self._live and target in live and ckey not in change["assign"]:
+                change["add"].setdefault(target, []).append(ckey)
         # live nodes that get nothing new but still hold a desired set to shrink
         for ckey, target in change["assign"].items():
             change["add"].setdefault(target, []).append(ckey)

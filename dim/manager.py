@@ -17,10 +17,10 @@ import tenacity
 
 from dim import redis_errors
 from dim.configs import KeyFunc
-from dim.errors import ConfigError, ForkedError, RedisUnavailableError
+from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
 from dim.events import Dispatcher, Event, EventType, Listener
 from dim.health import HealthLoop
-from dim.keys import check_service
+from dim.keys import check_node_name, check_service
 from dim.leader import LeaderLoop
 from dim.listener import Listener as PubSubListener
 from dim.messages import Kind, Message
@@ -105,6 +105,11 @@ class Manager:
     :param settings: timing and retry :class:`Settings`.
     :param key: reads the id of a config (default: ``config["id"]``, or the bare value).
     :param weight: this node's share relative to others (default 1.0).
+    :param node_name: a static identity, kept across restarts (default: a new random id
+        per start). Only one live process may use a name: ``start()`` waits up to
+        ``node_ttl`` for a previous holder to go, then raises :class:`StateError`. With
+        ``settings.rejoin_grace``, a node that comes back under its name within the
+        grace gets its configs back; they do not move elsewhere meanwhile.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class Manager:
         settings: Optional[Settings] = None,
         key: Optional[KeyFunc] = None,
         weight: float = 1.0,
+        node_name: Optional[str] = None,
     ) -> None:
         _check_callable("get_config", get_config, optional=False)
         _check_callable("create", create, optional=False)
@@ -147,6 +153,7 @@ class Manager:
         ):
             raise ConfigError(f"weight must be a positive number, got {weight!r}", weight)
         self.service = check_service(service)
+        self._node_name = None if node_name is None else check_node_name(node_name)
         self.settings = settings
         self._redis_target = redis
         self._callbacks = UserCallbacks(
@@ -193,6 +200,7 @@ class Manager:
                 settings=self.settings,
                 dispatcher=self._dispatcher,
                 weight=self._weight,
+                node_id=self._node_name,
             )
             node.reconciler = Reconciler(node, self._callbacks)
             node.leader = LeaderLoop(node, self._get_config, self._key)
@@ -200,12 +208,10 @@ class Manager:
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
             try:
-                node.heartbeat.beat()
-            except redis.RedisError as exc:
+                self._first_beat(node)
+            except BaseException:
                 self._close_client(client)
-                raise RedisUnavailableError(
-                    f"Redis at {self._describe_target()} refused dim's first heartbeat: {exc}"
-                ) from exc
+                raise
             node.joined_version = node.version
             # visible before any thread runs, so create() can already read its lease
             self._node = node
@@ -217,6 +223,30 @@ class Manager:
             _live_managers.add(self)
             log.info("node %s joined service %r", node.node_id, self.service)
             return self
+
+    def _first_beat(self, node: Node) -> None:
+        """Join with the first heartbeat; a static name still held by another process is
+        waited for (a crashed predecessor lapses within ``node_ttl``), then refused."""
+        s = self.settings
+        deadline = node.clock() + s.node_ttl + 2 * s.heartbeat_interval
+        pause = threading.Event()  # never set: the retry interval
+        while True:
+            try:
+                node.heartbeat.beat()
+            except redis.RedisError as exc:
+                raise RedisUnavailableError(
+                    f"Redis at {self._describe_target()} refused dim's first heartbeat: {exc}"
+                ) from exc
+            if not node.name_taken:
+                return
+            if node.clock() >= deadline:
+                holder = node.store.node_infos([node.node_id]).get(node.node_id, {})
+                raise StateError(
+                    f"node_name {node.node_id!r} is in use by another live process of "
+                    f"service {self.service!r} (host {holder.get('host', '?')}, pid "
+                    f"{holder.get('pid', '?')}); give each process its own name"
+                )
+            pause.wait(s.heartbeat_interval)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Leave the cluster gracefully; safe to call twice.
@@ -246,7 +276,8 @@ class Manager:
         s = self.settings
         wait = s.disconnect_timeout + 1.0 if timeout is None else timeout
         store = node.store
-        if node.is_leader:
+        if node.is_leader and not (node.static and s.rejoin_grace):
+            # (a static node with a rejoin grace keeps its configs for its restart)
             try:
                 node.leader.final_rebalance()
             except Exception:
@@ -272,7 +303,7 @@ class Manager:
             loop.join(max(1.0, s.heartbeat_interval * 2))
         try:
             # a tombstone outlives any request of ours still queued in a stalled server
-            store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl))
+            store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl), session=node.session)
         except redis.RedisError as exc:
             log.warning("node %s could not clear its traces (they expire): %r", node.node_id, exc)
         if isinstance(node.listener, PubSubListener):
@@ -373,8 +404,6 @@ class Manager:
         self._check_fork()
         node = self._node
         if node is None and required:
-            from dim.errors import StateError
-
             raise StateError(f"manager for service {self.service!r} is not started")
         return node
 

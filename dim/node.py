@@ -50,6 +50,11 @@ class Node:
         node_id: Optional[str] = None,
     ) -> None:
         self.node_id = node_id or new_node_id()
+        self.static = node_id is not None  # a name the user chose, kept across restarts
+        # this process's claim on the node id: a second process with the same static
+        # name is refused while this session's description lives
+        self.session = secrets.token_hex(6)
+        self.name_taken = False  # the last heartbeat found the node id owned by another
         self.store = store
         self.settings = settings
         self.dispatcher = dispatcher
@@ -102,6 +107,8 @@ class Node:
                 "started": f"{self.started_at:.3f}",
                 "weight": repr(self.weight),
                 "version": __version__,
+                "session": self.session,
+                "static": "1" if self.static else "0",
             }
         return self._info
 
@@ -170,7 +177,16 @@ class Heartbeat(Loop):
                 claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
                 view=leads,
                 joined=self._joined,
+                session=node.session,
             )
+        was_taken, node.name_taken = node.name_taken, result.taken
+        if result.taken:
+            if not was_taken:
+                log.error(
+                    "node id %s belongs to another live process: this one renews nothing",
+                    node.node_id,
+                )
+            return
         node.last_renew = sent
         if not node.redis_ok:
             node.redis_ok = True

@@ -353,7 +353,9 @@ class Reconciler(Loop):
                 # a claim we are about to release must go first, or the claim script
                 # would hand the old token to the new slot
                 self._flush_releases()
-                tokens = node.store.claim(node.node_id, to_claim, node.settings.node_ttl)
+                tokens = node.store.claim(
+                    node.node_id, to_claim, node.settings.node_ttl, node.session
+                )
                 self._claimed(tokens)
         self._notify()
         return interval

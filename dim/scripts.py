@@ -43,24 +43,35 @@ HEARTBEAT = (
 -- ARGV[7] '1' to get the membership, failures and controls back (the leader's view, so an idle
 --   leader needs no other round trip), ARGV[8] channel, ARGV[9] hint published when
 --   this node (re)joins the membership, or '',
--- ARGV[10] n = number of info field/value pairs, ARGV[11 .. 10+2n] the pairs,
--- ARGV[11+2n ..] the claim values ('<node>:<token>') matching KEYS[9..]
+-- ARGV[10] this process's session (a random token per start),
+-- ARGV[11] n = number of info field/value pairs, ARGV[12 .. 11+2n] the pairs (they
+--   include the session),
+-- ARGV[12+2n ..] the claim values ('<node>:<token>') matching KEYS[9..]
 -- returns {now ms, version or nil, leader value or nil, acquired 0/1,
 --          fence was missing 0/1, {claim status per claim key}, gone 0/1,
 --          {member, expiry ms, ...} or {}, {failure field, until ms, ...} or {},
---          {control field, value, ...} or {}}
+--          {control field, value, ...} or {}, taken 0/1}
+--   taken: another process holds this node id (its description, with another session,
+--   has not expired): nothing was changed
 --   claim status: 1 renewed, 2 was missing and was taken back, 0 held by someone else,
 --   3 missing and not taken back (the node's membership was intact, so the claim was
 --   released, not lost)
--- A node that has left has a tombstone in KEYS[6]: a heartbeat that reaches Redis after
--- that (sent before, delayed by a stalled server) changes nothing.
+-- A node that has left has a tombstone in KEYS[6] ('<node> <session>'): a heartbeat
+-- that reaches Redis after that (sent before, delayed by a stalled server) changes
+-- nothing. The description hash KEYS[2] names the session that owns the node id; it
+-- lives as long as that process heartbeats (member or leaving), so a second process
+-- with the same id (a static node name) is refused until the first one is gone.
 local now = now_ms()
 local node = ARGV[1]
 local node_ttl = tonumber(ARGV[2])
-local ninfo = tonumber(ARGV[10])
-local tomb = redis.call('ZSCORE', KEYS[6], node)
+local ninfo = tonumber(ARGV[11])
+local tomb = redis.call('ZSCORE', KEYS[6], node .. ' ' .. ARGV[10])
 if tomb and tonumber(tomb) > now then
-  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}, {}}
+  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}, {}, 0}
+end
+local owner = redis.call('HGET', KEYS[2], 'session')
+if owner and owner ~= ARGV[10] then
+  return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 0, {}, {}, {}, 1}
 end
 -- Redis lost its data, or this node's membership lapsed (a frozen process): only then
 -- may a missing claim be taken back. With the membership intact a missing claim was
@@ -73,15 +84,16 @@ if redis.call('EXISTS', KEYS[4]) == 0 then fence_missing = 1 end
 if ARGV[4] == 'member' then
   redis.call('ZADD', KEYS[1], now + node_ttl, node)
   if lapsed and ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
-  if ninfo > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
-    for i = 11, 10 + 2 * ninfo, 2 do
+  if ninfo > 0 and not owner then
+    for i = 12, 11 + 2 * ninfo, 2 do
       redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
     end
   end
-  redis.call('PEXPIRE', KEYS[2], node_ttl)
 end
+-- the description (and with it the node id) stays ours while we heartbeat
+redis.call('PEXPIRE', KEYS[2], node_ttl)
 local statuses = {}
-local first = 11 + 2 * ninfo
+local first = 12 + 2 * ninfo
 for i = 9, #KEYS do
   local want = ARGV[first + i - 9]
   local cur = redis.call('GET', KEYS[i])
@@ -122,7 +134,7 @@ if ARGV[7] == '1' then
   control = redis.call('HGETALL', KEYS[8])
 end
 return {now, redis.call('GET', KEYS[5]), leader, acquired, fence_missing, statuses, 0,
-        members, failures, control}
+        members, failures, control, 0}
 """
 )
 
@@ -130,14 +142,14 @@ CLAIM = (
     _PRELUDE
     + """
 -- KEYS[1] fence, KEYS[2] left zset (tombstones), KEYS[3..] claim keys to take
--- ARGV[1] node id, ARGV[2] ttl ms
+-- ARGV[1] node id, ARGV[2] ttl ms, ARGV[3] this process's session
 -- returns {token per claim key}: the token this node now holds (a fresh one, or its
 --   existing one if it already held the claim), or 0 if another node holds it (or this
 --   node has left: a delayed request takes nothing)
 local now = now_ms()
 local node = ARGV[1]
 local out = {}
-local tomb = redis.call('ZSCORE', KEYS[2], node)
+local tomb = redis.call('ZSCORE', KEYS[2], node .. ' ' .. ARGV[3])
 if tomb and tonumber(tomb) > now then
   for i = 3, #KEYS do out[#out + 1] = 0 end
   return out
@@ -168,18 +180,22 @@ LEADER_READ = (
 -- KEYS[1] nodes zset, KEYS[2] failures hash, KEYS[3] control hash
 -- ARGV[1] key prefix (for node info hashes)
 -- returns {now ms, {member, expiry ms, ...}, {failure field, until ms, ...},
---          {member, weight or nil, ...} for the live members, {control field, value, ...}}
+--          {member, weight or nil, ...} for the live members, {control field, value, ...},
+--          {live member with a static name, ...}}
 -- The leader's view in one round trip when a hint says the membership changed.
 local now = now_ms()
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local weights = {}
+local weights, static = {}, {}
 for i = 1, #members, 2 do
   if tonumber(members[i + 1]) > now then
+    local info = redis.call('HMGET', ARGV[1] .. 'node:' .. members[i], 'weight', 'static')
     weights[#weights + 1] = members[i]
-    weights[#weights + 1] = redis.call('HGET', ARGV[1] .. 'node:' .. members[i], 'weight')
+    weights[#weights + 1] = info[1]
+    if info[2] == '1' then static[#static + 1] = members[i] end
   end
 end
-return {now, members, redis.call('HGETALL', KEYS[2]), weights, redis.call('HGETALL', KEYS[3])}
+return {now, members, redis.call('HGETALL', KEYS[2]), weights, redis.call('HGETALL', KEYS[3]),
+        static}
 """
 )
 
@@ -303,14 +319,18 @@ FORGET = (
     + """
 -- KEYS[1] left zset (tombstones), KEYS[2] nodes zset, KEYS[3] node info hash,
 -- KEYS[4] the node's desired set, KEYS[5] control hash
--- ARGV[1] node id, ARGV[2] tombstone ttl ms
--- returns 1; trims expired tombstones, adds this node's, removes every trace of it
+-- ARGV[1] node id, ARGV[2] tombstone ttl ms, ARGV[3] this process's session
+-- returns 1; trims expired tombstones, adds this process's, and removes every trace of
+--   the node unless another process owns the node id by now (a static name reused)
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('HDEL', KEYS[5], 'drain ' .. ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1] .. ' ' .. ARGV[3])
+local owner = redis.call('HGET', KEYS[3], 'session')
+if (not owner) or owner == ARGV[3] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('HDEL', KEYS[5], 'drain ' .. ARGV[1])
+end
 return 1
 """
 )

@@ -85,6 +85,10 @@ class Settings:
         this long before moving running instances (0: move at once), so a burst of joins
         or a rolling deploy causes a few rebalances, not one per node. Configs that run
         nowhere are placed at once. The wait is at most ``10 * rebalance_delay``.
+    :param rejoin_grace: how long the configs of a node with a static ``node_name`` wait
+        for it to come back after it stopped or died (0: they move at once). They run
+        nowhere meanwhile: the price of not moving them twice during a restart. A change
+        of leader during the grace ends it.
     """
 
     heartbeat_interval: float = _seconds(1.0)
@@ -105,6 +109,7 @@ class Settings:
         default=None, validator=_optional_positive_int
     )
     rebalance_delay: float = attrs.field(default=0.0, validator=_non_negative_number)
+    rejoin_grace: float = attrs.field(default=0.0, validator=_non_negative_number)
 
     def __attrs_post_init__(self) -> None:
         for name in ("node_ttl", "leader_ttl"):

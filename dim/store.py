@@ -47,6 +47,7 @@ class Beat:
     # 3 missing and not taken back
     gone: bool  # this node has left (a tombstone exists): nothing was renewed
     view: Optional[View] = None  # the membership, when asked for (the leader)
+    taken: bool = False  # another live process owns this node id: nothing was changed
 
 
 @attrs.frozen
@@ -58,6 +59,7 @@ class View:
     failures: dict[str, int]  # '<node> <ckey>' -> until ms
     weights: Optional[dict[str, Optional[str]]] = None  # live node -> weight field, if read
     control: dict[str, str] = attrs.field(factory=dict)  # the operator's controls
+    static: Optional[set[str]] = None  # live nodes with a static name, if read
 
     @property
     def paused(self) -> bool:
@@ -137,6 +139,7 @@ class Store:
         claims: dict[str, str],
         view: bool = False,
         joined: Optional[Message] = None,
+        session: str = "",
     ) -> Beat:
         """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT).
 
@@ -170,6 +173,7 @@ class Store:
                 "1" if view else "0",
                 k.events,
                 joined.encode() if joined is not None else "",
+                session,
                 len(info),
                 *pairs,
                 *(claims[c] for c in ckeys),
@@ -185,6 +189,7 @@ class Store:
             fence_was_missing=bool(reply[4]),
             claims={c: int(s) for c, s in zip(ckeys, statuses)},
             gone=bool(reply[6]),
+            taken=bool(reply[10]),
             view=(
                 View(
                     now_ms,
@@ -192,7 +197,7 @@ class Store:
                     self._failures(reply[8]),
                     control=_pairs(reply[9]),
                 )
-                if view and not reply[6]
+                if view and not reply[6] and not reply[10]
                 else None
             ),
         )
@@ -218,13 +223,16 @@ class Store:
                 out[str(text(flat[i]))] = 0  # malformed: treated as expired, then dropped
         return out
 
-    def claim(self, node_id: str, ckeys: list[str], ttl: float) -> dict[str, int]:
+    def claim(
+        self, node_id: str, ckeys: list[str], ttl: float, session: str = ""
+    ) -> dict[str, int]:
         """Try to take claims; ckey -> token held now, or 0 if another node holds it."""
         if not ckeys:
             return {}
         k = self.keys
         reply = self._claim(
-            keys=[k.fence, k.left] + [k.claim(c) for c in ckeys], args=[node_id, ms(ttl)]
+            keys=[k.fence, k.left] + [k.claim(c) for c in ckeys],
+            args=[node_id, ms(ttl), session],
         )
         return {c: int(t) for c, t in zip(ckeys, reply)}
 
@@ -276,14 +284,18 @@ class Store:
         )
 
     def leave(self, node_id: str) -> None:
-        """Remove this node's membership, description and desired set."""
+        """Remove this node's membership and desired set.
+
+        Its description stays (the leaving heartbeats keep it) until :meth:`forget`, so
+        the node id is not free for another process while this one still runs instances.
+        """
         k = self.keys
         with self.client.pipeline(transaction=True) as pipe:
             pipe.zrem(k.nodes, node_id)
-            pipe.delete(k.node(node_id), k.desired(node_id))
+            pipe.delete(k.desired(node_id))
             pipe.execute()
 
-    def forget(self, node_id: str, tombstone: float) -> None:
+    def forget(self, node_id: str, tombstone: float, session: str = "") -> None:
         """Last step of leaving: drop every trace of the node and leave a tombstone.
 
         The tombstone makes a request this node sent earlier, still queued in a stalled
@@ -292,7 +304,7 @@ class Store:
         k = self.keys
         self._forget(
             keys=[k.left, k.nodes, k.node(node_id), k.desired(node_id), k.control],
-            args=[node_id, ms(tombstone)],
+            args=[node_id, ms(tombstone), session],
         )
 
     def resign(self, leader_value: str, hint: Message) -> bool:
@@ -307,7 +319,7 @@ class Store:
     def leader_read(self) -> View:
         """Membership, failures and the live nodes' weights, in one round trip."""
         k = self.keys
-        now, members, failures, weights, control = self._leader_read(
+        now, members, failures, weights, control, static = self._leader_read(
             keys=[k.nodes, k.failures, k.control], args=[k.prefix]
         )
         weights = weights or []
@@ -317,6 +329,7 @@ class Store:
             self._failures(failures),
             {str(text(weights[i])): text(weights[i + 1]) for i in range(0, len(weights) - 1, 2)},
             control=_pairs(control),
+            static={str(text(n)) for n in static or []},
         )
 
     # -- the operator (CLI) -----------------------------------------------------------

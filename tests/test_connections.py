@@ -50,6 +50,7 @@ NODE_COMMANDS = (
     "hdel",
     "hget",
     "hgetall",
+    "hmget",
     "hset",
     "incr",
     "mget",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dim import EventType
+from dim import EventType, Manager, StateError
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster, Ledger
@@ -95,3 +95,76 @@ def test_bad_max_concurrent_moves_is_refused(bad: Any) -> None:
 def test_bad_rebalance_delay_is_refused(bad: Any) -> None:
     with pytest.raises(ValueError, match="rebalance_delay"):
         FAST.replace(rebalance_delay=bad)
+
+
+def test_a_second_process_with_the_same_name_is_refused(redis_url: str, service: str) -> None:
+    """A node_name held by a live node: start() waits about node_ttl, then raises a
+    StateError naming the holder; the first node keeps running undisturbed."""
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)])
+    try:
+        (first,) = cluster.add(1, node_name="web-1")
+        cluster.wait_settled()
+        assert first.node_id == "web-1"
+        twin = cluster.make(node_name="web-1")
+        with pytest.raises(StateError, match=r"node_name 'web-1' is in use .*pid \d+"):
+            twin.start()
+        assert twin.node_id is None
+        assert sorted(first.instances) == [0, 1, 2, 3]
+        assert cluster.ledger.create_count() == 4
+        assert first.wait_until_stable(5)
+    finally:
+        cluster.stop()
+
+
+def test_a_static_node_back_within_its_grace_gets_its_configs_back(
+    redis_url: str, service: str
+) -> None:
+    """With rejoin_grace, a named node that restarts gets exactly its configs back; they
+    run nowhere in between and nothing else moves."""
+    settings = FAST.replace(rejoin_grace=30.0)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(9)], settings=settings)
+    try:
+        for name in ("a", "b", "c"):
+            cluster.add(1, node_name=name)
+        cluster.wait_settled()
+        b = next(m for m in cluster.managers if m.node_id == "b")
+        mine = set(b.instances)
+        before = cluster.ledger.create_count()
+        b.stop()
+        # the others keep their own three and take nothing while b is away
+        others = [m for m in cluster.running() if m.node_id != "b"]
+        assert all(m.wait_until_stable(5) for m in others)
+        assert [len(m.instances) for m in others] == [3, 3]
+        assert cluster.ledger.create_count() == before
+        (back,) = cluster.add(1, node_name="b")
+        cluster.wait_settled()
+        assert set(back.instances) == mine
+        assert cluster.ledger.create_count() == before + 3
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_the_configs_of_a_static_node_move_when_its_grace_ends(
+    redis_url: str, service: str
+) -> None:
+    settings = FAST.replace(rejoin_grace=1.0)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(6)], settings=settings)
+    try:
+        cluster.add(1, node_name="a")
+        cluster.add(1, node_name="b")
+        cluster.wait_settled()
+        b = next(m for m in cluster.managers if m.node_id == "b")
+        b.stop()
+        a = next(m for m in cluster.managers if m.node_id == "a")
+        assert len(a.instances) == 3  # right after b left: nothing moved yet
+        wait_until(lambda: len(a.instances) == 6, 10, message="b's configs never moved to a")
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x{y}", 3, "z" * 101])
+def test_bad_node_name_is_refused(redis_url: str, bad: Any) -> None:
+    with pytest.raises(ValueError, match="node_name must be 1-100 characters"):
+        Manager(get_config=list, create=id, redis=redis_url, node_name=bad)
