@@ -99,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--managers", type=int, default=1)
     p.add_argument("--wait", action="store_true", help="start only on a 'start' command")
     p.add_argument("--healthcheck", action="store_true", help="install a trivial healthcheck")
+    p.add_argument("--node-name", help="a static node name (with --managers 1)")
     p.add_argument(
         "--trace", action="store_true", help="ledger a 'trace' record per Redis call and hint"
     )
@@ -143,6 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             redis=args.redis,
             service=args.service,
             settings=settings,
+            node_name=args.node_name,
         )
         box["m"] = manager
         return manager

@@ -508,11 +508,13 @@ class Cluster:
             cmd.append("--wait")
         return cmd + self.extra_args
 
-    def spawn(self, wait: bool = True, managers: Optional[int] = None) -> NodeProc:
+    def spawn(
+        self, wait: bool = True, managers: Optional[int] = None, extra: Sequence[str] = ()
+    ) -> NodeProc:
         managers = managers or self.managers_per_proc
         with open(self.log_path, "ab") as log:
             popen = subprocess.Popen(
-                self._command(wait, managers),
+                self._command(wait, managers) + list(extra),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

@@ -75,6 +75,7 @@ class LeaderLoop(Loop):
         self._weights: dict[str, float] = {}
         self._static: set[str] = set()  # nodes with a static name (they may come back)
         self._absent: dict[str, float] = {}  # static node gone -> end of its rejoin grace
+        self._forget_static: set[str] = set()  # static names whose grace ended
         self._grace_until = 0.0
         self._dirty = True
         self._wrote = False  # nothing written yet in this epoch
@@ -150,10 +151,15 @@ class LeaderLoop(Loop):
     def _track_absent(self, live: set[str]) -> None:
         """Static nodes gone with configs assigned: their grace starts now."""
         grace = self.node.settings.rejoin_grace
-        if not grace:
-            return
         now = self.node.clock()
         holders = set(self._assignment.values())
+        # a static name that is gone and holds nothing (its grace is over) is forgotten
+        stale = {n for n in self._static - live - holders if n not in self._absent}
+        if stale - self._forget_static:
+            self._forget_static |= stale
+            self._dirty = True
+        if not grace:
+            return
         for node_id in holders - live:
             if node_id in self._static and node_id not in self._absent:
                 log.info("static node %s is gone: its configs wait %gs for it", node_id, grace)
@@ -218,6 +224,7 @@ class LeaderLoop(Loop):
                 if config is not None:
                     configs[ckey] = config
         view = self._current_view()
+        self._static.update(view.static_names)
         if view.paused != self._paused:
             self._paused = view.paused
             self._dirty = True  # resumed: re-plan everything at once
@@ -436,6 +443,7 @@ class LeaderLoop(Loop):
                 set(dead) | {n for n in old.values() if n not in live} - set(live)
             ),
             "drop_failures": expired,
+            "forget_static": sorted(self._forget_static),
         }
         # a node that (re)joined gets its whole share written again: a static node back
         # from its grace finds the configs it had, though its desired set was deleted
@@ -478,6 +486,8 @@ class LeaderLoop(Loop):
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
         self._wrote = True
+        self._static -= self._forget_static
+        self._forget_static = set()
         self._compared = configs
         self._assignment = new
         self._written = {c: cfg.json for c, cfg in configs.items()}

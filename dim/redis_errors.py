@@ -63,8 +63,7 @@ def explain(
         )
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return (
-            f"the Redis user of {where} lacks a permission dim needs (NOPERM {detail}); "
-            f"{acl_hint}"
+            f"the Redis user of {where} lacks a permission dim needs (NOPERM {detail}); {acl_hint}"
         )
     chain = causes(exc)
     if certificate_rejected(exc):

@@ -87,6 +87,11 @@ if ARGV[4] == 'member' then
   if ninfo > 0 and not owner then
     for i = 12, 11 + 2 * ninfo, 2 do
       redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+      -- a static name is remembered in the control hash, so that any leader (a new one
+      -- included) keeps its configs for it while it restarts
+      if ARGV[i] == 'static' and ARGV[i + 1] == '1' then
+        redis.call('HSET', KEYS[8], 'static ' .. node, '1')
+      end
     end
   end
 end
@@ -225,7 +230,7 @@ LEADER_WRITE = (
 -- ARGV[3] JSON change set:
 --   {"assign": {ckey: node}, "unassign": [ckey], "configs": {ckey: json},
 --    "drop_configs": [ckey], "add": {node: [ckey]}, "rem": {node: [ckey]},
---    "drop_nodes": [node], "drop_failures": [field]}
+--    "drop_nodes": [node], "drop_failures": [field], "forget_static": [node]}
 -- ARGV[4] channel, ARGV[5] hint prefix: the script appends ',"v":<version>}'
 -- returns the new version, or -1 (and writes nothing) if the leader is not ARGV[1]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
@@ -261,6 +266,9 @@ for _, node in ipairs(change['drop_nodes'] or {}) do
 end
 for _, field in ipairs(change['drop_failures'] or {}) do
   redis.call('HDEL', KEYS[6], field)
+end
+for _, node in ipairs(change['forget_static'] or {}) do
+  redis.call('HDEL', KEYS[7], 'static ' .. node)
 end
 local version = redis.call('INCR', KEYS[4])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ',"v":' .. version .. '}')

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 import attrs
 import redis
+from redis.cluster import RedisCluster
 
 from dim import scripts
 from dim.keys import Keys
@@ -69,6 +70,11 @@ class View:
     def draining(self) -> set[str]:
         return draining(self.control)
 
+    @property
+    def static_names(self) -> set[str]:
+        """Nodes known to use a static name (live or not), from the control hash."""
+        return {f[len("static ") :] for f in self.control if f.startswith("static ")}
+
     def live(self) -> list[str]:
         return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
 
@@ -107,7 +113,7 @@ def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
 class Store:
     """Typed access to one service's keys."""
 
-    def __init__(self, client: redis.Redis, service: str) -> None:
+    def __init__(self, client: Client, service: str) -> None:
         self.client = client
         self.keys = Keys(service)
         register = client.register_script
@@ -341,6 +347,15 @@ class Store:
 
     def set_paused(self, on: bool, hint: Message) -> None:
         """Pause or resume rebalancing, and tell the leader."""
+        if isinstance(self.client, RedisCluster):
+            # a cluster pipeline refuses PUBLISH (it has no key); the hint only wakes the
+            # leader, which reads the control hash itself, so two calls in order will do
+            if on:
+                self.client.hset(self.keys.control, "paused", "1")
+            else:
+                self.client.hdel(self.keys.control, "paused")
+            self.publish(hint)
+            return
         with self.client.pipeline(transaction=True) as pipe:
             if on:
                 pipe.hset(self.keys.control, "paused", "1")
@@ -352,6 +367,14 @@ class Store:
     def set_draining(self, node_id: str, on: bool, hint: Message) -> None:
         """Start or stop draining one node, and tell the leader."""
         field = f"drain {node_id}"
+        if isinstance(self.client, RedisCluster):
+            # two calls, not a transaction: see set_paused
+            if on:
+                self.client.hset(self.keys.control, field, str(time.time()))
+            else:
+                self.client.hdel(self.keys.control, field)
+            self.publish(hint)
+            return
         with self.client.pipeline(transaction=True) as pipe:
             if on:
                 pipe.hset(self.keys.control, field, str(time.time()))
@@ -363,10 +386,17 @@ class Store:
     def members(self) -> tuple[int, dict[str, int]]:
         """(server now ms, {node id: expiry ms}) for every member, live or expired."""
         # plain reads (no script), so a read-only user can run `dim status`
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.zrange(self.keys.nodes, 0, -1, withscores=True)
-            (seconds, micros), pairs = pipe.execute()
+        if isinstance(self.client, RedisCluster):
+            # a cluster pipeline refuses TIME (it has no key): ask the master of the
+            # service's slot, whose clock scored the members
+            master = self.client.get_node_from_key(self.keys.nodes)  # type: ignore[no-untyped-call]
+            seconds, micros = self.client.time(target_nodes=master)
+            pairs: Any = self.client.zrange(self.keys.nodes, 0, -1, withscores=True)
+        else:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.zrange(self.keys.nodes, 0, -1, withscores=True)
+                (seconds, micros), pairs = pipe.execute()
         out: dict[str, int] = {}
         for member, score in pairs or []:
             try:
@@ -450,9 +480,14 @@ def _pairs(flat: Any) -> dict[str, str]:
     return {str(text(flat[i])): str(text(flat[i + 1])) for i in range(0, len(flat) - 1, 2)}
 
 
-def redis_from(target: Union[str, redis.Redis], socket_timeout: float) -> redis.Redis:
+#: What dim talks to Redis through: a client of one server, or of a Redis Cluster (every
+#: key of a service hashes to one slot, so each call and script goes to one master).
+Client = Union[redis.Redis, RedisCluster]
+
+
+def redis_from(target: Union[str, Client], socket_timeout: float) -> Client:
     """A client for a URL (with dim's timeouts), or the caller's own client as is."""
-    if isinstance(target, redis.Redis):
+    if isinstance(target, (redis.Redis, RedisCluster)):
         return target
     return redis.Redis.from_url(
         target,

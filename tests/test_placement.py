@@ -168,3 +168,30 @@ def test_the_configs_of_a_static_node_move_when_its_grace_ends(
 def test_bad_node_name_is_refused(redis_url: str, bad: Any) -> None:
     with pytest.raises(ValueError, match="node_name must be 1-100 characters"):
         Manager(get_config=list, create=id, redis=redis_url, node_name=bad)
+
+
+def test_a_new_leader_keeps_the_grace_of_a_static_leader_that_restarts(
+    redis_url: str, service: str
+) -> None:
+    """The leader itself restarts under its name: the next leader knows the name is
+    static (from Redis, not from memory) and keeps its configs for it."""
+    settings = FAST.replace(rejoin_grace=30.0)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(6)], settings=settings)
+    try:
+        (a,) = cluster.add(1, node_name="a")
+        cluster.wait_settled()
+        (b,) = cluster.add(1, node_name="b")
+        cluster.wait_settled()
+        assert a.is_leader
+        mine = set(a.instances)
+        before = cluster.ledger.create_count()
+        a.stop()
+        wait_until(lambda: b.is_leader, 10, message="b never took over")
+        assert b.wait_until_stable(5) and len(b.instances) == 3
+        assert cluster.ledger.create_count() == before
+        (back,) = cluster.add(1, node_name="a")
+        cluster.wait_settled()
+        assert set(back.instances) == mine
+        assert cluster.ledger.create_count() == before + 3
+    finally:
+        cluster.stop()
