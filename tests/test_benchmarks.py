@@ -125,6 +125,17 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert data["large_cluster"]["nodes"] == 3
 
 
+def test_rolling_restart_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "rolling.json"
+    result = run("rolling_restart.py", "--quick", "--output", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["variant"]: row for row in report(out)["results"]}
+    assert set(rows) == {"plain", "paced", "static", "static+paced"}
+    assert all(row["duplicates"] == 0 for row in rows.values())
+    # a restarted node with a static name gets its own configs back: nothing moves
+    assert rows["static"]["moved"] == 0 and rows["plain"]["moved"] > 0
+
+
 def _tooz_python() -> Optional[str]:
     explicit = os.environ.get("DIM_BENCH_TOOZ_PYTHON")
     python = explicit or sys.executable
