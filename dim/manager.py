@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import attrs
 import redis
 import tenacity
+from redis.cluster import RedisCluster
 
 from dim import redis_errors
 from dim.configs import KeyFunc
@@ -28,7 +29,7 @@ from dim.node import Node
 from dim.reconciler import Lease, Reconciler, UserCallbacks
 from dim.settings import Settings
 from dim.status import ClusterStatus, read_status
-from dim.store import Store, redis_from
+from dim.store import Client, Store, redis_from
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ class Manager:
     :param healthcheck: optional; raising or returning ``False`` marks the instance
         unhealthy (it is then disconnected and created again).
     :param disconnect: optional; stops an instance.
-    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``) or a ``redis.Redis``.
-        A client you pass is used as is: give it a ``socket_timeout`` shorter than
-        ``heartbeat_interval`` so a stalled server cannot hold up dim's loops.
+    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``), a ``redis.Redis``, or a
+        ``redis.cluster.RedisCluster`` (see :doc:`cluster`). A client you pass is used as
+        is: give it a ``socket_timeout`` shorter than ``heartbeat_interval`` so a stalled
+        server cannot hold up dim's loops.
     :param service: the cluster's name; managers with different names never interact.
     :param settings: timing and retry :class:`Settings`.
     :param key: reads the id of a config (default: ``config["id"]``, or the bare value).
@@ -119,7 +121,7 @@ class Manager:
         healthcheck: Optional[Callable[[Any], Any]] = None,
         disconnect: Optional[Callable[[Any], Any]] = None,
         *,
-        redis: Union[str, redis.Redis] = "redis://localhost:6379/0",
+        redis: Union[str, redis.Redis, RedisCluster] = "redis://localhost:6379/0",
         service: str = "default",
         settings: Optional[Settings] = None,
         key: Optional[KeyFunc] = None,
@@ -133,8 +135,12 @@ class Manager:
         _check_callable("key", key, optional=True)
         import redis as redis_module
 
-        if not isinstance(redis, (str, redis_module.Redis)):
-            raise ConfigError(f"redis must be a URL or a redis.Redis client, got {redis!r}", redis)
+        if not isinstance(redis, (str, redis_module.Redis, RedisCluster)):
+            raise ConfigError(
+                f"redis must be a URL, a redis.Redis or a redis.cluster.RedisCluster client, "
+                f"got {redis!r}",
+                redis,
+            )
         if isinstance(redis, str) and urlsplit(redis).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
                 f"redis URL must start with redis://, rediss:// or unix://, got "
@@ -165,7 +171,7 @@ class Manager:
         self._dispatcher = Dispatcher()
         self._lock = threading.RLock()
         self._node: Optional[Node] = None
-        self._client: Optional[redis_module.Redis] = None
+        self._client: Optional[Client] = None
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -421,6 +427,9 @@ class Manager:
         target = self._redis_target
         if isinstance(target, str):
             return safe_url(target)
+        if isinstance(target, RedisCluster):
+            nodes = ",".join(sorted(n.name for n in target.get_nodes()))  # type: ignore[no-untyped-call]
+            return f"redis cluster {nodes} (the redis.cluster.RedisCluster client passed to dim)"
         pool = target.connection_pool
         kwargs = pool.connection_kwargs
         user = kwargs.get("username")
@@ -436,7 +445,7 @@ class Manager:
             return repr(target)
         return f"{where} (the redis.Redis client passed to dim)"
 
-    def _connect(self) -> redis.Redis:
+    def _connect(self) -> Client:
         """A client that answered PING, or RedisUnavailableError saying what went wrong.
 
         An unreachable server is retried until ``connect_timeout``; a refused login, a
@@ -471,7 +480,7 @@ class Manager:
                 has_password=bool(
                     client.connection_pool.connection_kwargs.get("password")
                     if isinstance(client, redis.Redis)
-                    else False
+                    else client.nodes_manager.connection_kwargs.get("password")
                 ),
                 acl_hint="grant the node ACL from dim's docs (Connecting)",
                 unreachable=f"cannot reach Redis at {{where}} within "
@@ -480,7 +489,7 @@ class Manager:
             raise RedisUnavailableError(message) from exc
         return client
 
-    def _close_client(self, client: Optional[redis.Redis]) -> None:
+    def _close_client(self, client: Optional[Client]) -> None:
         if client is not None and client is not self._redis_target:
             try:
                 client.close()

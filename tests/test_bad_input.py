@@ -24,7 +24,10 @@ def test_constructor_rejects_bad_arguments(redis_url: str) -> None:
         ({"create": None}, "create must be callable"),
         ({"healthcheck": "yes"}, "healthcheck must be callable, got 'yes'"),
         ({"disconnect": 1}, "disconnect must be callable"),
-        ({"redis": 6379}, "redis must be a URL or a redis.Redis client, got 6379"),
+        (
+            {"redis": 6379},
+            "redis must be a URL, a redis.Redis or a redis.cluster.RedisCluster client, got 6379",
+        ),
         ({"redis": "http://h:1"}, "http://h:1"),
         ({"service": "a b"}, "'a b'"),
         ({"settings": {"node_ttl": 1}}, "settings must be a dim.Settings"),
