@@ -13,7 +13,9 @@ from typing import Any, Optional, Union
 
 import attrs
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from dim import scripts
 from dim.keys import Keys
@@ -489,9 +491,23 @@ def redis_from(target: Union[str, Client], socket_timeout: float) -> Client:
     """A client for a URL (with dim's timeouts), or the caller's own client as is."""
     if isinstance(target, (redis.Redis, RedisCluster)):
         return target
+    # given, redis-py does not look its version up in the package metadata for every
+    # new connection (about 1 ms each, 10 ms for the first one)
+    options: dict[str, Any] = {}
+    try:
+        from redis.driver_info import DriverInfo  # redis-py 7.1+
+
+        options["driver_info"] = DriverInfo(lib_version=redis.__version__)
+    except ImportError:
+        if int(redis.__version__.split(".")[0]) >= 5:
+            options["lib_version"] = redis.__version__
     return redis.Redis.from_url(
         target,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
+        # one immediate retry (a connection the server closed); dim's loops retry the
+        # rest themselves, instead of redis-py's default backoff holding a loop up
+        retry=Retry(NoBackoff(), 1),
+        **options,
     )
