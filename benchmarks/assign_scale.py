@@ -7,10 +7,20 @@ surviving configs moved compared with the minimum that balance requires.  The mi
 is computed here from scratch for equal weights: the nodes keeping the most get the
 ceiling quotas.  Results are also written as JSON.
 
+With ``--tag-groups G`` each size also runs the same three scenarios under eligibility
+constraints, in rows named ``scratch/3g`` and so on; without it the output is unchanged.
+Node ``node-i`` carries tag ``i % G`` (the joining node carries tag 0), and config ``i``
+needs the tag ``i % G`` unless ``i % (G + 1) == G``, in which case it may run anywhere.
+The closed-form minimum does not apply under constraints, so these rows show ``n/a`` in
+the ``min`` and ``ratio`` columns (``null`` in JSON); tests/test_balance.py checks, by
+exhaustive search on small cases, that moves under constraints are the minimum balance
+allows.
+
 Usage::
 
-    python benchmarks/assign_scale.py            # full run, about a minute at most
-    python benchmarks/assign_scale.py --quick    # smoke test, a few seconds
+    python benchmarks/assign_scale.py                 # full run, about a minute at most
+    python benchmarks/assign_scale.py --quick         # smoke test, a few seconds
+    python benchmarks/assign_scale.py --tag-groups 3  # plus rows with 3 tag groups
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 # Running the file directly puts benchmarks/ first on sys.path, not the repository.
@@ -64,6 +74,36 @@ def surviving_moves(
     return moves(live, result)
 
 
+def tag_requirements(configs: list[str], groups: int) -> dict[str, int]:
+    """Return the tag each constrained config needs; the others may run anywhere."""
+    return {config: i % groups for i, config in enumerate(configs) if i % (groups + 1) != groups}
+
+
+def tagged_eligibility(
+    nodes: Mapping[str, float], needs: Mapping[str, int], groups: int
+) -> dict[str, frozenset[str]]:
+    """Map each constrained config to the live nodes carrying its tag.
+
+    Configs with the same requirement share one set object, as a coordinator computing
+    eligibility from tags would do (and as ``assign`` profits from).
+    """
+    carriers: list[set[str]] = [set() for _ in range(groups)]
+    for node in nodes:
+        carriers[0 if node == "node-new" else int(node.rsplit("-", 1)[1]) % groups].add(node)
+    frozen = [frozenset(members) for members in carriers]
+    return {config: frozen[tag] for config, tag in needs.items()}
+
+
+def moves_ratio(moved: int, minimum: Optional[int]) -> Optional[float]:
+    """Return moves over the minimum, or None when the minimum is unknown or zero."""
+    if minimum is None:
+        return None
+    if minimum == 0:
+        # 0/0 means nothing had to move and nothing did: a perfect score.
+        return 1.0 if moved == 0 else None
+    return moved / minimum
+
+
 def time_calls(call: Callable[[], object], repeats: int) -> list[float]:
     """Return the wall time of each of ``repeats`` calls, in seconds."""
     timings = []
@@ -84,11 +124,23 @@ def peak_memory(call: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-def run_size(n_configs: int, n_nodes: int, repeats: int) -> list[dict[str, Any]]:
-    """Benchmark the three scenarios for one size and return one row per scenario."""
+def run_size(
+    n_configs: int, n_nodes: int, repeats: int, tag_groups: int = 0
+) -> list[dict[str, Any]]:
+    """Benchmark the three scenarios for one size and return one row per scenario.
+
+    With ``tag_groups`` the scenarios run under eligibility constraints (see the module
+    docstring) and their names carry a ``/<G>g`` suffix.
+    """
     nodes = {f"node-{i}": 1.0 for i in range(n_nodes)}
     configs = [f"tenant-{i // 7}/worker-{i}" for i in range(n_configs)]
-    start = assign(nodes, configs, {})
+    needs = tag_requirements(configs, tag_groups) if tag_groups else {}
+    suffix = f"/{tag_groups}g" if tag_groups else ""
+
+    def eligibility(live: Mapping[str, float]) -> Optional[dict[str, frozenset[str]]]:
+        return tagged_eligibility(live, needs, tag_groups) if tag_groups else None
+
+    start = assign(nodes, configs, {}, eligible=eligibility(nodes))
     scenarios: list[tuple[str, dict[str, float], dict[str, str]]] = [
         ("scratch", nodes, {}),
         ("join", {**nodes, "node-new": 1.0}, start),
@@ -96,19 +148,25 @@ def run_size(n_configs: int, n_nodes: int, repeats: int) -> list[dict[str, Any]]
     ]
     rows = []
     for name, live, current in scenarios:
+        eligible = eligibility(live)
 
-        def call(live: dict[str, float] = live, current: dict[str, str] = current) -> object:
-            return assign(live, configs, current)
+        def call(
+            live: dict[str, float] = live,
+            current: dict[str, str] = current,
+            eligible: Optional[dict[str, frozenset[str]]] = eligible,
+        ) -> object:
+            return assign(live, configs, current, eligible=eligible)
 
         timings = time_calls(call, repeats)
-        result = assign(live, configs, current)
+        result = assign(live, configs, current, eligible=eligible)
         moved = surviving_moves(live, configs, current, result)
-        minimum = minimum_moves(live, configs, current)
+        minimum = minimum_moves(live, configs, current) if eligible is None else None
         rows.append(
             {
                 "configs": n_configs,
                 "nodes": n_nodes,
-                "scenario": name,
+                "scenario": name + suffix,
+                "tag_groups": tag_groups,
                 "repeats": repeats,
                 "median_s": statistics.median(timings),
                 "min_s": min(timings),
@@ -116,9 +174,8 @@ def run_size(n_configs: int, n_nodes: int, repeats: int) -> list[dict[str, Any]]
                 "peak_bytes": peak_memory(call),
                 "moves": moved,
                 "minimum_moves": minimum,
-                # 0/0 means nothing had to move and nothing did: a perfect score.
-                "moves_ratio": moved / minimum if minimum else (1.0 if moved == 0 else None),
-                "reassigned": sum(1 for c in configs if current.get(c) != result[c]),
+                "moves_ratio": moves_ratio(moved, minimum),
+                "reassigned": sum(1 for c in configs if current.get(c) != result.get(c)),
             }
         )
     return rows
@@ -126,19 +183,21 @@ def run_size(n_configs: int, n_nodes: int, repeats: int) -> list[dict[str, Any]]
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Print the rows as an aligned text table."""
+    width = max([8] + [len(row["scenario"]) for row in rows])
     header = (
-        f"{'configs':>8} {'nodes':>6} {'scenario':<8} {'median ms':>10} {'min ms':>8} "
+        f"{'configs':>8} {'nodes':>6} {'scenario':<{width}} {'median ms':>10} {'min ms':>8} "
         f"{'max ms':>8} {'peak MiB':>9} {'moves':>6} {'min':>6} {'ratio':>6} {'reassigned':>10}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         ratio = "n/a" if row["moves_ratio"] is None else f"{row['moves_ratio']:.2f}"
+        minimum = "n/a" if row["minimum_moves"] is None else row["minimum_moves"]
         print(
-            f"{row['configs']:>8} {row['nodes']:>6} {row['scenario']:<8} "
+            f"{row['configs']:>8} {row['nodes']:>6} {row['scenario']:<{width}} "
             f"{row['median_s'] * 1e3:>10.1f} {row['min_s'] * 1e3:>8.1f} "
             f"{row['max_s'] * 1e3:>8.1f} {row['peak_bytes'] / 2**20:>9.1f} "
-            f"{row['moves']:>6} {row['minimum_moves']:>6} {ratio:>6} {row['reassigned']:>10}"
+            f"{row['moves']:>6} {minimum:>6} {ratio:>6} {row['reassigned']:>10}"
         )
 
 
@@ -149,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny sizes and 3 repeats, for a smoke test"
     )
     parser.add_argument("--repeats", type=int, help="timed calls per scenario (default 5)")
+    parser.add_argument(
+        "--tag-groups",
+        type=int,
+        default=0,
+        metavar="G",
+        help="also run each size with G tag groups of eligibility (default 0: off)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -165,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for n_configs, n_nodes in sizes:
         rows.extend(run_size(n_configs, n_nodes, repeats))
+        if args.tag_groups:
+            rows.extend(run_size(n_configs, n_nodes, repeats, args.tag_groups))
     print_table(rows)
 
     output.parent.mkdir(parents=True, exist_ok=True)

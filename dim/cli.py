@@ -390,6 +390,9 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
         lines.append("no live nodes")
     else:
         header = ["", "NODE", "HOST", "PID", "WEIGHT", "AGE", "EXPIRES IN", "ASSIGNED", "RUNNING"]
+        constrained = any(n.tags or n.capacity is not None for n in status.nodes)
+        if constrained:
+            header.append("TAGS")
         if labels is not None:
             header.insert(1, "NAME")
         rows = [header]
@@ -405,6 +408,9 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
                 str(node.assigned),
                 str(node.running) + (" (draining)" if node.draining else ""),
             ]
+            if constrained:
+                limit = "" if node.capacity is None else f" max {node.capacity}"
+                row.append((",".join(node.tags) or "-") + limit)
             if labels is not None:
                 row.insert(1, labels.get(node.pid, "?") if node.pid is not None else "?")
             rows.append(row)
@@ -419,6 +425,11 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
     )
     if not_running:
         lines.append("not running anywhere: " + _listing([str(c) for c in not_running]))
+    unplaceable = status.unplaceable
+    if unplaceable:
+        lines.append(
+            "cannot be placed: " + _listing([f"{c} ({why})" for c, why in unplaceable.items()])
+        )
     if pending:
         moves = []
         for config_id in pending:

@@ -100,6 +100,11 @@ class Keys:
         return self.prefix + "left"
 
     @property
+    def unplaced(self) -> str:
+        """HASH config key -> why no live node may take it now (tags, capacity)."""
+        return self.prefix + "unplaced"
+
+    @property
     def control(self) -> str:
         """HASH of operator controls: ``paused`` -> '1' while rebalancing is paused;
         ``drain <node id>`` -> when it was asked, for each node being drained."""

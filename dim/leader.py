@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import schedule
 
 from dim import balance
 from dim.configs import Config, KeyFunc, decode, normalize
+from dim.constraints import Rules, eligible_nodes, format_tags, parse_capacity, parse_tags
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Loop
@@ -48,10 +50,15 @@ class LeaderLoop(Loop):
         node: Node,
         get_config: Callable[[], Any],
         key: Optional[KeyFunc],
+        rules: Optional[Rules] = None,
     ) -> None:
         super().__init__(node)
         self._get_config = get_config
         self._key = key
+        self._rules = rules or Rules(None, None)
+        self._rules_for: Optional[dict[str, Config]] = None  # configs the rules were read for
+        self._required: dict[str, frozenset[str]] = {}  # config -> tags it requires
+        self._priority: dict[str, int] = {}  # config -> priority (when not 0)
         self._lock = threading.RLock()
         self.alive_at = node.clock()
         self._scheduler = schedule.Scheduler()
@@ -73,6 +80,9 @@ class LeaderLoop(Loop):
         self._written: dict[str, str] = {}  # ckey -> config json, as stored
         self._live: dict[str, float] = {}  # node id -> weight
         self._weights: dict[str, float] = {}
+        self._tags: dict[str, frozenset[str]] = {}  # node -> its tags (if any)
+        self._capacity: dict[str, int] = {}  # node -> its capacity (if limited)
+        self._unplaced: dict[str, str] = {}  # config -> why no node can take it (written)
         self._static: set[str] = set()  # nodes with a static name (they may come back)
         self._absent: dict[str, float] = {}  # static node gone -> end of its rejoin grace
         self._forget_static: set[str] = set()  # static names whose grace ended
@@ -147,6 +157,18 @@ class LeaderLoop(Loop):
         if self._absent:
             delay = min(delay, max(min(self._absent.values()) - node.clock(), 0.0))
         return delay
+
+    def _learn(self, node_id: str, info: Mapping[str, Optional[str]]) -> None:
+        """Remember a node's weight, static name, tags and capacity (from its description)."""
+        self._weights[node_id] = parse_weight(info.get("weight"))
+        if info.get("static") == "1":
+            self._static.add(node_id)
+        tags = parse_tags(info.get("tags"))
+        if tags:
+            self._tags[node_id] = tags
+        capacity = parse_capacity(info.get("capacity"))
+        if capacity is not None:
+            self._capacity[node_id] = capacity
 
     def _track_absent(self, live: set[str]) -> None:
         """Static nodes gone with configs assigned: their grace starts now."""
@@ -245,12 +267,12 @@ class LeaderLoop(Loop):
         self._draining = draining
         unknown = [n for n in live_ids if n not in self._weights]
         for node_id, info in store.node_infos(unknown).items():
-            self._weights[node_id] = parse_weight(info.get("weight"))
-            if info.get("static") == "1":
-                self._static.add(node_id)
+            self._learn(node_id, dict(info))
         live = {n: self._weights.get(n, 1.0) for n in live_ids}
         if len(self._weights) > 2 * len(view.members) + 16:  # forget nodes long gone
             self._weights = {n: w for n, w in self._weights.items() if n in view.members}
+            self._tags = {n: t for n, t in self._tags.items() if n in view.members}
+            self._capacity = {n: c for n, c in self._capacity.items() if n in view.members}
         if self._grace_until:
             if node.clock() >= self._grace_until:
                 self._grace_until = 0.0
@@ -289,12 +311,55 @@ class LeaderLoop(Loop):
         except BaseException:
             self._read = True
             raise
-        for node_id, weight in (view.weights or {}).items():
-            self._weights[node_id] = parse_weight(weight)
-        self._static.update(view.static or ())
+        for node_id, info in (view.infos or {}).items():
+            self._learn(node_id, info)
         if snapshot is None or view.now_ms >= snapshot[1].now_ms:
             self._view = (node.clock(), view)
         return view
+
+    def _place(
+        self,
+        configs: dict[str, Config],
+        live: dict[str, float],
+        to_place: list[str],
+        current: dict[str, str],
+        excluded: dict[str, set[str]],
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The balanced placement, and why each config left out could not be placed."""
+        if not live:
+            return {}, {}  # nothing runs anywhere: not a constraint to report
+        if self._rules.active and configs is not self._rules_for:
+            # configs read back from Redis (no good get_config result yet in this process)
+            try:
+                self._required, self._priority = self._rules.evaluate(configs)
+            except ConfigError as exc:
+                log.error("placement rules failed on the stored configs: %s", exc)
+                self._required, self._priority = {}, {}
+            self._rules_for = configs
+        capacity = {n: self._capacity[n] for n in live if n in self._capacity}
+        if not (self._required or self._priority or capacity):
+            return balance.assign(live, to_place, current, excluded), {}
+        placing = set(to_place)
+        required = {c: r for c, r in self._required.items() if c in placing}
+        eligible = eligible_nodes(required, {n: self._tags.get(n, frozenset()) for n in live})
+        result = balance.assign_detailed(
+            live,
+            to_place,
+            current,
+            excluded,
+            eligible=eligible or None,
+            capacity=capacity or None,
+            priority={c: p for c, p in self._priority.items() if c in placing} or None,
+        )
+        reasons = {}
+        for ckey, why in result.unplaced.items():
+            if why == balance.REASON_CAPACITY:
+                reasons[ckey] = "waits for capacity"
+            elif ckey in required:
+                reasons[ckey] = f"needs tags {format_tags(required[ckey])}"
+            else:
+                reasons[ckey] = "no live node"
+        return dict(result.assignment), reasons
 
     def _pace(
         self,
@@ -369,6 +434,7 @@ class LeaderLoop(Loop):
         try:
             raw = self._get_config()
             configs = normalize(raw, self._key)
+            required, priority = self._rules.evaluate(configs)
         except Exception as exc:
             error = (
                 exc
@@ -388,6 +454,7 @@ class LeaderLoop(Loop):
         if self._good is not None and list(configs) != list(self._good):
             log.info("config changed: %d configs (was %d)", len(configs), len(self._good))
         self._good = configs
+        self._rules_for, self._required, self._priority = configs, required, priority
 
     def _rebalance(
         self,
@@ -413,15 +480,15 @@ class LeaderLoop(Loop):
         current = {c: n for c, n in self._assignment.items() if c in configs}
         # configs of a static node within its rejoin grace stay assigned to it
         held = {c: n for c, n in current.items() if n in self._absent}
-        unplaced = [c for c in configs if current.get(c) not in live and c not in held]
-        holders = store.claims(unplaced) if unplaced else {}
+        orphans = [c for c in configs if current.get(c) not in live and c not in held]
+        holders = store.claims(orphans) if orphans else {}
         for ckey, (holder, _token) in holders.items():
             if holder in live:
                 current[ckey] = holder  # rebuild placement from claims (Redis restart)
         to_place = [c for c in configs if c not in held]
         if self._grace_until:
             to_place = [c for c in configs if current.get(c) in live]
-        new = balance.assign(live, to_place, current, excluded) if live else {}
+        new, unplaced = self._place(configs, live, to_place, current, excluded)
         new.update(held)
         old = self._assignment
         holding = self._draining | ({exclude} if exclude is not None else set())
@@ -444,6 +511,8 @@ class LeaderLoop(Loop):
             ),
             "drop_failures": expired,
             "forget_static": sorted(self._forget_static),
+            "unplaced": {c: r for c, r in unplaced.items() if self._unplaced.get(c) != r},
+            "placeable": [c for c in self._unplaced if c not in unplaced],
         }
         # a node that (re)joined gets its whole share written again: a static node back
         # from its grace finds the configs it had, though its desired set was deleted
@@ -486,6 +555,9 @@ class LeaderLoop(Loop):
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
         self._wrote = True
+        if unplaced != self._unplaced and unplaced:
+            log.warning("%d configs cannot be placed: %s", len(unplaced), _summary(unplaced))
+        self._unplaced = unplaced
         self._static -= self._forget_static
         self._forget_static = set()
         self._compared = configs
@@ -523,3 +595,11 @@ class LeaderLoop(Loop):
                 },
             )
         )
+
+
+def _summary(unplaced: Mapping[str, str]) -> str:
+    """'2 need tags gpu, 1 waits for capacity' (for the log)."""
+    counts: dict[str, int] = {}
+    for reason in unplaced.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

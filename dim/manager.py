@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -18,6 +19,7 @@ from redis.cluster import RedisCluster
 
 from dim import redis_errors
 from dim.configs import KeyFunc
+from dim.constraints import Rule, Rules, check_capacity, check_tags
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
 from dim.events import Dispatcher, Event, EventType, Listener
 from dim.health import HealthLoop
@@ -112,6 +114,14 @@ class Manager:
         ``node_ttl`` for a previous holder to go, then raises :class:`StateError`. With
         ``settings.rejoin_grace``, a node that comes back under its name within the
         grace gets its configs back; they do not move elsewhere meanwhile.
+    :param tags: labels of this node (``{"eu", "gpu"}``); a config that requires tags
+        runs only on a node that has them all.
+    :param capacity: the most instances this node runs (default: no limit).
+    :param requires: which tags a config requires: the name of a field of the config
+        mapping holding a list of tags, or a callable ``config -> iterable of tags``.
+        A config no live node may take is reported (``dim status``), not dropped.
+    :param priority: when capacity is short, which configs run first: a field name or a
+        callable ``config -> int`` (higher first; default 0).
     """
 
     def __init__(
@@ -127,6 +137,10 @@ class Manager:
         key: Optional[KeyFunc] = None,
         weight: float = 1.0,
         node_name: Optional[str] = None,
+        tags: Iterable[str] = (),
+        capacity: Optional[int] = None,
+        requires: Rule = None,
+        priority: Rule = None,
     ) -> None:
         _check_callable("get_config", get_config, optional=False)
         _check_callable("create", create, optional=False)
@@ -160,6 +174,9 @@ class Manager:
             raise ConfigError(f"weight must be a positive number, got {weight!r}", weight)
         self.service = check_service(service)
         self._node_name = None if node_name is None else check_node_name(node_name)
+        self._tags = check_tags(tags)
+        self._capacity = check_capacity(capacity)
+        self._rules = Rules(requires, priority)
         self.settings = settings
         self._redis_target = redis
         self._callbacks = UserCallbacks(
@@ -207,9 +224,11 @@ class Manager:
                 dispatcher=self._dispatcher,
                 weight=self._weight,
                 node_id=self._node_name,
+                tags=self._tags,
+                capacity=self._capacity,
             )
             node.reconciler = Reconciler(node, self._callbacks)
-            node.leader = LeaderLoop(node, self._get_config, self._key)
+            node.leader = LeaderLoop(node, self._get_config, self._key, self._rules)
             node.listener = PubSubListener(node)
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import redis
 
+from dim.constraints import format_tags
 from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
@@ -48,9 +49,13 @@ class Node:
         weight: float,
         clock: Callable[[], float] = time.monotonic,
         node_id: Optional[str] = None,
+        tags: frozenset[str] = frozenset(),
+        capacity: Optional[int] = None,
     ) -> None:
         self.node_id = node_id or new_node_id()
         self.static = node_id is not None  # a name the user chose, kept across restarts
+        self.tags = tags
+        self.capacity = capacity
         # this process's claim on the node id: a second process with the same static
         # name is refused while this session's description lives
         self.session = secrets.token_hex(6)
@@ -109,6 +114,8 @@ class Node:
                 "version": __version__,
                 "session": self.session,
                 "static": "1" if self.static else "0",
+                "tags": format_tags(self.tags),
+                "capacity": "" if self.capacity is None else str(self.capacity),
             }
         return self._info
 

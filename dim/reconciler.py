@@ -425,7 +425,9 @@ class Reconciler(Loop):
         placement = self._placements.get(ckey)
         if placement is None:
             return False
-        return placement.node is None and placement.config_json is not None
+        return (
+            placement.node is None and placement.config_json is not None and not placement.waiting
+        )
 
     def _claimed(self, tokens: dict[str, int]) -> None:
         lost: list[tuple[str, int]] = []

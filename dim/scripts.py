@@ -185,22 +185,21 @@ LEADER_READ = (
 -- KEYS[1] nodes zset, KEYS[2] failures hash, KEYS[3] control hash
 -- ARGV[1] key prefix (for node info hashes)
 -- returns {now ms, {member, expiry ms, ...}, {failure field, until ms, ...},
---          {member, weight or nil, ...} for the live members, {control field, value, ...},
---          {live member with a static name, ...}}
+--          {member, weight, static, tags, capacity, ...} for the live members (each
+--          field of its description, or nil), {control field, value, ...}}
 -- The leader's view in one round trip when a hint says the membership changed.
 local now = now_ms()
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local weights, static = {}, {}
+local infos = {}
 for i = 1, #members, 2 do
   if tonumber(members[i + 1]) > now then
-    local info = redis.call('HMGET', ARGV[1] .. 'node:' .. members[i], 'weight', 'static')
-    weights[#weights + 1] = members[i]
-    weights[#weights + 1] = info[1]
-    if info[2] == '1' then static[#static + 1] = members[i] end
+    local info = redis.call('HMGET', ARGV[1] .. 'node:' .. members[i],
+                            'weight', 'static', 'tags', 'capacity')
+    infos[#infos + 1] = members[i]
+    for j = 1, 4 do infos[#infos + 1] = info[j] end
   end
 end
-return {now, members, redis.call('HGETALL', KEYS[2]), weights, redis.call('HGETALL', KEYS[3]),
-        static}
+return {now, members, redis.call('HGETALL', KEYS[2]), infos, redis.call('HGETALL', KEYS[3])}
 """
 )
 
@@ -225,12 +224,13 @@ LEADER_WRITE = (
     _PRELUDE
     + """
 -- KEYS[1] leader, KEYS[2] assignment, KEYS[3] configs, KEYS[4] version, KEYS[5] nodes,
--- KEYS[6] failures, KEYS[7] control
+-- KEYS[6] failures, KEYS[7] control, KEYS[8] unplaced
 -- ARGV[1] expected leader value '<node>:<epoch>', ARGV[2] key prefix (for desired sets),
 -- ARGV[3] JSON change set:
 --   {"assign": {ckey: node}, "unassign": [ckey], "configs": {ckey: json},
 --    "drop_configs": [ckey], "add": {node: [ckey]}, "rem": {node: [ckey]},
---    "drop_nodes": [node], "drop_failures": [field], "forget_static": [node]}
+--    "drop_nodes": [node], "drop_failures": [field], "forget_static": [node],
+--    "unplaced": {ckey: reason}, "placeable": [ckey]}
 -- ARGV[4] channel, ARGV[5] hint prefix: the script appends ',"v":<version>}'
 -- returns the new version, or -1 (and writes nothing) if the leader is not ARGV[1]
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
@@ -270,6 +270,12 @@ end
 for _, node in ipairs(change['forget_static'] or {}) do
   redis.call('HDEL', KEYS[7], 'static ' .. node)
 end
+for ckey, reason in pairs(change['unplaced'] or {}) do
+  redis.call('HSET', KEYS[8], ckey, reason)
+end
+for _, ckey in ipairs(change['placeable'] or {}) do
+  redis.call('HDEL', KEYS[8], ckey)
+end
 local version = redis.call('INCR', KEYS[4])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ',"v":' .. version .. '}')
 return version
@@ -278,11 +284,12 @@ return version
 
 READ_DESIRED = """
 -- KEYS[1] desired set of one node, KEYS[2] configs hash, KEYS[3] version,
--- KEYS[4] assignment hash
+-- KEYS[4] assignment hash, KEYS[5] unplaced hash
 -- ARGV[1..] config keys this node runs or handles now (to learn where they belong)
 -- returns {version or nil,
 --          {ckey, config json or nil, ...} for the desired set,
---          {ckey, assigned node or nil, config json or nil, ...} for the ARGV keys}
+--          {ckey, assigned node or nil, config json or nil, unplaced reason or nil, ...}
+--          for the ARGV keys}
 local out = {}
 for _, ckey in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   out[#out + 1] = ckey
@@ -293,6 +300,7 @@ for i = 1, #ARGV do
   mine[#mine + 1] = ARGV[i]
   mine[#mine + 1] = redis.call('HGET', KEYS[4], ARGV[i])
   mine[#mine + 1] = redis.call('HGET', KEYS[2], ARGV[i])
+  mine[#mine + 1] = redis.call('HGET', KEYS[5], ARGV[i])
 end
 return {redis.call('GET', KEYS[3]), out, mine}
 """

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import attrs
 
 from dim.configs import decode
+from dim.constraints import parse_capacity, parse_tags
 from dim.leader import parse_weight
 from dim.store import Store, draining, parse_owner, paused
 
@@ -26,6 +27,8 @@ class NodeStatus:
     assigned: int  # configs the leader placed here
     running: int  # claims this node holds
     draining: bool = False  # an operator is moving everything off it (``dim drain``)
+    tags: tuple[str, ...] = ()  # its labels (``Manager(tags=...)``)
+    capacity: Optional[int] = None  # the most instances it runs (None: no limit)
 
 
 @attrs.frozen
@@ -36,6 +39,7 @@ class ConfigStatus:
     assigned_to: Optional[str]
     claimed_by: Optional[str]
     token: Optional[int]
+    waiting: Optional[str] = None  # why no live node may take it (tags, capacity)
 
     @property
     def settled(self) -> bool:
@@ -72,6 +76,11 @@ class ClusterStatus:
         return [c.config_id for c in self.configs.values() if c.claimed_by is None]
 
     @property
+    def unplaceable(self) -> dict[Any, str]:
+        """Configs no live node may take now, with the reason (required tags, capacity)."""
+        return {c.config_id: c.waiting for c in self.configs.values() if c.waiting}
+
+    @property
     def pending(self) -> list[Any]:
         """Configs not (yet) running where they are assigned: handoffs in progress."""
         return [c.config_id for c in self.configs.values() if not c.settled]
@@ -89,6 +98,7 @@ class ClusterStatus:
             "configs": [attrs.asdict(c) for c in self.configs.values()],
             "not_running": self.not_running,
             "pending": self.pending,
+            "unplaceable": {str(k): v for k, v in self.unplaceable.items()},
             "local": [{"config_id": k, **v} for k, v in self.local.items()],
         }
 
@@ -104,6 +114,7 @@ def read_status(store: Store) -> ClusterStatus:
     stored = store.configs()
     holders = store.claims(sorted(stored))
     control = store.control()
+    waiting = store.unplaced()
     drained = draining(control)
     configs: dict[Any, ConfigStatus] = {}
     assigned_count: dict[str, int] = {}
@@ -119,7 +130,11 @@ def read_status(store: Store) -> ClusterStatus:
         if holder is not None:
             running_count[holder[0]] = running_count.get(holder[0], 0) + 1
         configs[config.id] = ConfigStatus(
-            config.id, target, holder[0] if holder else None, holder[1] if holder else None
+            config.id,
+            target,
+            holder[0] if holder else None,
+            holder[1] if holder else None,
+            waiting.get(ckey),
         )
     nodes = []
     for node_id in live:
@@ -136,6 +151,8 @@ def read_status(store: Store) -> ClusterStatus:
                 assigned=assigned_count.get(node_id, 0),
                 running=running_count.get(node_id, 0),
                 draining=node_id in drained,
+                tags=tuple(sorted(parse_tags(info.get("tags")))),
+                capacity=parse_capacity(info.get("capacity")),
             )
         )
     return ClusterStatus(

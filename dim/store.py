@@ -60,9 +60,9 @@ class View:
     now_ms: int  # server time of the read
     members: dict[str, int]  # node id -> expiry ms, live or expired
     failures: dict[str, int]  # '<node> <ckey>' -> until ms
-    weights: Optional[dict[str, Optional[str]]] = None  # live node -> weight field, if read
+    # live node -> its description's weight, static, tags and capacity fields, if read
+    infos: Optional[dict[str, dict[str, Optional[str]]]] = None
     control: dict[str, str] = attrs.field(factory=dict)  # the operator's controls
-    static: Optional[set[str]] = None  # live nodes with a static name, if read
 
     @property
     def paused(self) -> bool:
@@ -90,6 +90,7 @@ class Placement:
 
     node: Optional[str]
     config_json: Optional[str]
+    waiting: bool = False  # the leader found no node that may take it (tags, capacity)
 
 
 def paused(control: dict[str, str]) -> bool:
@@ -271,14 +272,17 @@ class Store:
         """
         k = self.keys
         version, flat, mine = self._read_desired(
-            keys=[k.desired(node_id), k.configs, k.version, k.assignment], args=handled
+            keys=[k.desired(node_id), k.configs, k.version, k.assignment, k.unplaced],
+            args=handled,
         )
         flat = flat or []
         mine = mine or []
         desired = {str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
         placements = {
-            str(text(mine[i])): Placement(text(mine[i + 1]), text(mine[i + 2]))
-            for i in range(0, len(mine) - 2, 3)
+            str(text(mine[i])): Placement(
+                text(mine[i + 1]), text(mine[i + 2]), mine[i + 3] is not None
+            )
+            for i in range(0, len(mine) - 3, 4)
         }
         return text(version), desired, placements
 
@@ -325,19 +329,24 @@ class Store:
     # -- the leader -------------------------------------------------------------------
 
     def leader_read(self) -> View:
-        """Membership, failures and the live nodes' weights, in one round trip."""
+        """Membership, failures, controls and the live nodes' descriptions, in one round
+        trip."""
         k = self.keys
-        now, members, failures, weights, control, static = self._leader_read(
+        now, members, failures, flat, control = self._leader_read(
             keys=[k.nodes, k.failures, k.control], args=[k.prefix]
         )
-        weights = weights or []
+        flat = flat or []
+        fields = ("weight", "static", "tags", "capacity")
+        infos = {
+            str(text(flat[i])): {f: text(flat[i + 1 + j]) for j, f in enumerate(fields)}
+            for i in range(0, len(flat) - len(fields), len(fields) + 1)
+        }
         return View(
             int(now),
             self._members(members),
             self._failures(failures),
-            {str(text(weights[i])): text(weights[i + 1]) for i in range(0, len(weights) - 1, 2)},
+            infos,
             control=_pairs(control),
-            static={str(text(n)) for n in static or []},
         )
 
     # -- the operator (CLI) -----------------------------------------------------------
@@ -439,6 +448,10 @@ class Store:
                 out[ckey] = owner
         return out
 
+    def unplaced(self) -> dict[str, str]:
+        """config key -> why the leader could not place it."""
+        return _pairs([x for pair in self.client.hgetall(self.keys.unplaced).items() for x in pair])
+
     def failures(self) -> dict[str, int]:
         raw = self.client.hgetall(self.keys.failures)
         return self._failures([x for pair in raw.items() for x in pair])
@@ -463,7 +476,16 @@ class Store:
                 hint += f',"t":{named}'
         return int(
             self._leader_write(
-                keys=[k.leader, k.assignment, k.configs, k.version, k.nodes, k.failures, k.control],
+                keys=[
+                    k.leader,
+                    k.assignment,
+                    k.configs,
+                    k.version,
+                    k.nodes,
+                    k.failures,
+                    k.control,
+                    k.unplaced,
+                ],
                 args=[leader_value, k.prefix, json.dumps(change), k.events, hint],
             )
         )

@@ -15,18 +15,28 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Optional, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dim.balance import assign, fair_bounds, moves, quotas
+from dim.balance import (
+    REASON_CAPACITY,
+    REASON_INELIGIBLE,
+    Placement,
+    assign,
+    assign_detailed,
+    fair_bounds,
+    moves,
+    quotas,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V = TypeVar("V")
@@ -546,3 +556,602 @@ def test_scale_is_not_quadratic() -> None:
     small_time = _timed(lambda: assign(nodes, small, {}))
     large_time = _timed(lambda: assign(nodes, large, {}))
     assert large_time / small_time < 15, (small_time, large_time)
+
+
+# --- eligibility, capacity and priority: references ---------------------------------
+#
+# Written from the definitions in the module docstring, by exhaustive search: the
+# greedy selection checks each candidate set with Kuhn's augmenting paths, the fair
+# shares enumerate every subset of classes, and the fewest moves enumerate every
+# placement.  Small inputs only.
+
+DEAD = "dead-node"  # longer than any drawn node id, so never live
+# Fewer examples than PROPERTY: the references search exhaustively, and the suite must
+# stay fast.
+CONSTRAINED = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Case(NamedTuple):
+    """One call of `assign_detailed`, with every argument spelled out."""
+
+    nodes: dict[str, float]
+    configs: list[str]
+    current: dict[str, str]
+    excluded: dict[str, AbstractSet[str]]
+    eligible: dict[str, AbstractSet[str]]
+    capacity: dict[str, int]
+    priority: dict[str, int]
+
+    def run(self, current: Optional[Mapping[str, str]] = None) -> Placement:
+        """Call `assign_detailed` on this case (optionally from another placement)."""
+        return assign_detailed(
+            self.nodes,
+            self.configs,
+            self.current if current is None else current,
+            self.excluded,
+            eligible=self.eligible,
+            capacity=self.capacity,
+            priority=self.priority,
+        )
+
+    def allowed(self) -> dict[str, frozenset[str]]:
+        """Live nodes each config may run on: eligible, minus exclusions that leave some."""
+        result = {}
+        for config in self.configs:
+            base = set(self.nodes)
+            if config in self.eligible:
+                base &= set(self.eligible[config])
+            rest = base - set(self.excluded.get(config, ()))
+            result[config] = frozenset(rest or base)
+        return result
+
+    def live_capacity(self) -> dict[str, int]:
+        """Capacity of the live nodes only."""
+        return {node: limit for node, limit in self.capacity.items() if node in self.nodes}
+
+    def surviving(self) -> dict[str, str]:
+        """Current placements on live nodes (configs that could stay put)."""
+        return {c: n for c, n in self.current.items() if n in self.nodes}
+
+
+@st.composite
+def constrained_cases(
+    draw: st.DrawFn,
+    min_nodes: int = 1,
+    max_nodes: int = 4,
+    max_configs: int = 6,
+) -> Case:
+    """Draw a small case with eligibility, exclusions, capacity and priority, all optional."""
+    nodes = draw(weight_maps(min_nodes=min_nodes, max_nodes=max_nodes))
+    configs = draw(st.lists(config_keys, max_size=max_configs))
+    pool = [*sorted(nodes), DEAD]
+    eligible = {c: draw(st.sets(st.sampled_from(pool))) for c in configs if draw(st.booleans())}
+    excluded: dict[str, AbstractSet[str]] = {}
+    if draw(st.booleans()):
+        excluded = {
+            c: draw(st.sets(st.sampled_from(pool), max_size=2))
+            for c in configs
+            if draw(st.integers(0, 3)) == 0
+        }
+    capacity: dict[str, int] = {}
+    if draw(st.booleans()):
+        capacity = {n: draw(st.integers(0, 3)) for n in pool if draw(st.booleans())}
+    priority = {c: draw(st.integers(-1, 2)) for c in configs if draw(st.booleans())}
+    current = draw(placements(nodes, configs))
+    return Case(nodes, configs, current, excluded, eligible, capacity, priority)
+
+
+def fits_all(
+    chosen: list[str], allowed: Mapping[str, AbstractSet[str]], capacity: Mapping[str, int]
+) -> bool:
+    """Return whether every chosen config gets its own slot (Kuhn's augmenting paths)."""
+    slots = [
+        node
+        for node in sorted({n for c in chosen for n in allowed[c]})
+        for _ in range(min(capacity.get(node, len(chosen)), len(chosen)))
+    ]
+    owner: list[Optional[str]] = [None] * len(slots)
+
+    def augment(config: str, seen: set[int]) -> bool:
+        for k, node in enumerate(slots):
+            if node in allowed[config] and k not in seen:
+                seen.add(k)
+                holder = owner[k]
+                if holder is None or augment(holder, seen):
+                    owner[k] = config
+                    return True
+        return False
+
+    return all(augment(config, set()) for config in chosen)
+
+
+def reference_selection(case: Case) -> set[str]:
+    """Greedy by (priority desc, running first, CRC-32, key): keep a config if all still fit."""
+    allowed = case.allowed()
+    capacity = case.live_capacity()
+
+    def rank(config: str) -> tuple[int, bool, int, str]:
+        running = case.current.get(config) in allowed[config]
+        return (-case.priority.get(config, 0), not running, zlib.crc32(config.encode()), config)
+
+    chosen: list[str] = []
+    for config in sorted((c for c in set(case.configs) if allowed[c]), key=rank):
+        if fits_all([*chosen, config], allowed, capacity):
+            chosen.append(config)
+    return set(chosen)
+
+
+def water_level(weights: Mapping[str, Fraction], caps: Mapping[str, int], target: int) -> Fraction:
+    """Return the least ``lam >= 0`` with ``sum(min(cap, lam * w)) >= target``."""
+
+    def filled(lam: Fraction) -> Fraction:
+        return sum(
+            (min(Fraction(caps[n]), lam * w) if n in caps else lam * w for n, w in weights.items()),
+            Fraction(0),
+        )
+
+    # Piecewise linear in lam, with a breakpoint where each capped node fills up.
+    points = sorted({Fraction(caps[n]) / w for n, w in weights.items() if n in caps} - {0})
+    low = Fraction(0)
+    for point in [*points, None]:
+        if point is not None and filled(point) < target:
+            low = point
+            continue
+        slope = sum(
+            (w for n, w in weights.items() if n not in caps or Fraction(caps[n]) / w > low),
+            Fraction(0),
+        )
+        return low if slope == 0 else low + (target - filled(low)) / slope
+    raise AssertionError("unreachable")
+
+
+def _room(nodes: Iterable[str], lam: Fraction, case: Case) -> Fraction:
+    """Return ``sum(min(cap, lam * w))`` over ``nodes``."""
+    caps = case.live_capacity()
+    total = Fraction(0)
+    for node in nodes:
+        fill = lam * Fraction(case.nodes[node])
+        total += min(Fraction(caps[node]), fill) if node in caps else fill
+    return total
+
+
+def reference_levels(
+    case: Case, placed: Iterable[str]
+) -> tuple[dict[str, Fraction], dict[frozenset[str], int], dict[str, int]]:
+    """Fair shares by brute force: (share per node, level per class, level per node).
+
+    Most crowded level first: ``lam`` is the largest water level over every subset of
+    the remaining classes (on the remaining nodes); the level holds every class of every
+    subset that fills its nodes exactly at ``lam``, and those nodes get
+    ``min(cap, lam * w)``; then both leave.
+    """
+    caps = case.live_capacity()
+    allowed = case.allowed()
+    remaining = dict(Counter(allowed[c] for c in placed))
+    free = set(case.nodes)
+    share = dict.fromkeys(case.nodes, Fraction(0))
+    class_level: dict[frozenset[str], int] = {}
+    node_level: dict[str, int] = {}
+    level = 0
+    while remaining:
+        subsets = [
+            (sum(remaining[cls] for cls in group), {n for cls in group for n in cls} & free, group)
+            for size in range(1, len(remaining) + 1)
+            for group in itertools.combinations(remaining, size)
+        ]
+        lam = max(
+            water_level({n: Fraction(case.nodes[n]) for n in reach}, caps, need)
+            for need, reach, _ in subsets
+        )
+        tight = {
+            cls
+            for need, reach, group in subsets
+            if need == _room(reach, lam, case)
+            for cls in group
+        }
+        tight_nodes = {n for cls in tight for n in cls} & free
+        for node in tight_nodes:
+            share[node] = _room([node], lam, case)
+            node_level[node] = level
+        for cls in tight:
+            class_level[cls] = level
+            del remaining[cls]
+        free -= tight_nodes
+        level += 1
+    return share, class_level, node_level
+
+
+def reference_fewest_moves(case: Case, placed: Iterable[str]) -> int:
+    """Fewest surviving configs moved over every placement meeting the fair shares."""
+    share, class_level, node_level = reference_levels(case, placed)
+    allowed = case.allowed()
+    ordered = sorted(placed)
+    options = [
+        [n for n in sorted(allowed[c]) if node_level.get(n) == class_level[allowed[c]]]
+        for c in ordered
+    ]
+    surviving = case.surviving()
+    best = math.inf
+    for choice in itertools.product(*options):
+        counts = Counter(choice)
+        if all(math.floor(s) <= counts[n] <= math.ceil(s) for n, s in share.items()):
+            moved = sum(1 for c, n in zip(ordered, choice) if c in surviving and surviving[c] != n)
+            best = min(best, moved)
+    assert best < math.inf, "no placement meets the fair shares"
+    return int(best)
+
+
+def assert_valid(case: Case, placement: Placement) -> None:
+    """Check the hard rules: coverage, eligibility, exclusions, capacity, reasons."""
+    allowed = case.allowed()
+    assert set(placement.assignment) | set(placement.unplaced) == set(case.configs)
+    assert not set(placement.assignment) & set(placement.unplaced)
+    for config, node in placement.assignment.items():
+        assert node in allowed[config], (config, node)
+    counts = Counter(placement.assignment.values())
+    for node, limit in case.live_capacity().items():
+        assert counts[node] <= limit, (node, counts[node], limit)
+    for config, reason in placement.unplaced.items():
+        assert reason == (REASON_CAPACITY if allowed[config] else REASON_INELIGIBLE)
+    assert placement.assignment == assign(
+        case.nodes,
+        case.configs,
+        case.current,
+        case.excluded,
+        eligible=case.eligible,
+        capacity=case.capacity,
+        priority=case.priority,
+    )
+
+
+# --- eligibility, capacity and priority: properties ---------------------------------
+
+
+@CONSTRAINED
+@given(constrained_cases(max_nodes=6, max_configs=20))
+def test_constraints_never_violated(case: Case) -> None:
+    """Placed configs run on live eligible nodes within capacity; the rest carry a reason."""
+    assert_valid(case, case.run())
+
+
+@CONSTRAINED
+@given(constrained_cases())
+def test_waiting_configs_follow_priority(case: Case) -> None:
+    """The placed set is the greedy one: priority, then running, then hash order."""
+    placement = case.run()
+    assert set(placement.assignment) == reference_selection(case)
+    assert_valid(case, placement)
+    if not case.capacity:
+        assert REASON_CAPACITY not in placement.unplaced.values()
+
+
+@CONSTRAINED
+@given(constrained_cases())
+def test_fair_shares_and_levels(case: Case) -> None:
+    """Shares match the brute-force fair shares; counts are their floor or ceiling."""
+    placement = case.run()
+    share, class_level, node_level = reference_levels(case, placement.assignment)
+    assert placement.shares == share
+    counts = Counter(placement.assignment.values())
+    for node, value in share.items():
+        assert math.floor(value) <= counts[node] <= math.ceil(value), (node, value)
+    allowed = case.allowed()
+    for config, node in placement.assignment.items():
+        # Every config runs on its own level, never on a more crowded one.
+        assert node_level[node] == class_level[allowed[config]]
+
+
+@CONSTRAINED
+@given(constrained_cases(max_nodes=6, max_configs=20))
+def test_loads_even_among_eligible_nodes(case: Case) -> None:
+    """No config could move to an allowed node with room and make loads per weight closer.
+
+    For a config on ``u`` and any node ``v`` it may run on, below capacity:
+    ``count_u / w_u - count_v / w_v < 1 / w_u + 1 / w_v``.  With equal weights and no
+    capacity that reads ``count_u <= count_v + 1``.
+    """
+    placement = case.run()
+    counts = Counter(placement.assignment.values())
+    weight = {n: Fraction(w) for n, w in case.nodes.items()}
+    capacity = case.live_capacity()
+    allowed = case.allowed()
+    for config, u in placement.assignment.items():
+        for v in allowed[config]:
+            if counts[v] < capacity.get(v, math.inf):
+                gap = counts[u] / weight[u] - counts[v] / weight[v]
+                assert gap < 1 / weight[u] + 1 / weight[v], (config, u, v, counts)
+                if len(set(case.nodes.values())) == 1 and not capacity:
+                    assert counts[u] <= counts[v] + 1
+
+
+@CONSTRAINED
+@given(constrained_cases())
+def test_moves_minimal_under_constraints(case: Case) -> None:
+    """Surviving configs move exactly as few times as the fair shares force."""
+    placement = case.run()
+    assert moves(case.surviving(), placement.assignment) == reference_fewest_moves(
+        case, placement.assignment
+    )
+
+
+@CONSTRAINED
+@given(constrained_cases(max_nodes=6, max_configs=20))
+def test_idempotent_under_constraints(case: Case) -> None:
+    """Feeding a constrained result back in changes nothing, placed or waiting."""
+    first = case.run()
+    again = case.run(current=first.assignment)
+    assert again.assignment == first.assignment
+    assert again.unplaced == first.unplaced
+
+
+@pytest.mark.parametrize("event", ["join", "leave"])
+@CONSTRAINED
+@given(data=st.data())
+def test_moves_minimal_after_join_or_leave_under_constraints(
+    event: str, data: st.DataObject
+) -> None:
+    """After a node joins (with its own eligibility) or leaves, moves are the forced minimum.
+
+    Forced means: a surviving config moves only when no placement meeting the new fair
+    shares keeps it, counted by exhaustive search over every such placement.
+    """
+    case = data.draw(constrained_cases(min_nodes=2 if event == "leave" else 1, max_nodes=3))
+    before = case.run()
+    nodes, eligible = dict(case.nodes), dict(case.eligible)
+    capacity = dict(case.capacity)
+    if event == "join":
+        new = data.draw(node_ids.filter(lambda n: n not in nodes))
+        nodes[new] = data.draw(float_weights)
+        for config in eligible:
+            if data.draw(st.booleans()):
+                eligible[config] = {*eligible[config], new}
+        if data.draw(st.booleans()):
+            capacity[new] = data.draw(st.integers(0, 3))
+    else:
+        del nodes[data.draw(st.sampled_from(sorted(nodes)))]
+    after_case = case._replace(
+        nodes=nodes, eligible=eligible, capacity=capacity, current=before.assignment
+    )
+    after = after_case.run()
+    assert_valid(after_case, after)
+    assert set(after.assignment) == reference_selection(after_case)
+    assert moves(after_case.surviving(), after.assignment) == reference_fewest_moves(
+        after_case, after.assignment
+    )
+
+
+def test_forced_move_keeps_balance() -> None:
+    """A config may move off a node that is not over quota when balance forces it.
+
+    d has left.  x may run only on a or d, so it must go to a, whose fair share (two) a
+    already holds with p1 and p2; one of them moves to b, which has room.  Every balanced
+    placement moves one config, and so does assign.
+    """
+    nodes = dict.fromkeys("abc", 1.0)
+    p_nodes, q_nodes = frozenset("ab"), frozenset("bc")
+    eligible = {
+        "x": frozenset("ad"),
+        **dict.fromkeys(["p1", "p2"], p_nodes),
+        **dict.fromkeys(["q1", "q2", "q3"], q_nodes),
+    }
+    current = {"x": "d", "p1": "a", "p2": "a", "q1": "b", "q2": "c", "q3": "c"}
+    placement = assign_detailed(nodes, list(eligible), current, eligible=eligible)
+    assert placement.shares == dict.fromkeys("abc", Fraction(2))
+    assert placement.assignment["x"] == "a"
+    assert Counter(placement.assignment.values()) == dict.fromkeys("abc", 2)
+    surviving = {c: n for c, n in current.items() if n in nodes}
+    assert moves(surviving, placement.assignment) == 1
+
+
+# --- priority and capacity: examples ------------------------------------------------
+
+
+def test_priority_displaces_running_config() -> None:
+    """A higher-priority config takes the place of a running lower-priority one."""
+    placement = assign_detailed(
+        {"a": 1.0}, ["low", "high"], {"low": "a"}, capacity={"a": 1}, priority={"high": 1}
+    )
+    assert placement.assignment == {"high": "a"}
+    assert placement.unplaced == {"low": REASON_CAPACITY}
+
+
+def test_running_config_stays_on_priority_tie() -> None:
+    """Among equal priorities the running config keeps its place, whatever the hash order."""
+    for running, other in (("x", "y"), ("y", "x")):
+        placement = assign_detailed({"a": 1.0}, ["x", "y"], {running: "a"}, capacity={"a": 1})
+        assert placement.assignment == {running: "a"}
+        assert placement.unplaced == {other: REASON_CAPACITY}
+
+
+def test_capacity_spreads_to_nodes_with_room() -> None:
+    """A capped node holds its capacity; the others share the rest evenly."""
+    nodes = dict.fromkeys("abc", 1.0)
+    configs = [f"c{i}" for i in range(10)]
+    placement = assign_detailed(nodes, configs, {}, capacity={"a": 2})
+    assert placement.shares == {"a": 2, "b": 4, "c": 4}
+    assert Counter(placement.assignment.values()) == {"a": 2, "b": 4, "c": 4}
+    assert placement.unplaced == {}
+
+
+def test_zero_capacity_everywhere_places_nothing() -> None:
+    """With no room anywhere every config waits for capacity."""
+    placement = assign_detailed(
+        {"a": 1.0, "b": 2.0}, ["x", "y"], {"x": "a"}, capacity={"a": 0, "b": 0}
+    )
+    assert placement.assignment == {}
+    assert placement.unplaced == {"x": REASON_CAPACITY, "y": REASON_CAPACITY}
+
+
+def test_ineligible_config_left_out() -> None:
+    """A config whose eligible nodes are all dead is reported and never placed."""
+    result = assign({"a": 1.0}, ["x", "y"], {"x": "a"}, eligible={"x": {"gone"}, "y": set()})
+    assert result == {}
+    placement = assign_detailed({"a": 1.0}, ["x", "y", "z"], {}, eligible={"x": {"gone"}})
+    assert placement.unplaced == {"x": REASON_INELIGIBLE}
+    assert placement.assignment == {"y": "a", "z": "a"}
+
+
+def test_exclusion_ignored_only_when_no_eligible_node_is_left() -> None:
+    """An exclusion covering every eligible node is dropped; eligibility never is."""
+    nodes = dict.fromkeys("abc", 1.0)
+    result = assign(nodes, ["x"], {}, {"x": {"a"}}, eligible={"x": {"a"}})
+    assert result == {"x": "a"}
+    result = assign(nodes, ["x"], {}, {"x": {"a"}}, eligible={"x": {"a", "b"}})
+    assert result == {"x": "b"}
+
+
+# --- defaults, bad input, determinism -----------------------------------------------
+
+
+@CONSTRAINED
+@given(scenarios())
+def test_detailed_without_new_arguments_matches_assign(
+    scenario: tuple[dict[str, float], list[str], dict[str, str]],
+) -> None:
+    """Without eligibility or capacity everything is placed, as assign() places it."""
+    nodes, configs, current = scenario
+    placement = assign_detailed(nodes, configs, current)
+    assert placement.assignment == assign(nodes, configs, current)
+    assert placement.unplaced == {}
+    assert placement.shares == exact_shares(nodes, len(set(configs)))
+
+
+def test_detailed_with_no_nodes() -> None:
+    """Without live nodes every config is unplaced as ineligible."""
+    placement = assign_detailed({}, ["x", "y"], {"x": "a"})
+    assert placement == Placement(
+        assignment={}, unplaced=dict.fromkeys(["x", "y"], REASON_INELIGIBLE), shares={}
+    )
+    assert repr(placement) == "Placement(placed=0, unplaced={'ineligible': 2}, nodes=0)"
+
+
+def test_generous_capacity_changes_nothing() -> None:
+    """Capacity at or above every ceiling share gives the unconstrained placement."""
+    nodes = {f"n{i}": 1.0 + i % 2 for i in range(5)}
+    configs = [f"c{i}" for i in range(37)]
+    ceilings = {node: high for node, (_, high) in fair_bounds(nodes, len(configs)).items()}
+    assert assign(nodes, configs, {}, capacity=ceilings) == assign(nodes, configs, {})
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, 2.0, "2", True, None])
+def test_bad_capacity_rejected(limit: object) -> None:
+    """A capacity that is not an int >= 0 raises ValueError naming the node and value."""
+    with pytest.raises(ValueError, match=repr(limit).replace(".", r"\.")) as raised:
+        assign({"a": 1.0}, ["x"], {}, capacity={"a": limit})  # type: ignore[dict-item]
+    assert "'a'" in str(raised.value)
+
+
+@pytest.mark.parametrize("rank", [1.0, "1", False, None])
+def test_bad_priority_rejected(rank: object) -> None:
+    """A priority that is not an int raises ValueError naming the config and value."""
+    with pytest.raises(ValueError, match="'x'"):
+        assign({"a": 1.0}, ["x"], {}, priority={"x": rank})  # type: ignore[dict-item]
+
+
+def test_unknown_keys_ignored() -> None:
+    """Eligibility and priority of unknown configs, capacity of dead nodes: no effect."""
+    nodes = {"a": 1.0, "b": 1.0}
+    configs = ["x", "y", "z"]
+    plain = assign(nodes, configs, {})
+    assert (
+        assign(
+            nodes,
+            configs,
+            {},
+            eligible={"ghost": {"a"}},
+            capacity={"dead": 0},
+            priority={"ghost": 5},
+        )
+        == plain
+    )
+    # Dead nodes inside an eligibility set are ignored too.
+    assert assign(nodes, configs, {}, eligible={"x": {"a", "b", "dead"}}) == plain
+
+
+@CONSTRAINED
+@given(constrained_cases(max_nodes=6, max_configs=20), st.randoms(use_true_random=False))
+def test_independent_of_input_order_under_constraints(case: Case, rng: random.Random) -> None:
+    """Shuffling every input mapping and list changes neither content nor order."""
+    expected = case.run()
+
+    def shuffled(mapping: Mapping[str, V]) -> dict[str, V]:
+        items = list(mapping.items())
+        rng.shuffle(items)
+        return dict(items)
+
+    configs = case.configs + case.configs[::2]
+    rng.shuffle(configs)
+    got = Case(
+        shuffled(case.nodes),
+        configs,
+        shuffled(case.current),
+        shuffled(case.excluded),
+        shuffled({c: frozenset(s) for c, s in case.eligible.items()}),
+        shuffled(case.capacity),
+        shuffled(case.priority),
+    ).run()
+    assert list(got.assignment.items()) == list(expected.assignment.items())
+    assert list(got.unplaced.items()) == list(expected.unplaced.items())
+    assert got.shares == expected.shares
+
+
+def test_constrained_result_same_under_any_hash_seed() -> None:
+    """Processes with different PYTHONHASHSEED agree under eligibility and capacity too."""
+    script = (
+        "import json\n"
+        "from dim.balance import assign_detailed\n"
+        "nodes = {f'node-{i}': 1.0 + i % 3 for i in range(9)}\n"
+        "groups = [{n for n in nodes if int(n[5:]) % 3 == g} for g in range(3)]\n"
+        "configs = [f'cfg-{i}' for i in range(300)]\n"
+        "eligible = {c: groups[i % 3] for i, c in enumerate(configs) if i % 4}\n"
+        "capacity = {'node-0': 5, 'node-4': 0}\n"
+        "priority = {c: i % 2 for i, c in enumerate(configs)}\n"
+        "first = assign_detailed(nodes, configs, {}, {'cfg-1': {'node-1'}},\n"
+        "    eligible=eligible, capacity=capacity, priority=priority)\n"
+        "del nodes['node-3']\n"
+        "second = assign_detailed(nodes, configs, first.assignment,\n"
+        "    eligible=eligible, capacity={'node-1': 20}, priority=priority)\n"
+        "print(json.dumps([list(p.assignment.items()) + list(p.unplaced.items())\n"
+        "    for p in (first, second)]))\n"
+    )
+    outputs = set()
+    for seed in ("0", "12345"):
+        env = {
+            **os.environ,
+            "PYTHONHASHSEED": seed,
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
+
+
+def test_scale_three_tag_groups() -> None:
+    """100,000 configs on 1,000 nodes in 3 tag groups: valid and balanced, then a join."""
+    nodes = {f"node-{i}": 1.0 for i in range(1000)}
+    configs = [f"tenant/{i}/worker" for i in range(100_000)]
+
+    def eligibility(live: Mapping[str, float]) -> dict[str, frozenset[str]]:
+        groups = [frozenset(n for n in live if zlib.crc32(n.encode()) % 3 == g) for g in range(3)]
+        return {c: groups[i % 3] for i, c in enumerate(configs) if i % 4 != 3}
+
+    joined = {**nodes, "node-new": 1.0}
+    started = time.perf_counter()
+    first = assign_detailed(nodes, configs, {}, eligible=eligibility(nodes))
+    second = assign_detailed(joined, configs, first.assignment, eligible=eligibility(joined))
+    elapsed = time.perf_counter() - started
+    for live, placement in ((nodes, first), (joined, second)):
+        eligible = eligibility(live)
+        assert placement.unplaced == {}
+        assert all(node in eligible.get(c, live) for c, node in placement.assignment.items())
+        counts = Counter(placement.assignment.values())
+        for node, value in placement.shares.items():
+            assert math.floor(value) <= counts[node] <= math.ceil(value)
+        # Untagged configs fill in, so the groups balance out to one level.
+        assert max(counts.values()) - min(counts[n] for n in live) <= 1
+    assert moves(first.assignment, second.assignment) <= 100
+    # The target is well under a second per call; 20 s for both leaves room for a very
+    # loaded machine.
+    assert elapsed < 20.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -193,5 +194,125 @@ def test_a_new_leader_keeps_the_grace_of_a_static_leader_that_restarts(
         cluster.wait_settled()
         assert set(back.instances) == mine
         assert cluster.ledger.create_count() == before + 3
+    finally:
+        cluster.stop()
+
+
+def run_nowhere(cluster: Cluster, ids: set[int]) -> bool:
+    return not (set(cluster.placement()) & ids)
+
+
+def test_tags_decide_where_configs_may_run(redis_url: str, service: str) -> None:
+    """Configs requiring 'gpu' run only on the gpu node, 'eu' ones only on eu nodes;
+    with the gpu node gone they run nowhere and status says why; it comes back, so do
+    they."""
+    configs = [{"id": i, "needs": ["gpu"] if i < 3 else ["eu"] if i < 6 else []} for i in range(9)]
+    cluster = Cluster(redis_url, service, configs, requires="needs")
+    try:
+        cluster.add(1, tags={"eu"})
+        gpu = cluster.add(1, tags={"eu", "gpu"})[0]
+        cluster.add(1)
+        cluster.wait_settled()
+        where = cluster.placement()
+        tags = {m.node_id: m._tags for m in cluster.running()}  # type: ignore[attr-defined]
+        for config in configs:
+            (node,) = where[config["id"]]
+            assert set(config["needs"]) <= tags[node], (config, node)
+        gpu.stop()
+        wait_until(lambda: run_nowhere(cluster, {0, 1, 2}), 10, message="gpu configs kept")
+        status = cluster.managers[0].status()
+        wait_until(
+            lambda: set(cluster.managers[0].status().unplaceable) == {0, 1, 2},
+            10,
+            message=f"unplaceable: {status.unplaceable}",
+        )
+        assert set(cluster.managers[0].status().unplaceable.values()) == {"needs tags gpu"}
+        assert sorted(cluster.placement()) == list(range(3, 9))
+        cluster.add(1, tags={"gpu"})
+        wait_until(lambda: sorted(cluster.placement()) == list(range(9)), 10, message="gpu back")
+        assert cluster.managers[0].status().unplaceable == {}
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_capacity_runs_the_highest_priorities_first(redis_url: str, service: str) -> None:
+    """Two nodes of capacity 2, six configs: the four highest priorities run, the others
+    wait for capacity; a third node lets everything run."""
+    configs = [{"id": i, "p": 10 - i} for i in range(6)]
+    cluster = Cluster(redis_url, service, configs, priority="p")
+    try:
+        cluster.add(2, capacity=2)
+        wait_until(lambda: sorted(cluster.placement()) == [0, 1, 2, 3], 10, message="top four")
+        assert cluster.counts() == [2, 2]
+        wait_until(
+            lambda: (
+                cluster.managers[0].status().unplaceable
+                == {4: "waits for capacity", 5: "waits for capacity"}
+            ),
+            10,
+            message="the two lowest are not reported as waiting",
+        )
+        cluster.add(1, capacity=2)
+        cluster.wait_settled()
+        assert cluster.counts() == [2, 2, 2]
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_config_whose_requirement_nobody_meets_stops(redis_url: str, service: str) -> None:
+    """A running config changed to require a tag no node has is stopped (not kept where
+    it runs) and reported."""
+    configs = [{"id": 0, "needs": []}, {"id": 1, "needs": []}]
+    cluster = Cluster(redis_url, service, configs, requires="needs")
+    try:
+        cluster.add(2)
+        cluster.wait_settled()
+        cluster.configs[1] = {"id": 1, "needs": ["tpu"]}
+        cluster.managers[0].refresh()
+        wait_until(lambda: run_nowhere(cluster, {1}), 10, message="config 1 still runs")
+        wait_until(
+            lambda: cluster.managers[0].status().unplaceable == {1: "needs tags tpu"},
+            10,
+            message="config 1 not reported",
+        )
+        assert sorted(cluster.placement()) == [0]
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tags": "eu"}, "tags must be a collection of strings, got 'eu'"),
+        ({"tags": {"a b"}}, "got 'a b'"),
+        ({"capacity": -1}, "capacity must be an integer >= 0 or None, got -1"),
+        ({"capacity": 1.5}, "got 1.5"),
+        ({"requires": 5}, "requires must be a config field name or a callable, got 5"),
+        ({"priority": ""}, "priority must be a config field name or a callable"),
+    ],
+)
+def test_bad_placement_arguments_are_refused(
+    redis_url: str, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Manager(get_config=list, create=id, redis=redis_url, **kwargs)
+
+
+def test_a_bad_requirement_keeps_the_last_good_config(redis_url: str, service: str) -> None:
+    """A config whose required tags are not a list of tags: CONFIG_ERROR naming it, and
+    everything keeps running on the last good config."""
+    cluster = Cluster(redis_url, service, [{"id": 0, "needs": []}], requires="needs")
+    try:
+        (node,) = cluster.add(1)
+        cluster.wait_settled()
+        errors: list[Any] = []
+        node.add_listener(lambda e: errors.append(e.error), EventType.CONFIG_ERROR)
+        cluster.configs = [{"id": 0, "needs": []}, {"id": 1, "needs": "gpu"}]
+        node.refresh()
+        wait_until(lambda: errors, 10, message="no CONFIG_ERROR")
+        assert "requires of config 1" in str(errors[0]) and "'gpu'" in str(errors[0])
+        assert sorted(node.instances) == [0]
     finally:
         cluster.stop()

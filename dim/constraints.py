@@ -1,0 +1,147 @@
+"""Placement constraints: node tags and capacity, config requirements and priority.
+
+Nodes describe themselves (``Manager(tags=..., capacity=...)``, sent with the heartbeat
+and stored in the node's description); the leader reads what each config requires and
+how much it matters (``Manager(requires=..., priority=...)``, a field name or a callable)
+and hands both to :func:`dim.balance.assign_detailed`, which never places a config on a
+node that lacks one of its required tags, nor more configs on a node than its capacity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional, Union
+
+from dim.configs import Config
+from dim.errors import ConfigError
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+#: A field name of the config mapping, or a callable of the config value.
+Rule = Union[None, str, Callable[[Any], Any]]
+
+
+def check_tags(tags: object, what: str = "tags") -> frozenset[str]:
+    """Validate a collection of tags (strings of letters, digits, ``_ . : -``)."""
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Iterable):
+        raise ConfigError(f"{what} must be a collection of strings, got {tags!r}", tags)
+    out = set()
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+            raise ConfigError(
+                f"{what}: each tag must be 1-64 letters, digits, '_', '.', ':' or '-', got {tag!r}",
+                tag,
+            )
+        out.add(tag)
+    return frozenset(out)
+
+
+def check_capacity(capacity: object) -> Optional[int]:
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ConfigError(f"capacity must be an integer >= 0 or None, got {capacity!r}", capacity)
+    return capacity
+
+
+def check_rule(name: str, rule: object) -> Rule:
+    if rule is None or callable(rule):
+        return rule
+    if isinstance(rule, str) and rule:
+        return rule
+    raise ConfigError(f"{name} must be a config field name or a callable, got {rule!r}", rule)
+
+
+def format_tags(tags: Iterable[str]) -> str:
+    return ",".join(sorted(tags))
+
+
+def parse_tags(text: Optional[str]) -> frozenset[str]:
+    """Tags from a node's description (foreign data: malformed tags are dropped)."""
+    if not text:
+        return frozenset()
+    return frozenset(t for t in text.split(",") if _TAG_RE.match(t))
+
+
+def parse_capacity(text: Optional[str]) -> Optional[int]:
+    try:
+        value = int(text) if text else None
+    except ValueError:
+        return None
+    return value if value is None or value >= 0 else None
+
+
+def _apply(rule: Rule, config: Config) -> Any:
+    if callable(rule):
+        return rule(config.value)
+    value = config.value
+    if isinstance(value, Mapping):
+        return value.get(rule)
+    return None
+
+
+class Rules:
+    """What each config requires (tags) and its priority, from the Manager's rules."""
+
+    def __init__(self, requires: Rule, priority: Rule) -> None:
+        self.requires = check_rule("requires", requires)
+        self.priority = check_rule("priority", priority)
+
+    @property
+    def active(self) -> bool:
+        return self.requires is not None or self.priority is not None
+
+    def evaluate(
+        self, configs: Mapping[str, Config]
+    ) -> tuple[dict[str, frozenset[str]], dict[str, int]]:
+        """``(config key -> required tags, config key -> priority)`` for the configs that
+        have them.
+
+        :raises ConfigError: naming the config and the bad value.
+        """
+        required: dict[str, frozenset[str]] = {}
+        priorities: dict[str, int] = {}
+        for ckey, config in configs.items():
+            if self.requires is not None:
+                try:
+                    value = _apply(self.requires, config)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"requires raised {exc!r} for config {config.id!r}", config.id
+                    ) from exc
+                if value is not None:
+                    tags = check_tags(value, f"requires of config {config.id!r}")
+                    if tags:
+                        required[ckey] = tags
+            if self.priority is not None:
+                try:
+                    value = _apply(self.priority, config)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"priority raised {exc!r} for config {config.id!r}", config.id
+                    ) from exc
+                if value is not None:
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise ConfigError(
+                            f"priority of config {config.id!r} must be an int, got {value!r}",
+                            value,
+                        )
+                    if value:
+                        priorities[ckey] = value
+        return required, priorities
+
+
+def eligible_nodes(
+    required: Mapping[str, frozenset[str]], tags: Mapping[str, frozenset[str]]
+) -> dict[str, frozenset[str]]:
+    """config key -> the nodes having every tag it requires (computed once per tag set)."""
+    by_set: dict[frozenset[str], frozenset[str]] = {}
+    out: dict[str, frozenset[str]] = {}
+    for ckey, needs in required.items():
+        nodes = by_set.get(needs)
+        if nodes is None:
+            # one object per tag set: assign() groups configs by it cheaply
+            nodes = by_set[needs] = frozenset(n for n, have in tags.items() if needs <= have)
+        out[ckey] = nodes
+    return out
