@@ -21,6 +21,8 @@ from typing import Any, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.bench_smoke
 BENCH = ROOT / "benchmarks"
 
 
