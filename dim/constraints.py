@@ -72,13 +72,17 @@ def parse_capacity(text: Optional[str]) -> Optional[int]:
     return value if value is None or value >= 0 else None
 
 
-def _apply(rule: Rule, config: Config) -> Any:
-    if callable(rule):
+def _evaluate(name: str, rule: Rule, config: Config) -> Any:
+    """The rule's value for one config: None without a rule or a value."""
+    if rule is None:
+        return None
+    if not callable(rule):
+        value = config.value
+        return value.get(rule) if isinstance(value, Mapping) else None
+    try:
         return rule(config.value)
-    value = config.value
-    if isinstance(value, Mapping):
-        return value.get(rule)
-    return None
+    except Exception as exc:
+        raise ConfigError(f"{name} raised {exc!r} for config {config.id!r}", config.id) from exc
 
 
 class Rules:
@@ -103,32 +107,19 @@ class Rules:
         required: dict[str, frozenset[str]] = {}
         priorities: dict[str, int] = {}
         for ckey, config in configs.items():
-            if self.requires is not None:
-                try:
-                    value = _apply(self.requires, config)
-                except Exception as exc:
+            needs = _evaluate("requires", self.requires, config)
+            if needs is not None:
+                tags = check_tags(needs, f"requires of config {config.id!r}")
+                if tags:
+                    required[ckey] = tags
+            rank = _evaluate("priority", self.priority, config)
+            if rank is not None:
+                if isinstance(rank, bool) or not isinstance(rank, int):
                     raise ConfigError(
-                        f"requires raised {exc!r} for config {config.id!r}", config.id
-                    ) from exc
-                if value is not None:
-                    tags = check_tags(value, f"requires of config {config.id!r}")
-                    if tags:
-                        required[ckey] = tags
-            if self.priority is not None:
-                try:
-                    value = _apply(self.priority, config)
-                except Exception as exc:
-                    raise ConfigError(
-                        f"priority raised {exc!r} for config {config.id!r}", config.id
-                    ) from exc
-                if value is not None:
-                    if isinstance(value, bool) or not isinstance(value, int):
-                        raise ConfigError(
-                            f"priority of config {config.id!r} must be an int, got {value!r}",
-                            value,
-                        )
-                    if value:
-                        priorities[ckey] = value
+                        f"priority of config {config.id!r} must be an int, got {rank!r}", rank
+                    )
+                if rank:
+                    priorities[ckey] = rank
         return required, priorities
 
 

@@ -334,10 +334,13 @@ FORGET = (
     _PRELUDE
     + """
 -- KEYS[1] left zset (tombstones), KEYS[2] nodes zset, KEYS[3] node info hash,
--- KEYS[4] the node's desired set, KEYS[5] control hash
+-- KEYS[4] the node's desired set, KEYS[5] control hash, KEYS[6] assignment hash,
+-- KEYS[7] unplaced hash, KEYS[8] leader
 -- ARGV[1] node id, ARGV[2] tombstone ttl ms, ARGV[3] this process's session
 -- returns 1; trims expired tombstones, adds this process's, and removes every trace of
---   the node unless another process owns the node id by now (a static name reused)
+--   the node unless another process owns the node id by now (a static name reused).
+--   The last node to go, with no leader left to do it, also clears the placement, so
+--   only history stays (configs, fence, version, tombstones).
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1] .. ' ' .. ARGV[3])
@@ -346,6 +349,10 @@ if (not owner) or owner == ARGV[3] then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3], KEYS[4])
   redis.call('HDEL', KEYS[5], 'drain ' .. ARGV[1])
+end
+local live = redis.call('ZCOUNT', KEYS[2], '(' .. num(now), '+inf')
+if live == 0 and redis.call('EXISTS', KEYS[8]) == 0 then
+  redis.call('DEL', KEYS[6], KEYS[7])
 end
 return 1
 """

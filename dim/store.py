@@ -315,7 +315,16 @@ class Store:
         """
         k = self.keys
         self._forget(
-            keys=[k.left, k.nodes, k.node(node_id), k.desired(node_id), k.control],
+            keys=[
+                k.left,
+                k.nodes,
+                k.node(node_id),
+                k.desired(node_id),
+                k.control,
+                k.assignment,
+                k.unplaced,
+                k.leader,
+            ],
             args=[node_id, ms(tombstone), session],
         )
 

@@ -3,13 +3,20 @@ cluster of in-process managers with fast settings."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dim import Manager, Settings
+from dim.messages import Kind, Message, decode
 from dim.testing import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Short TTLs keep the suite fast; a stall of several heartbeats on a loaded machine
 # makes nodes fence themselves, which the tests tolerate (they check invariants).
@@ -191,3 +198,62 @@ class Cluster:
     def stop(self) -> None:
         for m in self.managers:
             m.stop()
+
+
+class HintRecorder:
+    """Every dim hint published on one service's channel, decoded, in order."""
+
+    def __init__(self, pubsub: Any, channel: str) -> None:
+        self.pubsub = pubsub
+        self.pubsub.subscribe(channel)
+        self.messages: list[Message] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="test-hints", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            raw = self.pubsub.get_message(timeout=0.05)
+            if raw is not None:
+                with self.lock:
+                    self.messages.append(decode(raw["data"]))
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+    def of(self, kind: Kind, start: int = 0) -> list[Message]:
+        with self.lock:
+            return [m for m in self.messages[start:] if m.kind is kind]
+
+    def heard(self, kind: Kind, node: Any) -> bool:
+        return any(m.node == node for m in self.of(kind))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.pubsub.close()
+
+
+def dim_env(**extra: str) -> dict[str, str]:
+    """The environment for ``python -m dim``: this checkout first, no DIM_* leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIM_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def run_dim(
+    *args: str, env: Optional[dict[str, str]] = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``python -m dim ...`` from this checkout, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "dim", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env if env is not None else dim_env(),
+    )

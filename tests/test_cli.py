@@ -8,7 +8,6 @@ including that it leaves no process behind.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import psutil  # type: ignore[import-untyped]
@@ -25,32 +23,11 @@ import pytest
 from dim import Manager, Settings
 from dim.testing import RedisServer, free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT, dim_env, run_dim
+
 FAST = Settings(heartbeat_interval=0.05, node_ttl=0.6, leader_ttl=0.6)
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def dim_env(**extra: str) -> dict[str, str]:
-    """The environment for ``python -m dim``: this checkout first, no DIM_* leaking in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIM_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
-
-
-def run_dim(
-    *args: str, env: Optional[dict[str, str]] = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dim", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env if env is not None else dim_env(),
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:

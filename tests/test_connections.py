@@ -10,9 +10,7 @@ refused.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from dim import Manager, RedisUnavailableError, Settings
 from dim.keys import Keys
 from dim.testing import RedisServer, TLSFiles, free_port, wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, run_dim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +64,7 @@ NODE_COMMANDS = (
     "subscribe",
     "time",
     "zadd",
+    "zcount",
     "zrange",
     "zrem",
     "zremrangebyscore",
@@ -152,21 +151,6 @@ def failed_start(target: Any, settings: Any = PATIENT) -> tuple[str, float]:
     started = [t.name for t in threading.enumerate() if t not in before]
     assert not [name for name in started if name.startswith("dim-")], started
     return str(info.value), took
-
-
-def run_dim(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m dim ...`` from this checkout, with no DIM_* variables leaking in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIM_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "dim", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

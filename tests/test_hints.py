@@ -11,54 +11,21 @@ import redis
 
 from dim import Manager
 from dim.keys import Keys
-from dim.messages import Kind, Message, decode
+from dim.messages import Kind
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster
-
-
-class Hints:
-    """Every dim hint published on one service's channel, decoded, in order."""
-
-    def __init__(self, client: redis.Redis, service: str) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(Keys(service).events)
-        self.messages: list[Message] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            raw = self.pubsub.get_message(timeout=0.05)
-            if raw is not None:
-                with self.lock:
-                    self.messages.append(decode(raw["data"]))
-
-    def of(self, kind: Kind, start: int = 0) -> list[Message]:
-        with self.lock:
-            return [m for m in self.messages[start:] if m.kind is kind]
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.messages)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.pubsub.close()
+from .helpers import FAST, Cluster, HintRecorder
 
 
 @pytest.fixture
-def hints(redis_client: redis.Redis, service: str) -> Iterator[Hints]:
-    h = Hints(redis_client, service)
+def hints(redis_client: redis.Redis, service: str) -> Iterator[HintRecorder]:
+    h = HintRecorder(redis_client.pubsub(ignore_subscribe_messages=True), Keys(service).events)
     yield h
     h.close()
 
 
 def test_releases_are_batched_and_name_their_claims(
-    redis_url: str, service: str, hints: Hints
+    redis_url: str, service: str, hints: HintRecorder
 ) -> None:
     """A node stopping 8 instances at once releases them in fewer hints than instances,
     and the hints name exactly the claims released."""
@@ -106,7 +73,7 @@ def test_releases_are_batched_and_name_their_claims(
 
 
 def test_assigned_hint_names_only_the_nodes_it_changes(
-    redis_url: str, service: str, hints: Hints
+    redis_url: str, service: str, hints: HintRecorder
 ) -> None:
     """A changed config names only its owner; the other nodes settle on the new version
     without reading their share again."""

@@ -14,8 +14,8 @@ import pytest
 
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster
-from .test_cli import ROOT, assert_one_line_error, dim_env, run_dim
+from .helpers import FAST, ROOT, Cluster, dim_env, run_dim
+from .test_cli import assert_one_line_error
 
 FAST_WATCH = ["--interval", "0.1"]
 SLOW_POLL = attrs.evolve(FAST, config_interval=600.0)  # configs change only when asked

@@ -10,12 +10,8 @@ client's default node, so a command sent to the wrong node would show.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +21,11 @@ from redis.cluster import RedisCluster
 
 from dim import Manager
 from dim.keys import Keys
-from dim.messages import Kind, Message, decode
+from dim.messages import Kind, Message
 from dim.store import Store
 from dim.testing import CLUSTER_SLOTS, RedisClusterServers, RedisServer, wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, HintRecorder, run_dim
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,49 +97,11 @@ def others(redis_cluster: RedisClusterServers, owner: RedisServer) -> list[Redis
     return [s for s in redis_cluster.servers if s is not owner]
 
 
-class Recorder:
+def recorder_on(client: RedisCluster, server: RedisServer, service: str) -> HintRecorder:
     """Every hint on the service's channel, as heard by a subscriber on one master."""
-
-    def __init__(self, client: RedisCluster, server: RedisServer, service: str) -> None:
-        node = client.get_node(host=server.host, port=server.port)
-        self.pubsub = client.pubsub(node=node, ignore_subscribe_messages=True)
-        self.pubsub.subscribe(Keys(service).events)
-        self.messages: list[Message] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="test-recorder", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            raw = self.pubsub.get_message(timeout=0.05)
-            if raw is not None:
-                with self.lock:
-                    self.messages.append(decode(raw["data"]))
-
-    def heard(self, kind: Kind, node: Any) -> bool:
-        with self.lock:
-            return any(m.kind is kind and m.node == node for m in self.messages)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.pubsub.close()
-
-
-def run_dim(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m dim ...`` from this checkout, with no DIM_* variables leaking in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIM_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "dim", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env=env,
-    )
+    node = client.get_node(host=server.host, port=server.port)
+    pubsub = client.pubsub(node=node, ignore_subscribe_messages=True)
+    return HintRecorder(pubsub, Keys(service).events)
 
 
 def record_listener(manager: Manager) -> list[Message]:
@@ -199,7 +157,7 @@ def test_join_and_leave_rebalance_with_hints_across_masters(
     with owner.client() as plain:
         # both listeners subscribed on the master of the service's slot
         assert plain.pubsub_numsub(channel) == [(channel.encode(), 2)]
-    recorder = Recorder(client, others(redis_cluster, owner)[0], service)
+    recorder = recorder_on(client, others(redis_cluster, owner)[0], service)
     heard = [record_listener(m) for m in first]
     try:
         (joiner,) = cluster.add(1)
