@@ -406,7 +406,9 @@ def format_status(status: ClusterStatus, labels: Optional[Mapping[int, str]] = N
                 _duration(age(node.started)),
                 _duration(node.expires_in),
                 str(node.assigned),
-                str(node.running) + (" (draining)" if node.draining else ""),
+                str(node.running)
+                + (f" ({node.unhealthy} unhealthy)" if node.unhealthy else "")
+                + (" (draining)" if node.draining else ""),
             ]
             if constrained:
                 limit = "" if node.capacity is None else f" max {node.capacity}"

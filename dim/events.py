@@ -36,6 +36,9 @@ class EventType(str, Enum):
     REDIS_RESTORED = "redis_restored"
     CONFIG_ERROR = "config_error"  # get_config failed or returned bad data: kept last good
     LOOP_ERROR = "loop_error"  # a background loop raised: logged, retried with backoff
+    # the configs no live node may take changed (tags, capacity): data["unplaced"] maps
+    # each such config id to the reason; empty once every config has a place again
+    CONFIGS_UNPLACED = "configs_unplaced"
 
 
 @attrs.frozen

@@ -555,8 +555,18 @@ class LeaderLoop(Loop):
         moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
         placed = len(change["assign"]) - moved
         self._wrote = True
-        if unplaced != self._unplaced and unplaced:
-            log.warning("%d configs cannot be placed: %s", len(unplaced), _summary(unplaced))
+        if unplaced != self._unplaced:
+            if unplaced:
+                log.warning("%d configs cannot be placed: %s", len(unplaced), _summary(unplaced))
+            else:
+                log.info("every config has a place again")
+            node.emit(
+                Event(
+                    EventType.CONFIGS_UNPLACED,
+                    node.node_id,
+                    data={"unplaced": {configs[c].id: r for c, r in unplaced.items()}},
+                )
+            )
         self._unplaced = unplaced
         self._static -= self._forget_static
         self._forget_static = set()

@@ -70,6 +70,10 @@ COUNTERS: dict[str, str] = {
     "redis_restored": "Heartbeats that succeeded after one that failed.",
     "config_errors": "Calls of get_config that raised or returned bad configs.",
     "loop_errors": "Errors raised in a background loop or worker task.",
+    "unplaced_changes": (
+        "Times the leader found that the configs no live node may take (required tags, "
+        "capacity) changed."
+    ),
 }
 
 #: The counters each event adds one to.
@@ -90,6 +94,7 @@ EVENT_COUNTERS: dict[EventType, tuple[str, ...]] = {
     EventType.REDIS_RESTORED: ("redis_restored",),
     EventType.CONFIG_ERROR: ("config_errors",),
     EventType.LOOP_ERROR: ("loop_errors",),
+    EventType.CONFIGS_UNPLACED: ("unplaced_changes",),
 }
 
 #: The counters a REBALANCE_APPLIED event adds its counts to: data key -> counter.

@@ -170,6 +170,8 @@ class Heartbeat(Loop):
             # get_config must lose the lease rather than freeze the cluster
             renew_leader = leader_value
         leads = leader_value is not None and not node.leaving
+        running, unhealthy = node.reconciler.health()
+        health = f"{running} {unhealthy}"
         with node.reconciler.claims_lock:
             claims = node.reconciler.held_claims()
             sent = node.clock()
@@ -185,6 +187,7 @@ class Heartbeat(Loop):
                 view=leads,
                 joined=self._joined,
                 session=node.session,
+                health=health,
             )
         was_taken, node.name_taken = node.name_taken, result.taken
         if result.taken:

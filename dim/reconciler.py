@@ -143,6 +143,12 @@ class Reconciler(Loop):
                 if s.token is not None and s.state is not State.CLAIMING
             }
 
+    def health(self) -> tuple[int, int]:
+        """(instances running here, configs being recreated after a failed health check)."""
+        with self._lock:
+            running = sum(1 for s in self._slots.values() if s.state is State.RUNNING)
+            return running, sum(1 for s in self._slots.values() if s.healthy is False)
+
     def instances(self) -> dict[Any, Any]:
         with self._lock:
             return {

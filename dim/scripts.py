@@ -44,9 +44,11 @@ HEARTBEAT = (
 --   leader needs no other round trip), ARGV[8] channel, ARGV[9] hint published when
 --   this node (re)joins the membership, or '',
 -- ARGV[10] this process's session (a random token per start),
--- ARGV[11] n = number of info field/value pairs, ARGV[12 .. 11+2n] the pairs (they
+-- ARGV[11] the node's instance health now ('<running> <unhealthy>'), stored in its
+--   description for the status views,
+-- ARGV[12] n = number of info field/value pairs, ARGV[13 .. 12+2n] the pairs (they
 --   include the session),
--- ARGV[12+2n ..] the claim values ('<node>:<token>') matching KEYS[9..]
+-- ARGV[13+2n ..] the claim values ('<node>:<token>') matching KEYS[9..]
 -- returns {now ms, version or nil, leader value or nil, acquired 0/1,
 --          fence was missing 0/1, {claim status per claim key}, gone 0/1,
 --          {member, expiry ms, ...} or {}, {failure field, until ms, ...} or {},
@@ -64,7 +66,7 @@ HEARTBEAT = (
 local now = now_ms()
 local node = ARGV[1]
 local node_ttl = tonumber(ARGV[2])
-local ninfo = tonumber(ARGV[11])
+local ninfo = tonumber(ARGV[12])
 local tomb = redis.call('ZSCORE', KEYS[6], node .. ' ' .. ARGV[10])
 if tomb and tonumber(tomb) > now then
   return {now, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3]), 0, 0, {}, 1, {}, {}, {}, 0}
@@ -85,7 +87,7 @@ if ARGV[4] == 'member' then
   redis.call('ZADD', KEYS[1], now + node_ttl, node)
   if lapsed and ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
   if ninfo > 0 and not owner then
-    for i = 12, 11 + 2 * ninfo, 2 do
+    for i = 13, 12 + 2 * ninfo, 2 do
       redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
       -- a static name is remembered in the control hash, so that any leader (a new one
       -- included) keeps its configs for it while it restarts
@@ -95,10 +97,11 @@ if ARGV[4] == 'member' then
     end
   end
 end
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[2], 'health', ARGV[11]) end
 -- the description (and with it the node id) stays ours while we heartbeat
 redis.call('PEXPIRE', KEYS[2], node_ttl)
 local statuses = {}
-local first = 12 + 2 * ninfo
+local first = 13 + 2 * ninfo
 for i = 9, #KEYS do
   local want = ARGV[first + i - 9]
   local cur = redis.call('GET', KEYS[i])

@@ -27,6 +27,7 @@ class NodeStatus:
     assigned: int  # configs the leader placed here
     running: int  # claims this node holds
     draining: bool = False  # an operator is moving everything off it (``dim drain``)
+    unhealthy: int = 0  # configs being recreated after a failed health check (last beat)
     tags: tuple[str, ...] = ()  # its labels (``Manager(tags=...)``)
     capacity: Optional[int] = None  # the most instances it runs (None: no limit)
 
@@ -151,6 +152,7 @@ def read_status(store: Store) -> ClusterStatus:
                 assigned=assigned_count.get(node_id, 0),
                 running=running_count.get(node_id, 0),
                 draining=node_id in drained,
+                unhealthy=_unhealthy(info.get("health")),
                 tags=tuple(sorted(parse_tags(info.get("tags")))),
                 capacity=parse_capacity(info.get("capacity")),
             )
@@ -164,6 +166,13 @@ def read_status(store: Store) -> ClusterStatus:
         configs=configs,
         paused=paused(control),
     )
+
+
+def _unhealthy(health: Optional[str]) -> int:
+    """The unhealthy count from a node's ``'<running> <unhealthy>'`` health field."""
+    parts = (health or "").split()
+    value = _int(parts[1]) if len(parts) == 2 else None
+    return value if value is not None and value >= 0 else 0
 
 
 def _int(value: Optional[str]) -> Optional[int]:

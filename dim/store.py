@@ -149,6 +149,7 @@ class Store:
         view: bool = False,
         joined: Optional[Message] = None,
         session: str = "",
+        health: str = "",
     ) -> Beat:
         """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT).
 
@@ -183,6 +184,7 @@ class Store:
                 k.events,
                 joined.encode() if joined is not None else "",
                 session,
+                health,
                 len(info),
                 *pairs,
                 *(claims[c] for c in ckeys),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,3 +166,47 @@ def test_watch_prints_the_moves_as_they_happen(
         watch.terminate()
         _, err = watch.communicate(timeout=10)
     assert watch.returncode == 0 and "Traceback" not in err
+
+
+def test_status_shows_instances_recreated_after_a_failed_health_check(
+    redis_url: str, service: str
+) -> None:
+    """A config whose health check fails is being recreated: the node's row says so
+    (from its heartbeat) until it runs healthy again."""
+    gate = threading.Event()
+    failing = {"on": True}
+
+    def create(node: str, config: Any) -> None:
+        if config["id"] == 0 and not failing["on"]:
+            gate.wait(10)  # the recreation after the failed check waits for the test
+
+    def healthcheck(instance: Any) -> bool:
+        if instance.config["id"] == 0 and failing["on"]:
+            failing["on"] = False
+            return False
+        return True
+
+    cluster = Cluster(
+        redis_url,
+        service,
+        [{"id": i} for i in range(3)],
+        settings=SLOW_POLL,
+        create=create,
+        healthcheck=healthcheck,
+    )
+    try:
+        cluster.add(1)
+
+        def unhealthy() -> int:
+            result: int = status(redis_url, service)["nodes"][0]["unhealthy"]
+            return result
+
+        wait_until(lambda: unhealthy() == 1, 10, message="no unhealthy instance shown")
+        table = run_dim("status", "--redis", redis_url, "--service", service).stdout
+        assert "(1 unhealthy)" in table
+        gate.set()
+        wait_until(lambda: unhealthy() == 0, 10, message="still shown unhealthy")
+        cluster.wait_settled()
+    finally:
+        gate.set()
+        cluster.stop()

@@ -214,7 +214,11 @@ def test_tags_decide_where_configs_may_run(redis_url: str, service: str) -> None
     configs = [{"id": i, "needs": ["gpu"] if i < 3 else ["eu"] if i < 6 else []} for i in range(9)]
     cluster = Cluster(redis_url, service, configs, requires="needs")
     try:
-        cluster.add(1, tags={"eu"})
+        (leader,) = cluster.add(1, tags={"eu"})
+        reports: list[dict[Any, str]] = []
+        leader.add_listener(
+            lambda e: reports.append(e.data["unplaced"]), EventType.CONFIGS_UNPLACED
+        )
         gpu = cluster.add(1, tags={"eu", "gpu"})[0]
         cluster.add(1)
         cluster.wait_settled()
@@ -236,6 +240,10 @@ def test_tags_decide_where_configs_may_run(redis_url: str, service: str) -> None
         cluster.add(1, tags={"gpu"})
         wait_until(lambda: sorted(cluster.placement()) == list(range(9)), 10, message="gpu back")
         assert cluster.managers[0].status().unplaceable == {}
+        # the leader reported the change both ways (the first report may come from before
+        # the gpu node joined)
+        wait_until(lambda: reports and reports[-1] == {}, 5, message=f"reports: {reports}")
+        assert {0: "needs tags gpu", 1: "needs tags gpu", 2: "needs tags gpu"} in reports
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
