@@ -292,18 +292,22 @@ READ_DESIRED = """
 -- returns {version or nil,
 --          {ckey, config json or nil, ...} for the desired set,
 --          {ckey, assigned node or nil, config json or nil, unplaced reason or nil, ...}
---          for the ARGV keys}
+--          for the ARGV keys that are not in the desired set}
 local out = {}
+local wanted = {}
 for _, ckey in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  wanted[ckey] = true
   out[#out + 1] = ckey
   out[#out + 1] = redis.call('HGET', KEYS[2], ckey)
 end
 local mine = {}
 for i = 1, #ARGV do
-  mine[#mine + 1] = ARGV[i]
-  mine[#mine + 1] = redis.call('HGET', KEYS[4], ARGV[i])
-  mine[#mine + 1] = redis.call('HGET', KEYS[2], ARGV[i])
-  mine[#mine + 1] = redis.call('HGET', KEYS[5], ARGV[i])
+  if not wanted[ARGV[i]] then
+    mine[#mine + 1] = ARGV[i]
+    mine[#mine + 1] = redis.call('HGET', KEYS[4], ARGV[i])
+    mine[#mine + 1] = redis.call('HGET', KEYS[2], ARGV[i])
+    mine[#mine + 1] = redis.call('HGET', KEYS[5], ARGV[i])
+  end
 end
 return {redis.call('GET', KEYS[3]), out, mine}
 """

@@ -270,7 +270,7 @@ class Store:
         """This node's share, and where the configs it handles now belong.
 
         Returns ``(version, {ckey: config json or None}, {ckey: Placement})``, the last
-        for each key in ``handled``.
+        for each key in ``handled`` that is not in the share (where it went instead).
         """
         k = self.keys
         version, flat, mine = self._read_desired(
