@@ -412,7 +412,8 @@ class Store:
             # a cluster pipeline refuses TIME (it has no key): ask the master of the
             # service's slot, whose clock scored the members
             master = self.client.get_node_from_key(self.keys.nodes)  # type: ignore[no-untyped-call]
-            seconds, micros = self.client.time(target_nodes=master)
+            # that node's own client: the same reply shape on every redis-py version
+            seconds, micros = master.redis_connection.time()
             pairs: Any = self.client.zrange(self.keys.nodes, 0, -1, withscores=True)
         else:
             with self.client.pipeline(transaction=False) as pipe:

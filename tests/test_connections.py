@@ -363,7 +363,7 @@ def test_ready_client_is_used_and_left_open(own_redis: RedisServer, service: str
         finally:
             stop_cleanly(cluster)
         # closing the client would have disconnected every connection of its pool
-        assert held.is_connected
+        assert held._sock is not None  # still connected (redis-py 7 has no is_connected)
         held.send_command("CLIENT", "ID")
         assert held.read_response() == held_id
         assert client.ping() is True
