@@ -223,6 +223,7 @@ class LeaderLoop(Loop):
             self._value = value
             self._assignment = store.assignment()
             self._written = store.configs()
+            self._unplaced = store.unplaced()  # what the previous leader reported
             if node.settings.max_concurrent_moves is not None and self._assignment:
                 # moves a previous leader started and that have not arrived yet
                 holders = store.claims(list(self._assignment))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from dim import EventType, Manager, StateError
+from dim.keys import Keys
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster, Ledger
@@ -327,5 +328,26 @@ def test_a_bad_requirement_keeps_the_last_good_config(redis_url: str, service: s
         wait_until(lambda: errors, 10, message="no CONFIG_ERROR")
         assert "requires of config 1" in str(errors[0]) and "'gpu'" in str(errors[0])
         assert sorted(node.instances) == [0]
+    finally:
+        cluster.stop()
+
+
+def test_a_new_leader_clears_what_the_old_one_reported_unplaced(
+    redis_url: str, service: str, redis_client: Any
+) -> None:
+    """The leader that reported a config as unplaceable stops, and the config is gone
+    from get_config: the new leader takes the stale report out of Redis."""
+    settings = FAST.replace(config_interval=600.0)  # only a new leader reads the configs
+    configs = [{"id": 0, "needs": ["gpu"]}]
+    cluster = Cluster(redis_url, service, configs, requires="needs", settings=settings)
+    unplaced = Keys(service).unplaced
+    try:
+        (first,) = cluster.add(1)
+        cluster.add(1)
+        wait_until(lambda: redis_client.hkeys(unplaced) == [b"0"], 10, message="no report")
+        cluster.configs = [{"id": 1, "needs": []}]
+        first.stop()
+        wait_until(lambda: sorted(cluster.placement()) == [1], 10, message="1 not placed")
+        wait_until(lambda: redis_client.hkeys(unplaced) == [], 10, message="stale report")
     finally:
         cluster.stop()
