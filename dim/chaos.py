@@ -18,7 +18,8 @@ The pieces, each usable on its own (the test suite uses them too):
   :class:`dim.Manager` over ``[{"id": 0}, ..., {"id": N-1}]`` whose ``create`` and
   ``disconnect`` write the ledger. A small JSON *control file*, re-read whenever it
   changes, makes ``get_config`` fail, ``create`` fail for some configs, ``healthcheck``
-  report some instances unhealthy or hang (:func:`write_control`).
+  report some instances unhealthy or hang, ``create``/``disconnect`` slow, the config
+  count change, or the process's wall clock step (:func:`write_control`).
 * **The proxy** (:class:`ChaosProxy`): a TCP proxy of ours between the nodes and Redis
   that can add latency, stall all traffic, drop every connection, or hold back the
   heartbeats of one node.
@@ -879,7 +880,19 @@ def write_control(path: Union[str, os.PathLike[str]], **fields: Any) -> None:
 
     Fields: ``get_config_error`` (bool); ``create_fail``, ``unhealthy`` and
     ``healthcheck_hang`` are rules ``{"ids": [config ids], "pids": [pids] or None}``
-    (None: every node); ``healthcheck_hang`` also takes ``"seconds"``.
+    (None: every node); ``healthcheck_hang`` also takes ``"seconds"``. A rule without
+    ``"ids"`` (or with ``"ids": None``) applies to every config.
+
+    * ``create_delay`` and ``disconnect_delay``: rules with ``"seconds"``: ``create``
+      (after its ``create`` line) or ``disconnect`` (before its ``disconnect`` line)
+      waits that long. A delayed call also writes ``created`` (when ``create``
+      returns) or ``disconnecting`` (when ``disconnect`` is called) lines.
+    * ``configs``: how many configs ``get_config`` returns from now on (default: the
+      node's ``--configs``).
+    * ``wall_offset``: seconds added to this process's wall clock as Python reads it
+      (``time.time`` and ``datetime.datetime.now/utcnow/today``; the monotonic clock is
+      untouched), to step the wall clock without libfaketime. Applied within ~50 ms of
+      the change; the node writes an ``ev: "wall_offset"`` line once it has.
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -921,7 +934,8 @@ class Control:
         rule = self.current().get(name)
         if not isinstance(rule, dict):
             return None
-        if config_id not in rule.get("ids", []):
+        ids = rule.get("ids")
+        if ids is not None and config_id not in ids:
             return None
         pids = rule.get("pids")
         if pids is not None and self.pid not in pids:
@@ -945,6 +959,46 @@ class ControlledError(RuntimeError):
     """A failure the control file asked for."""
 
 
+_wall: dict[str, float] = {}
+
+
+def _set_wall_offset(offset: float) -> None:
+    """Run this process's wall clock ``offset`` seconds off, as Python code reads it.
+
+    The first call replaces ``time.time`` and ``datetime.datetime`` (with a subclass
+    whose ``now``/``utcnow``/``today`` add the offset); later calls change the offset.
+    Code that bound the originals before (``from time import time``) is not affected,
+    nor is the monotonic clock. libfaketime cannot do this: it breaks the sleeps of
+    Python 3.11+.
+    """
+    import datetime as dt
+
+    first = "offset" not in _wall
+    _wall["offset"] = offset
+    if first:
+        real_time = time.time
+        real_datetime = dt.datetime
+
+        def shifted_time() -> float:
+            return real_time() + _wall["offset"]
+
+        class ShiftedDatetime(dt.datetime):
+            @classmethod
+            def now(cls, tz: Any = None) -> Any:
+                return real_datetime.now(tz) + dt.timedelta(seconds=_wall["offset"])
+
+            @classmethod
+            def utcnow(cls) -> Any:
+                return real_datetime.utcnow() + dt.timedelta(seconds=_wall["offset"])
+
+            @classmethod
+            def today(cls) -> Any:
+                return real_datetime.today() + dt.timedelta(seconds=_wall["offset"])
+
+        time.time = shifted_time
+        dt.datetime = ShiftedDatetime  # type: ignore[misc]
+
+
 def _node_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dim.chaos node",
@@ -964,7 +1018,15 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--failure-cooldown", type=float, default=1.0)
     p.add_argument("--create-attempts", type=int, default=3)
     p.add_argument("--disconnect-timeout", type=float, default=2.0)
+    p.add_argument("--create-timeout", type=float, default=30.0)
+    p.add_argument("--max-workers", type=int, default=8, help="create/disconnect calls at once")
+    p.add_argument("--weight", type=float, default=1.0, help="the node's weight")
     p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument(
+        "--log-healthchecks",
+        action="store_true",
+        help='write a "healthcheck" ledger line per healthcheck call',
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -974,7 +1036,8 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
 
     ``create`` lines also say whether the call raced ``start()`` (``"early"``) or came
     while the manager was stopping (``"during_stop"``). ``READY <node id>`` is printed
-    on stdout once the manager has started. SIGUSR1 dumps every thread's stack.
+    on stdout once the manager has started. SIGUSR1 dumps every thread's stack. What
+    the control file can change is listed in :func:`write_control`.
     """
     args = _node_parser().parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(
@@ -994,6 +1057,8 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
         create_backoff_max=0.05,
         failure_cooldown=args.failure_cooldown,
         disconnect_timeout=args.disconnect_timeout,
+        create_timeout=args.create_timeout,
+        max_workers=args.max_workers,
         connect_timeout=args.connect_timeout,
     )
     ledger = LedgerFile(args.ledger)
@@ -1007,8 +1072,12 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
     node_box: dict[str, Optional[str]] = {}
 
     def get_config() -> list[Record]:
-        if control.current().get("get_config_error"):
+        current = control.current()
+        if current.get("get_config_error"):
             raise ControlledError("get_config fails (control file)")
+        count = current.get("configs")
+        if isinstance(count, int) and not isinstance(count, bool):
+            return [{"id": i} for i in range(count)]
         return list(configs)
 
     def create(config: Record) -> _Instance:
@@ -1039,9 +1108,23 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
             early=early,
             during_stop=during_stop,
         )
+        delay = control.rule("create_delay", config["id"])
+        if delay is not None:
+            threading.Event().wait(float(delay.get("seconds", 1.0)))
+            ledger.write(node=node, id=config["id"], ev="created", token=token, inst=serial)
         return _Instance(serial, node, config["id"], token)
 
     def disconnect(instance: _Instance) -> None:
+        delay = control.rule("disconnect_delay", instance.config_id)
+        if delay is not None:
+            ledger.write(
+                node=instance.node,
+                id=instance.config_id,
+                ev="disconnecting",
+                token=instance.token,
+                inst=instance.serial,
+            )
+            threading.Event().wait(float(delay.get("seconds", 1.0)))
         ledger.write(
             node=instance.node,
             id=instance.config_id,
@@ -1051,6 +1134,14 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
         )
 
     def healthcheck(instance: _Instance) -> bool:
+        if args.log_healthchecks:
+            ledger.write(
+                node=instance.node,
+                id=instance.config_id,
+                ev="healthcheck",
+                token=instance.token,
+                inst=instance.serial,
+            )
         hang = control.rule("healthcheck_hang", instance.config_id)
         if hang is not None:
             threading.Event().wait(float(hang.get("seconds", 1.0)))
@@ -1065,6 +1156,7 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
         redis=args.redis,
         service=args.service,
         settings=settings,
+        weight=args.weight,
     )
     box["m"] = manager
 
@@ -1089,6 +1181,8 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
         EventType.INSTANCE_FAILED,
         EventType.INSTANCE_UNHEALTHY,
         EventType.CONFIG_ERROR,
+        # recorded once dim has it: a disconnect that overran disconnect_timeout
+        *[t for t in (getattr(EventType, "DISCONNECT_TIMEOUT", None),) if t is not None],
     )
 
     stop = threading.Event()
@@ -1106,6 +1200,18 @@ def node_main(argv: Optional[Sequence[str]] = None) -> int:
     # mask, and so do the threads they start), then unblock them in this thread only.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    if args.control:
+
+        def follow_wall_offset() -> None:
+            applied = 0.0
+            while not stop.wait(0.05):
+                offset = control.current().get("wall_offset") or 0.0
+                if isinstance(offset, (int, float)) and offset != applied:
+                    _set_wall_offset(float(offset))
+                    applied = float(offset)
+                    ledger.write(node=node_box.get("id"), ev="wall_offset", offset=applied)
+
+        threading.Thread(target=follow_wall_offset, name="wall-offset", daemon=True).start()
     manager.start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     node_id = manager.node_id
@@ -1189,14 +1295,14 @@ class NodeProcs:
 
     # processes
 
-    def command(self, ledger: Path, *extra: str) -> list[str]:
+    def command(self, ledger: Path, *extra: str, redis_url: Optional[str] = None) -> list[str]:
         args = [
             sys.executable,
             "-m",
             "dim.chaos",
             "node",
             "--redis",
-            self.redis_url,
+            redis_url or self.redis_url,
             "--service",
             self.service,
             "--configs",
@@ -1208,8 +1314,12 @@ class NodeProcs:
             args += ["--control", self.control]
         return args + self.node_args + list(extra)
 
-    def spawn(self, n: int, *extra: str) -> list[int]:
-        """Start ``n`` processes at once and wait until every one is ready."""
+    def spawn(self, n: int, *extra: str, redis_url: Optional[str] = None) -> list[int]:
+        """Start ``n`` processes at once and wait until every one is ready.
+
+        ``extra`` arguments go to each node; ``redis_url`` (default: the one given to
+        the constructor) lets some processes reach Redis another way (a proxy).
+        """
         env = dict(os.environ)
         root = _package_root()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -1224,7 +1334,7 @@ class NodeProcs:
                 self.ledgers.append(ledger)
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen(
-                    self.command(ledger, *extra),
+                    self.command(ledger, *extra, redis_url=redis_url),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
