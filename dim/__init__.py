@@ -8,6 +8,7 @@ Redis. See :class:`Manager`.
 from __future__ import annotations
 
 from dim.errors import (
+    CallbackError,
     CallTimeout,
     ConfigError,
     CreateError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallTimeout",
+    "CallbackError",
     "ClusterStatus",
     "ConfigError",
     "ConfigStatus",

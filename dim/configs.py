@@ -19,7 +19,8 @@ from dim.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 200
+#: Ids up to this many characters (URLs fit); Redis keys and hints stay small enough.
+MAX_ID_LENGTH = 2048
 
 ConfigId = Any  # int or str
 KeyFunc = Callable[[Any], Any]
@@ -64,12 +65,26 @@ def canonical(config_id: ConfigId, value: Any) -> str:
     return json.dumps([config_id, value], sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
-    """Validate what ``get_config`` returned; config key -> Config, in the given order.
+@attrs.frozen
+class Parsed:
+    """What one ``get_config`` result holds: the good configs, in order, and why each bad
+    item was refused. An item whose id could be read has it in ``bad_ids``, so its last
+    good version can stay."""
 
-    :raises ConfigError: naming the bad value: not a list, an item that is neither a
-        mapping nor an int/str, a missing or badly typed id, a duplicate id (``1`` and
-        ``"1"`` count as duplicates), or a config that is not JSON-serialisable.
+    configs: dict[str, Config]
+    errors: list[ConfigError]
+    bad_ids: frozenset[str]
+
+
+def parse(raw: object, key: Optional[KeyFunc] = None) -> Parsed:
+    """Validate what ``get_config`` returned, item by item.
+
+    One bad item (no id, a bad id, a duplicate id, content that is not JSON, a ``key``
+    that raises) is refused on its own and named in an error; the other items stand.
+    A duplicate id refuses every item with that id (``1`` and ``"1"`` count as
+    duplicates): dim cannot tell which one is meant.
+
+    :raises ConfigError: when the result as a whole is not a list.
     """
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, (list, tuple)):
         raise ConfigError(
@@ -77,42 +92,72 @@ def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
             raw,
         )
     out: dict[str, Config] = {}
+    errors: list[ConfigError] = []
+    bad: set[str] = set()
     for index, item in enumerate(raw):
         where = f"get_config item {index}"
-        if key is not None:
-            try:
-                config_id = key(item)
-            except Exception as exc:
-                raise ConfigError(
-                    f"{where}: key() raised {exc!r} for {_short(item)}", item
-                ) from exc
-        elif isinstance(item, Mapping):
-            if "id" not in item:
-                raise ConfigError(f"{where}: config has no 'id': {_short(item)}", item)
-            config_id = item["id"]
-        elif isinstance(item, (int, str)) and not isinstance(item, bool):
-            config_id = item
-        else:
-            raise ConfigError(
-                f"{where}: a config must be a mapping with an 'id' or a bare int/str, got "
-                f"{_short(item)} ({type(item).__name__})",
-                item,
-            )
-        config_id = check_id(config_id, where)
+        try:
+            config_id = _read_id(item, key, where)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
         ckey = str(config_id)
-        if ckey in out:
-            raise ConfigError(
-                f"{where}: duplicate config id {config_id!r} (already used by {out[ckey].id!r})",
-                config_id,
+        if ckey in out or ckey in bad:
+            first = out.pop(ckey, None)
+            errors.append(
+                ConfigError(
+                    f"{where}: duplicate config id {config_id!r}"
+                    + (f" (already used by {first.id!r})" if first is not None else ""),
+                    config_id,
+                )
             )
+            bad.add(ckey)
+            continue
         try:
             text = canonical(config_id, item)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(
+            error = ConfigError(
                 f"{where}: config {config_id!r} is not JSON-serialisable: {exc}", config_id
-            ) from exc
+            )
+            error.__cause__ = exc
+            errors.append(error)
+            bad.add(ckey)
+            continue
         out[ckey] = Config(config_id, item, text)
-    return out
+    return Parsed(out, errors, frozenset(bad))
+
+
+def _read_id(item: object, key: Optional[KeyFunc], where: str) -> ConfigId:
+    if key is not None:
+        try:
+            config_id = key(item)
+        except BaseException as exc:  # user code: whatever it raises, this item is bad
+            raise ConfigError(f"{where}: key() raised {exc!r} for {_short(item)}", item) from exc
+    elif isinstance(item, Mapping):
+        if "id" not in item:
+            raise ConfigError(f"{where}: config has no 'id': {_short(item)}", item)
+        config_id = item["id"]
+    elif isinstance(item, (int, str)) and not isinstance(item, bool):
+        config_id = item
+    else:
+        raise ConfigError(
+            f"{where}: a config must be a mapping with an 'id' or a bare int/str, got "
+            f"{_short(item)} ({type(item).__name__})",
+            item,
+        )
+    return check_id(config_id, where)
+
+
+def normalize(raw: object, key: Optional[KeyFunc] = None) -> dict[str, Config]:
+    """Validate what ``get_config`` returned; config key -> Config, in the given order.
+
+    :raises ConfigError: for the first bad item (see :func:`parse`, which keeps the
+        good items instead).
+    """
+    parsed = parse(raw, key)
+    if parsed.errors:
+        raise parsed.errors[0]
+    return parsed.configs
 
 
 def decode(ckey: str, text: Optional[str]) -> Optional[Config]:

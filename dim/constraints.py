@@ -81,7 +81,7 @@ def _evaluate(name: str, rule: Rule, config: Config) -> Any:
         return value.get(rule) if isinstance(value, Mapping) else None
     try:
         return rule(config.value)
-    except Exception as exc:
+    except BaseException as exc:  # user code: whatever it raises, this config is bad
         raise ConfigError(f"{name} raised {exc!r} for config {config.id!r}", config.id) from exc
 
 
@@ -104,23 +104,40 @@ class Rules:
 
         :raises ConfigError: naming the config and the bad value.
         """
+        required, priorities, errors = self.evaluate_each(configs)
+        if errors:
+            raise next(iter(errors.values()))
+        return required, priorities
+
+    def evaluate_each(
+        self, configs: Mapping[str, Config]
+    ) -> tuple[dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]:
+        """Like :meth:`evaluate`, config by config: a config whose rule fails is left out
+        of the first two and named in the third (config key -> error)."""
         required: dict[str, frozenset[str]] = {}
         priorities: dict[str, int] = {}
+        errors: dict[str, ConfigError] = {}
         for ckey, config in configs.items():
-            needs = _evaluate("requires", self.requires, config)
-            if needs is not None:
-                tags = check_tags(needs, f"requires of config {config.id!r}")
-                if tags:
-                    required[ckey] = tags
-            rank = _evaluate("priority", self.priority, config)
-            if rank is not None:
-                if isinstance(rank, bool) or not isinstance(rank, int):
+            try:
+                needs = _evaluate("requires", self.requires, config)
+                tags = (
+                    None
+                    if needs is None
+                    else check_tags(needs, f"requires of config {config.id!r}")
+                )
+                rank = _evaluate("priority", self.priority, config)
+                if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                     raise ConfigError(
                         f"priority of config {config.id!r} must be an int, got {rank!r}", rank
                     )
-                if rank:
-                    priorities[ckey] = rank
-        return required, priorities
+            except ConfigError as exc:
+                errors[ckey] = exc
+                continue
+            if tags:
+                required[ckey] = tags
+            if rank:
+                priorities[ckey] = rank
+        return required, priorities, errors
 
 
 def eligible_nodes(

@@ -65,7 +65,23 @@ class CreateError(DimError, RuntimeError):
 
 
 class CallTimeout(DimError, TimeoutError):
-    """A user callback (create, healthcheck, disconnect) did not return in time."""
+    """A user callback (create, healthcheck, disconnect, get_config) did not return in
+    time."""
+
+
+class CallbackError(DimError, RuntimeError):
+    """A user callback raised a ``BaseException`` that is not an ``Exception``.
+
+    ``asyncio.CancelledError``, ``SystemExit``, ``KeyboardInterrupt`` or gevent's
+    ``GreenletExit`` coming out of ``create``, ``disconnect``, ``healthcheck``,
+    ``get_config``, ``key`` or a placement rule is a failure of that call like any
+    other: dim handles it as such and keeps the original as ``__cause__`` and
+    :attr:`error`.
+    """
+
+    def __init__(self, message: str, error: BaseException) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class MessageError(DimError, ValueError):

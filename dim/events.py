@@ -32,6 +32,12 @@ class EventType(str, Enum):
     REBALANCE_APPLIED = "rebalance_applied"  # the leader wrote a new assignment
     LEASE_LOST = "lease_lost"  # a claim was taken by another node: instance stopped
     FENCED = "fenced"  # renewals failed too long: every local instance was stopped
+    # a disconnect did not return within disconnect_timeout: its claim was let go while
+    # the instance may still run; only its fencing token protects downstream now
+    DISCONNECT_TIMEOUT = "disconnect_timeout"
+    # Redis lost or rewound data (a restart, a failover to a replica, a clock step): no
+    # new claims for Settings.reset_window, every node takes its claims back
+    REDIS_RESET = "redis_reset"
     REDIS_LOST = "redis_lost"
     REDIS_RESTORED = "redis_restored"
     CONFIG_ERROR = "config_error"  # get_config failed or returned bad data: kept last good
@@ -120,5 +126,5 @@ class Dispatcher:
                     continue
                 try:
                     listener(event)
-                except Exception:
+                except BaseException:  # a listener never ends delivery, whatever it raises
                     log.exception("event listener %r raised on %s", listener, event.type.value)

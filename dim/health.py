@@ -11,10 +11,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import schedule
-
-from dim.errors import DimError
-from dim.loop import Loop
+from dim.errors import CallbackError, DimError
+from dim.loop import Every, Loop
 from dim.usercode import block_signals
 
 if TYPE_CHECKING:
@@ -34,15 +32,17 @@ class HealthLoop(Loop):
     def __init__(self, node: Node, healthcheck: Callable[[Any], Any]) -> None:
         super().__init__(node)
         self._healthcheck = healthcheck
-        self._scheduler = schedule.Scheduler()
-        # schedule accepts float intervals although its hints say int
-        every = self._scheduler.every(node.settings.healthcheck_interval)  # type: ignore[arg-type]
-        every.seconds.do(self.check_all)
+        self._every = Every(node.settings.healthcheck_interval, node.clock)
+        # checks still running from an earlier round (hung): id(instance) -> instance; no
+        # second thread is started for one, so a hanging healthcheck costs one thread
+        self._busy: dict[int, Any] = {}
+        self._busy_lock = threading.Lock()
 
     def tick(self) -> float:
-        self._scheduler.run_pending()
-        idle = self._scheduler.idle_seconds
-        return max(0.0, idle if idle is not None else self.node.settings.healthcheck_interval)
+        if self._every.due():
+            self._every.ran()
+            self.check_all()
+        return self._every.wait()
 
     def check_all(self) -> None:
         """Check every running instance at once; each check bounded by the timeout."""
@@ -62,12 +62,21 @@ class HealthLoop(Loop):
                     error = UnhealthyError("healthcheck returned False")
             except Exception as exc:
                 error = exc
+            except BaseException as exc:  # CancelledError, SystemExit...: unhealthy too
+                error = CallbackError(f"healthcheck raised {exc!r}", exc)
+                error.__cause__ = exc
+            with self._busy_lock:
+                self._busy.pop(id(instance), None)
             with lock:
                 results[index] = error
                 if len(results) == len(running):
                     done.set()
 
         for index, (_slot, instance) in enumerate(running):
+            with self._busy_lock:
+                if id(instance) in self._busy:
+                    continue  # its last check has not returned: it counts as timed out
+                self._busy[id(instance)] = instance
             threading.Thread(
                 target=check,
                 args=(index, instance),

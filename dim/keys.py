@@ -67,6 +67,18 @@ class Keys:
         return self.prefix + "fence"
 
     @property
+    def era(self) -> str:
+        """STRING the run id of the Redis server that holds the data: another one (a
+        restart, a failover) means the data may have been lost or rewound."""
+        return self.prefix + "era"
+
+    @property
+    def reset(self) -> str:
+        """STRING ``<why> <server ms>`` with a TTL: a reset window is open (no new claims;
+        nodes take theirs back) after Redis lost or rewound data."""
+        return self.prefix + "reset"
+
+    @property
     def assignment(self) -> str:
         """HASH config key -> node id: the desired placement, written by the leader."""
         return self.prefix + "assignment"
@@ -82,7 +94,7 @@ class Keys:
 
     @property
     def version(self) -> str:
-        """STRING assignment version, bumped on every leader write."""
+        """STRING assignment version: a new fence value on every leader write."""
         return self.prefix + "version"
 
     def claim(self, ckey: str) -> str:

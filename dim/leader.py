@@ -1,4 +1,4 @@
-"""The leader loop: membership watch, ``get_config``, assignment writes (§4.2, §4.3, §4.9).
+"""The leader loop: membership watch, ``get_config``, assignment writes.
 
 Only the node whose heartbeat holds the leader key does anything here. Every write goes
 through one Lua script that first checks the leader key still holds exactly
@@ -8,7 +8,15 @@ leader changes nothing.
 The leader caches the assignment and configs it wrote during its epoch (nobody else can
 write them while the epoch holds), so a rebalance reads only the membership and writes
 only what changed: its cost grows with what moves plus the number of nodes, not with
-the number of configs.
+the number of configs. Redis may still lose a write (a failover to a replica that lags,
+a node that came back between the leader's read and its write): every
+``config_interval`` the leader compares what Redis holds with its copy and repairs the
+difference, and after a reset window opens it reloads everything from Redis and
+rebuilds the placement from the claims.
+
+``get_config`` (with ``key`` and the placement rules) runs on a thread of its own, with
+``config_timeout``: the leader goes on balancing with the last good config meanwhile,
+and never holds its lock across user code.
 """
 
 from __future__ import annotations
@@ -18,20 +26,25 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import schedule
+import redis
 
 from dim import balance
-from dim.configs import Config, KeyFunc, decode, normalize
+from dim.configs import Config, KeyFunc, Parsed, decode, parse
 from dim.constraints import Rules, eligible_nodes, format_tags, parse_capacity, parse_tags
-from dim.errors import ConfigError
+from dim.errors import CallTimeout, ConfigError
 from dim.events import Event, EventType
-from dim.loop import Loop
+from dim.loop import Every, Loop
 from dim.store import View, parse_owner
+from dim.usercode import Call, Runners
 
 if TYPE_CHECKING:
     from dim.node import Node
 
 log = logging.getLogger(__name__)
+
+# what one get_config call yields: the parsed items, the tags each config requires, the
+# priorities, and the configs whose placement rules failed
+_Loaded = tuple[Parsed, dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]
 
 
 def parse_weight(value: Optional[str]) -> float:
@@ -61,10 +74,10 @@ class LeaderLoop(Loop):
         self._priority: dict[str, int] = {}  # config -> priority (when not 0)
         self._lock = threading.RLock()
         self.alive_at = node.clock()
-        self._scheduler = schedule.Scheduler()
-        # schedule accepts float intervals although its hints say int
-        every = self._scheduler.every(node.settings.config_interval)  # type: ignore[arg-type]
-        every.seconds.do(self._poll)
+        self._every = Every(node.settings.config_interval, node.clock)
+        self._runners = Runners(f"dim-config-{node.node_id}", keep=1)
+        self._loading: Optional[tuple[float, Call]] = None  # (started, the call) in flight
+        self._overdue = False  # the call in flight overran config_timeout (reported)
         self._refresh = True
         self._epoch = 0
         self._good: Optional[dict[str, Config]] = None  # last good get_config result
@@ -85,8 +98,14 @@ class LeaderLoop(Loop):
         self._unplaced: dict[str, str] = {}  # config -> why no node can take it (written)
         self._static: set[str] = set()  # nodes with a static name (they may come back)
         self._absent: dict[str, float] = {}  # static node gone -> end of its rejoin grace
+        self._absent_since: dict[str, int] = {}  # ... -> server ms it was first seen gone
+        self._absent_written: dict[str, int] = {}  # what the control hash holds of those
         self._forget_static: set[str] = set()  # static names whose grace ended
-        self._grace_until = 0.0
+        self._grace_until = 0.0  # a reset window: placement rebuilt from the claims
+        self._reset_id = ""  # the reset window this state was loaded for
+        self._written_version = 0  # the last version this leader wrote
+        self._repair = False  # compare Redis with the cache at the next tick
+        self._repair_full = False  # ... entry by entry, not by counts first
         self._dirty = True
         self._wrote = False  # nothing written yet in this epoch
         self._value = ""  # the leader value this state belongs to
@@ -128,15 +147,15 @@ class LeaderLoop(Loop):
         self._refresh = True
         super().wake()  # the heartbeat's view of the membership will do
 
-    def _poll(self) -> None:
-        self._dirty = True  # a periodic full re-plan catches any hint that was lost
-        self.request_refresh()
-
     def tick(self) -> float:
         node = self.node
         self.alive_at = node.clock()
         interval = node.settings.heartbeat_interval
-        self._scheduler.run_pending()
+        if self._every.due():
+            self._every.ran()
+            self._dirty = True  # a periodic full re-plan catches any hint that was lost
+            self._repair = True  # and any write Redis lost
+            self._refresh = True
         if not node.is_leader or node.leaving:
             if self._epoch:
                 self._epoch = 0
@@ -147,8 +166,9 @@ class LeaderLoop(Loop):
         self.alive_at = node.clock()
         # the leader's heartbeat wakes it every interval with a fresh view; this is a
         # fallback for when heartbeats fail
-        fallback = 2 * interval
-        delay = min(fallback, max(self._scheduler.idle_seconds or fallback, 0.0))
+        delay = min(2 * interval, self._every.wait())
+        if self._loading is not None:
+            delay = min(delay, interval)  # look for the result of get_config
         if self._grace_until:
             delay = min(delay, max(self._grace_until - node.clock(), 0.0))
         settle = self._debounce_ends()
@@ -170,8 +190,10 @@ class LeaderLoop(Loop):
         if capacity is not None:
             self._capacity[node_id] = capacity
 
-    def _track_absent(self, live: set[str]) -> None:
-        """Static nodes gone with configs assigned: their grace starts now."""
+    def _track_absent(self, live: set[str], view: View) -> None:
+        """Static nodes gone with configs assigned: their grace runs from when a leader
+        first saw them gone (kept in the control hash, so a new leader does not start
+        the grace again)."""
         grace = self.node.settings.rejoin_grace
         now = self.node.clock()
         holders = set(self._assignment.values())
@@ -182,14 +204,23 @@ class LeaderLoop(Loop):
             self._dirty = True
         if not grace:
             return
+        recorded = view.absent_since
         for node_id in holders - live:
             if node_id in self._static and node_id not in self._absent:
-                log.info("static node %s is gone: its configs wait %gs for it", node_id, grace)
-                self._absent[node_id] = now + grace
+                since = recorded.get(node_id, view.now_ms)
+                left = grace - max(0, view.now_ms - since) / 1000
+                log.info("static node %s is gone: its configs wait %.3gs for it", node_id, left)
+                self._absent[node_id] = now + left
+                self._absent_since[node_id] = since
+                self._dirty = True
         for node_id, until in list(self._absent.items()):
             if node_id in live or node_id not in holders or now >= until:
                 del self._absent[node_id]
+                self._absent_since.pop(node_id, None)
                 self._dirty = True
+        for node_id in recorded:
+            if node_id not in self._absent:
+                self._absent_written.setdefault(node_id, recorded[node_id])  # to delete
 
     def _debounce_ends(self) -> Optional[float]:
         """When the current burst of membership changes stops holding moves back."""
@@ -197,6 +228,13 @@ class LeaderLoop(Loop):
         if not delay or self._burst_since is None:
             return None
         return min(self._quiet_since + delay, self._burst_since + 10 * delay)
+
+    def close(self) -> None:
+        """Let the config thread go (a get_config still running is abandoned)."""
+        loading, self._loading = self._loading, None
+        if loading is not None:
+            loading[1].abandon()
+        self._runners.close()
 
     def final_rebalance(self) -> None:
         """On graceful stop: place this node's configs elsewhere before resigning."""
@@ -216,36 +254,16 @@ class LeaderLoop(Loop):
         owner = parse_owner(value)
         if value is None or owner is None:
             return
-        if self._epoch != owner[1]:
-            # a new epoch: start from the truth in Redis, then keep our own copy
-            self._reset()
-            self._epoch = owner[1]
-            self._value = value
-            self._assignment = store.assignment()
-            self._written = store.configs()
-            self._unplaced = store.unplaced()  # what the previous leader reported
-            if node.settings.max_concurrent_moves is not None and self._assignment:
-                # moves a previous leader started and that have not arrived yet
-                holders = store.claims(list(self._assignment))
-                self._moving = {
-                    c: n for c, n in self._assignment.items() if c in holders and holders[c][0] != n
-                }
-            if node.fresh_redis:
-                # Redis has no fence counter: it is new or lost its data. Nodes still
-                # running instances take their claims back within a heartbeat; wait one
-                # node TTL before placing configs nobody claims, so nothing starts twice.
-                self._grace_until = node.clock() + node.settings.node_ttl
+        era = store.era
+        if self._epoch != owner[1] or (era.reset_id and era.reset_id != self._reset_id):
+            # a new epoch, or Redis lost or rewound data: start from the truth in Redis,
+            # then keep our own copy
+            self._load_state(value, owner[1])
             self._refresh = self._refresh or self._good is None
-        if self._refresh:
-            self._refresh = False
-            self._load_config()
-        configs = self._good
-        if configs is None:
-            configs = {}
-            for ckey, text in self._written.items():
-                config = decode(ckey, text)
-                if config is not None:
-                    configs[ckey] = config
+        self._collect_config()
+        if self._good is None and self._loading is not None and not self._written:
+            return  # a new service: wait for the first get_config rather than plan nothing
+        configs = self._known_configs()
         view = self._current_view()
         self._static.update(view.static_names)
         if view.paused != self._paused:
@@ -256,7 +274,7 @@ class LeaderLoop(Loop):
             return  # hold everything where it is; instances still heal where they run
         live_ids = view.live()
         dead = view.dead()
-        self._track_absent(set(live_ids))
+        self._track_absent(set(live_ids), view)
         if exclude is not None and exclude in live_ids:
             live_ids.remove(exclude)
         draining = view.draining & set(live_ids)
@@ -291,10 +309,12 @@ class LeaderLoop(Loop):
         changed_members = live != self._live or bool(dead)
         # compare contents only when get_config produced a new result (O(configs))
         fresh_configs = configs is not self._compared and self._configs_differ(configs)
-        if not (self._dirty or changed_members or fresh_configs):
+        if self._dirty or changed_members or fresh_configs:
+            self._rebalance(configs, live, dead, view, exclude, force=changed_members)
+        else:
             self._compared = configs
-            return
-        self._rebalance(configs, live, dead, view, exclude, force=changed_members)
+        if self._repair and self._wrote and not self._grace_until and exclude is None:
+            self._repair_placement(live)
 
     def _current_view(self) -> View:
         """The heartbeat's view if it is recent and nothing asked for a fresh read."""
@@ -430,32 +450,203 @@ class LeaderLoop(Loop):
             return True
         return any(self._written.get(c) != cfg.json for c, cfg in configs.items())
 
-    def _load_config(self) -> None:
+    def _load_state(self, value: str, epoch: int) -> None:
+        """Forget the cache and read the placement back from Redis."""
         node = self.node
-        try:
-            raw = self._get_config()
-            configs = normalize(raw, self._key)
-            required, priority = self._rules.evaluate(configs)
-        except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, ConfigError)
-                else ConfigError(f"get_config raised {exc!r}", exc)
-            )
-            if error is not exc:
-                error.__cause__ = exc
-            log.error(
-                "node %s: %s; keeping the last good config (%d configs)",
+        store = node.store
+        era = store.era
+        self._reset()
+        self._epoch = epoch
+        self._value = value
+        self._reset_id = era.reset_id
+        self._assignment = store.assignment()
+        self._written = store.configs()
+        self._unplaced = store.unplaced()  # what the previous leader reported
+        if node.settings.max_concurrent_moves is not None and self._assignment:
+            # moves a previous leader started and that have not arrived yet
+            holders = store.claims(list(self._assignment))
+            self._moving = {
+                c: n for c, n in self._assignment.items() if c in holders and holders[c][0] != n
+            }
+        if era.resetting():
+            # Redis lost or rewound data: nobody may take a new claim while every node
+            # still running an instance takes its claim back; until the window ends the
+            # placement follows the claims, and configs nobody claims wait
+            self._grace_until = era.reset_until
+            log.warning(
+                "leader %s: placing only what nodes claim back for %.1fs (Redis reset)",
                 node.node_id,
-                error,
-                len(self._good or self._written),
+                era.reset_until - node.clock(),
             )
-            node.emit(Event(EventType.CONFIG_ERROR, node.node_id, error=error))
+
+    def _collect_config(self) -> None:
+        """Start ``get_config`` when asked and none runs; take its result once it is done.
+
+        One call at a time: a call that overruns ``config_timeout`` is reported and
+        abandoned (the last good config stays), and no other starts until it returns,
+        so a hanging ``get_config`` costs one thread, not one per interval.
+        """
+        node = self.node
+        loading = self._loading
+        if loading is None:
+            if self._refresh:
+                self._refresh = False
+                self._loading = (node.clock(), self._runners.start(self._load, None))
             return
+        started, call = loading
+        if call.done.is_set():
+            self._loading = None
+            if self._overdue:
+                self._overdue = False
+                log.warning(
+                    "get_config returned after %.1fs, over config_timeout: its result is not used",
+                    node.clock() - started,
+                )
+                return
+            self._apply_config(call)
+        elif node.clock() - started > node.settings.config_timeout and not self._overdue:
+            self._overdue = True
+            call.abandon()
+            self._config_error(
+                CallTimeout(f"get_config did not return within {node.settings.config_timeout:g} s"),
+                self._known_configs(),
+            )
+
+    def _load(
+        self, _: object
+    ) -> tuple[Parsed, dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]:
+        """On the config thread: every piece of user code that reads the configs."""
+        parsed = parse(self._get_config(), self._key)
+        required, priority, errors = self._rules.evaluate_each(parsed.configs)
+        return parsed, required, priority, errors
+
+    def _known_configs(self) -> dict[str, Config]:
+        """The last good configs: from get_config, else as stored in Redis."""
+        if self._good is not None:
+            return self._good
+        configs = {}
+        for ckey, text in self._written.items():
+            config = decode(ckey, text)
+            if config is not None:
+                configs[ckey] = config
+        return configs
+
+    def _config_error(self, error: Exception, kept: dict[str, Config]) -> None:
+        node = self.node
+        if not isinstance(error, ConfigError):
+            wrapped = ConfigError(f"get_config failed: {error!r}", error)
+            wrapped.__cause__ = error
+            error = wrapped
+        log.error(
+            "node %s: %s; keeping the last good config (%d configs)", node.node_id, error, len(kept)
+        )
+        node.emit(Event(EventType.CONFIG_ERROR, node.node_id, error=error))
+
+    def _apply_config(self, call: Call) -> None:
+        """Take a finished get_config call: good items apply, each bad item is reported
+        and keeps its last good version (if it had one)."""
+        node = self.node
+        previous = self._known_configs()
+        try:
+            parsed, required, priority, rule_errors = call.outcome("get_config")
+        except Exception as exc:
+            self._config_error(exc, previous)
+            return
+        bad = set(parsed.bad_ids) | set(rule_errors)
+        configs: dict[str, Config] = {}
+        for ckey, config in parsed.configs.items():
+            if ckey not in bad:
+                configs[ckey] = config
+        kept = [c for c in sorted(bad) if c in previous]
+        for ckey in kept:
+            configs[ckey] = previous[ckey]
+            if ckey in self._required:
+                required[ckey] = self._required[ckey]
+            if ckey in self._priority:
+                priority[ckey] = self._priority[ckey]
+        errors = [*parsed.errors, *rule_errors.values()]
+        for error in errors[:20]:
+            log.error("node %s: %s", node.node_id, error)
+            node.emit(
+                Event(
+                    EventType.CONFIG_ERROR,
+                    node.node_id,
+                    config_id=error.value if not isinstance(error.value, (dict, list)) else None,
+                    error=error,
+                )
+            )
+        if len(errors) > 20:
+            log.error("node %s: %d more bad configs", node.node_id, len(errors) - 20)
+        if errors:
+            log.warning(
+                "%d bad configs left out (%d keep their last good version)", len(errors), len(kept)
+            )
         if self._good is not None and list(configs) != list(self._good):
             log.info("config changed: %d configs (was %d)", len(configs), len(self._good))
         self._good = configs
         self._rules_for, self._required, self._priority = configs, required, priority
+
+    def _repair_placement(self, live: dict[str, float]) -> None:
+        """Compare what Redis holds of the placement with this leader's copy, and write
+        back whatever differs (a write lost in a failover, a node that came back between
+        the leader's read and its write). The version and the counts first (they cost
+        nothing); the full read only when they differ, or when a write said something
+        was kept or its reply was lost."""
+        node = self.node
+        store = node.store
+        self._repair = False
+        nodes = sorted(set(live) | set(self._assignment.values()))
+        expected: dict[str, set[str]] = {n: set() for n in nodes}
+        for ckey, target in self._assignment.items():
+            expected[target].add(ckey)
+        if not self._repair_full:
+            stored, size, counts = store.repair_counts(nodes)
+            # every write of ours bumps the version in the same step: another version
+            # means a write of ours was lost (or another leader wrote)
+            ours = not self._written_version or stored == str(self._written_version)
+            if (
+                ours
+                and size == len(self._assignment)
+                and all(counts.get(n, 0) == len(expected[n]) for n in nodes)
+            ):
+                return
+        self._repair_full = False
+        assignment, desired = store.repair_read(nodes)
+        change: dict[str, Any] = {"assign": {}, "unassign": [], "add": {}, "rem": {}}
+        for ckey, target in self._assignment.items():
+            if assignment.get(ckey) != target:
+                change["assign"][ckey] = target
+        change["unassign"] = sorted(c for c in assignment if c not in self._assignment)
+        for target in nodes:
+            have, want = desired.get(target, set()), expected[target]
+            if want - have:
+                change["add"][target] = sorted(want - have)
+            if have - want:
+                change["rem"][target] = sorted(have - want)
+        wrong = (
+            len(change["assign"])
+            + len(change["unassign"])
+            + sum(len(v) for v in change["add"].values())
+            + sum(len(v) for v in change["rem"].values())
+        )
+        if not wrong:
+            return
+        log.warning(
+            "leader %s: Redis disagrees with the placement on %d entries (a lost write?); "
+            "repairing",
+            node.node_id,
+            wrong,
+        )
+        targets = sorted(set(change["add"]) | set(change["rem"]) | set(change["assign"].values()))
+        version, _kept = store.leader_write(
+            self._value, change, self._epoch, node.node_id, targets, reset_id=self._reset_id
+        )
+        if version < 0:
+            self._repair = self._repair_full = True  # try again at the next tick
+            self._dirty = True
+            return
+        self._written_version = version
+        node.reconciler.wake(read=True)
 
     def _rebalance(
         self,
@@ -481,7 +672,14 @@ class LeaderLoop(Loop):
         current = {c: n for c, n in self._assignment.items() if c in configs}
         # configs of a static node within its rejoin grace stay assigned to it
         held = {c: n for c, n in current.items() if n in self._absent}
-        orphans = [c for c in configs if current.get(c) not in live and c not in held]
+        # configs whose node is gone are placed where they are claimed, if anywhere (a
+        # new leader); during a reset window every config follows its claim, because
+        # the assignment may be older than the claims nodes take back
+        orphans = [
+            c
+            for c in configs
+            if c not in held and (self._grace_until or current.get(c) not in live)
+        ]
         holders = store.claims(orphans) if orphans else {}
         for ckey, (holder, _token) in holders.items():
             if holder in live:
@@ -511,7 +709,15 @@ class LeaderLoop(Loop):
                 set(dead) | {n for n in old.values() if n not in live} - set(live)
             ),
             "drop_failures": expired,
-            "forget_static": sorted(self._forget_static),
+            "control_set": {
+                f"absent {n}": str(since)
+                for n, since in self._absent_since.items()
+                if self._absent_written.get(n) != since
+            },
+            "control_del": sorted(
+                [f"static {n}" for n in self._forget_static]
+                + [f"absent {n}" for n in self._absent_written if n not in self._absent_since]
+            ),
             "unplaced": {c: r for c, r in unplaced.items() if self._unplaced.get(c) != r},
             "placeable": [c for c in self._unplaced if c not in unplaced],
         }
@@ -538,10 +744,20 @@ class LeaderLoop(Loop):
             return  # nothing to say: no version bump, no hint
         targets = set(change["add"]) | set(change["rem"])
         targets.update(new[c] for c in change["configs"] if c in new)
-        version = store.leader_write(
-            self._value, change, self._epoch, node.node_id, sorted(targets)
-        )
-        if version < 0:
+        try:
+            version, kept = store.leader_write(
+                self._value,
+                change,
+                self._epoch,
+                node.node_id,
+                sorted(targets),
+                reset_id=self._reset_id,
+            )
+        except redis.RedisError:
+            # the write may have run though its reply was lost: compare with Redis later
+            self._repair = self._repair_full = True
+            raise
+        if version == -1:
             log.warning(
                 "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch
             )
@@ -550,6 +766,24 @@ class LeaderLoop(Loop):
             self._epoch = 0  # a newer epoch of ours (if any) starts from Redis again
             self._reset()
             return
+        if version < 0:
+            # a reset window we had not heard of (the reply told us: the next tick
+            # reloads), or a request that arrived too late: nothing was written
+            log.warning(
+                "node %s: leader write refused (%s)",
+                node.node_id,
+                "Redis reset" if version == -2 else "late request",
+            )
+            self._dirty = True
+            self._read = True
+            return
+        if kept:
+            # nodes that came back between our read and this write keep their entries;
+            # look at the membership again (their desired sets are repaired later)
+            log.info("nodes %s came back before the write: re-planning", kept)
+            self._read = True
+            self._repair = self._repair_full = True
+        self._written_version = version
         # the leader hears no hint of its own: pick up its own share now, not at the next
         # heartbeat (that delay was most of a graceful join or leave)
         node.reconciler.wake(read=True)
@@ -571,6 +805,7 @@ class LeaderLoop(Loop):
         self._unplaced = unplaced
         self._static -= self._forget_static
         self._forget_static = set()
+        self._absent_written = dict(self._absent_since)
         self._compared = configs
         self._assignment = new
         self._written = {c: cfg.json for c, cfg in configs.items()}

@@ -36,7 +36,7 @@ class Listener(Loop):
     def tick(self) -> float:
         node = self.node
         if self._pubsub is None:
-            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 pubsub.subscribe(node.store.keys.events)
             except BaseException:
@@ -92,7 +92,7 @@ class Listener(Loop):
         if kind is Kind.ASSIGNED:
             stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader
             if not stale and (message.version is None or str(message.version) != node.version):
-                node.reconciler.assigned(message.version, message.targets)
+                node.reconciler.assigned(message.version, message.previous, message.targets)
         if kind is Kind.LEADER_LEFT:
             node.heartbeat.wake()
         return message

@@ -1,10 +1,10 @@
-"""The guarded background loop every dim thread runs."""
+"""The guarded background loop every dim thread runs, and its monotonic timer."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import redis
 
@@ -15,6 +15,46 @@ if TYPE_CHECKING:
     from dim.node import Node
 
 log = logging.getLogger(__name__)
+
+
+class Every:
+    """A job due every ``interval`` seconds, timed on a monotonic clock.
+
+    ``schedule`` (which dim used before) times its jobs with ``datetime.now()``: a step of
+    the wall clock back (NTP, a DST change on a host in local time) stalled a loop for
+    the size of the step. This timer cannot be stepped. A run that comes late does not
+    cause a burst of catch-up runs.
+
+    >>> now = [0.0]
+    >>> every = Every(10.0, lambda: now[0])
+    >>> every.due(), every.wait()
+    (False, 10.0)
+    >>> now[0] = 25.0
+    >>> every.due()
+    True
+    >>> every.ran()
+    ... every.wait()
+    10.0
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.next_at = clock() + interval
+
+    def __repr__(self) -> str:
+        return f"<Every {self.interval:g}s next in {self.wait():.2f}s>"
+
+    def due(self) -> bool:
+        return self.clock() >= self.next_at
+
+    def ran(self) -> None:
+        """The job ran now: the next run is one interval from now."""
+        self.next_at = self.clock() + self.interval
+
+    def wait(self) -> float:
+        """Seconds until the job is due (0 when it is)."""
+        return max(0.0, self.next_at - self.clock())
 
 
 class Loop:
@@ -63,7 +103,7 @@ class Loop:
             try:
                 delay = self.tick()
                 self.failures = 0
-            except Exception as exc:
+            except BaseException as exc:  # no loop may die (a BaseException included)
                 self.failures += 1
                 delay = min(
                     self.node.settings.heartbeat_interval, 0.01 * 2 ** min(self.failures, 10)

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import threading
-import weakref
+import time
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -20,6 +20,7 @@ from redis.cluster import RedisCluster
 from dim import redis_errors
 from dim.configs import KeyFunc
 from dim.constraints import Rule, Rules, check_capacity, check_tags
+from dim.era import Era
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
 from dim.events import Dispatcher, Event, EventType, Listener
 from dim.health import HealthLoop
@@ -35,7 +36,9 @@ from dim.store import Client, Store, redis_from
 
 log = logging.getLogger(__name__)
 
-_live_managers: weakref.WeakSet[Manager] = weakref.WeakSet()
+# started managers, until they stop: held strongly, so that a manager the application
+# kept only in a local variable is still stopped by the exit hook
+_live_managers: set[Manager] = set()
 
 
 def _check_callable(name: str, value: Any, optional: bool) -> None:
@@ -217,7 +220,7 @@ class Manager:
                 return self
             self._pid = os.getpid()  # a manager built before a fork may start after it
             client = self._connect()
-            store = Store(client, self.service)
+            store = Store(client, self.service, self._era(client))
             node = Node(
                 store=store,
                 settings=self.settings,
@@ -235,8 +238,15 @@ class Manager:
             try:
                 self._first_beat(node)
             except BaseException:
+                # the beat may have run on the server though its reply was lost: take
+                # the membership back out rather than leave a ghost for node_ttl
+                try:
+                    store.leave(node.node_id, node.session)
+                except redis.RedisError:
+                    log.debug("could not undo a failed join", exc_info=True)
                 self._close_client(client)
                 raise
+            self._check_eviction(client)
             node.joined_version = node.version
             # visible before any thread runs, so create() can already read its lease
             self._node = node
@@ -281,15 +291,22 @@ class Manager:
         instances; each claim is released (and announced) the moment its instance is
         disconnected, so the new owner starts at once. Only then are the threads joined.
 
+        It returns within ``settings.stop_timeout`` (``disconnect_timeout`` plus one
+        second) plus a few Redis round trips, whatever the callbacks do: every
+        disconnect starts at once, one that overruns its budget is reported
+        (``DISCONNECT_TIMEOUT``) and left behind, and ``get_config`` is never waited for.
+
         :param timeout: how long to wait for the disconnects (default:
-            ``disconnect_timeout`` plus one second).
+            ``settings.stop_timeout``).
         """
+        if os.getpid() != self._pid:
+            # a forked child must not touch its parent's cluster state, nor wait on a
+            # lock the fork may have copied in its held state
+            return
         with self._lock:
             node = self._node
             if node is None:
                 return
-            if os.getpid() != self._pid:
-                return  # a forked child must not touch its parent's cluster state
             try:
                 self._leave(node, timeout)
             finally:
@@ -299,7 +316,7 @@ class Manager:
         # no new claims from here on: the final rebalance may not hand us anything
         node.reconciler.begin_close()
         s = self.settings
-        wait = s.disconnect_timeout + 1.0 if timeout is None else timeout
+        wait = s.stop_timeout if timeout is None else timeout
         store = node.store
         if node.is_leader and not (node.static and s.rejoin_grace):
             # (a static node with a rejoin grace keeps its configs for its restart)
@@ -313,7 +330,11 @@ class Manager:
             node.leaving = True
         leader_value = node.leader_value
         try:
-            store.leave(node.node_id)
+            if not store.leave(node.node_id, node.session):
+                log.warning(
+                    "node id %s belongs to another process by now: its membership stays",
+                    node.node_id,
+                )
             if leader_value is not None:
                 store.resign(leader_value, Message(Kind.LEADER_LEFT, node.node_id))
             store.publish(Message(Kind.LEFT, node.node_id))
@@ -326,6 +347,7 @@ class Manager:
         node.wake_all()
         for loop in node.loops():
             loop.join(max(1.0, s.heartbeat_interval * 2))
+        node.leader.close()
         try:
             # a tombstone outlives any request of ours still queued in a stalled server
             store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl), session=node.session)
@@ -440,6 +462,34 @@ class Manager:
                 f"manager after forking (gunicorn: in post_fork or the app factory, without "
                 f"--preload)"
             )
+
+    def _check_eviction(self, client: Client) -> None:
+        """Warn when Redis may evict keys: a claim evicted under memory pressure is a
+        claim another node may take while its holder still runs the instance."""
+        try:
+            info = client.info("memory")
+        except redis.RedisError:
+            return  # not allowed (ACL) or not answered: nothing to say
+        if isinstance(client, RedisCluster) and "maxmemory_policy" not in info:
+            info = next((v for v in info.values() if isinstance(v, dict)), {})
+        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+        if policy and policy != "noeviction":
+            log.warning(
+                "Redis at %s evicts keys under memory pressure (maxmemory-policy %s): dim's "
+                "claims must never be evicted; use maxmemory-policy noeviction",
+                self._describe_target(),
+                policy,
+            )
+
+    def _era(self, client: Client) -> Era:
+        """What the node will know of the server; requests may run late by up to two
+        socket timeouts (the client's own, when it has one)."""
+        if isinstance(client, RedisCluster):
+            timeout = client.nodes_manager.connection_kwargs.get("socket_timeout")
+        else:
+            timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        max_delay = 2 * float(timeout) + 0.1 if timeout else None
+        return Era(time.monotonic, max_delay, self.settings.reset_window)
 
     def _describe_target(self) -> str:
         """Where dim connects, without secrets: the URL, or what a passed client points at."""

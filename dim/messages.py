@@ -6,8 +6,9 @@ So a message is tiny, has a fixed schema, and anything that does not fit (too bi
 JSON, unknown kind, wrong types) is rejected with :class:`~dim.errors.MessageError` and
 dropped by the listener.
 
-Wire format: a JSON object ``{"k": kind, "n": node id, "v": version, "e": epoch,
-"c": [config keys], "t": [node ids]}``; all but ``k`` and ``n`` are optional. An
+Wire format: a JSON object ``{"k": kind, "n": node id, "v": version, "p": previous
+version, "e": epoch, "c": [config keys], "t": [node ids]}``; all but ``k`` and ``n`` are
+optional. An
 ``assigned`` hint names the nodes whose share changed when they fit (``t``), so the
 others need not read theirs again. A ``released`` hint names the
 claims it freed when they fit in one message, so only the nodes waiting for one of them
@@ -51,19 +52,24 @@ class Message:
     epoch: Optional[int] = None
     ckeys: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    previous: Optional[int] = None  # the version an ``assigned`` hint follows
 
     @classmethod
     def released(cls, node: str, ckeys: Iterable[str]) -> Message:
         """A ``released`` hint naming these claims, or none if they do not all fit."""
-        names = tuple(ckeys)
-        if sum(len(c) + 3 for c in names) > MAX_MESSAGE_BYTES - 300:
-            names = ()  # too many to name: every node waiting for a claim retries
-        return cls(Kind.RELEASED, node, ckeys=names)
+        return cls(Kind.RELEASED, node, ckeys=_fitting(ckeys))
+
+    @classmethod
+    def failed(cls, node: str, ckeys: Iterable[str]) -> Message:
+        """A ``failed`` hint naming these configs, or none if they do not fit."""
+        return cls(Kind.FAILED, node, ckeys=_fitting(ckeys))
 
     def encode(self) -> bytes:
         body: dict[str, Union[str, int, list[str]]] = {"k": self.kind.value, "n": self.node}
         if self.version is not None:
             body["v"] = self.version
+        if self.previous is not None:
+            body["p"] = self.previous
         if self.epoch is not None:
             body["e"] = self.epoch
         if self.ckeys:
@@ -74,6 +80,14 @@ class Message:
         if len(data) > MAX_MESSAGE_BYTES:
             raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
         return data
+
+
+def _fitting(ckeys: Iterable[str]) -> tuple[str, ...]:
+    """The names if they all fit in one message, else none (every waiting node retries)."""
+    names = tuple(ckeys)
+    if len(json.dumps(names)) > MAX_MESSAGE_BYTES - 300:
+        return ()
+    return names
 
 
 def _optional_int(body: dict[str, object], field: str) -> Optional[int]:
@@ -108,7 +122,7 @@ def decode(data: object) -> Message:
         raise MessageError(f"message is not JSON: {data[:80]!r}") from exc
     if not isinstance(body, dict):
         raise MessageError(f"message must be a JSON object, got {data[:80]!r}")
-    unknown = set(body) - {"k", "n", "v", "e", "c", "t"}
+    unknown = set(body) - {"k", "n", "v", "p", "e", "c", "t"}
     if unknown:
         raise MessageError(f"message has unknown fields {sorted(unknown)!r}")
     try:
@@ -124,6 +138,7 @@ def decode(data: object) -> Message:
         kind=kind,
         node=node,
         version=_optional_int(body, "v"),
+        previous=_optional_int(body, "p"),
         epoch=_optional_int(body, "e"),
         ckeys=ckeys,
         targets=targets,

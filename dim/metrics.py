@@ -68,7 +68,17 @@ COUNTERS: dict[str, str] = {
     "fenced": "Times this node stopped all its instances because it could not renew in time.",
     "redis_lost": "Heartbeats that failed after one that succeeded.",
     "redis_restored": "Heartbeats that succeeded after one that failed.",
-    "config_errors": "Calls of get_config that raised or returned bad configs.",
+    "config_errors": (
+        "Calls of get_config that raised, timed out or returned bad configs (one per bad config)."
+    ),
+    "disconnect_timeouts": (
+        "Calls of disconnect() that overran disconnect_timeout: the claim was let go while "
+        "the instance may still run (only its fencing token protects from it)."
+    ),
+    "redis_resets": (
+        "Times this node learned that Redis lost or rewound data (a restart, a failover, "
+        "a clock step): no new claims for the reset window."
+    ),
     "loop_errors": "Errors raised in a background loop or worker task.",
     "unplaced_changes": (
         "Times the leader found that the configs no live node may take (required tags, "
@@ -95,6 +105,8 @@ EVENT_COUNTERS: dict[EventType, tuple[str, ...]] = {
     EventType.CONFIG_ERROR: ("config_errors",),
     EventType.LOOP_ERROR: ("loop_errors",),
     EventType.CONFIGS_UNPLACED: ("unplaced_changes",),
+    EventType.DISCONNECT_TIMEOUT: ("disconnect_timeouts",),
+    EventType.REDIS_RESET: ("redis_resets",),
 }
 
 #: The counters a REBALANCE_APPLIED event adds its counts to: data key -> counter.

@@ -22,7 +22,13 @@ from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.settings import Settings
-from dim.store import Store, parse_owner
+from dim.store import (
+    CLAIM_LOST,
+    CLAIM_RELEASED,
+    CLAIM_TAKEN_BACK,
+    Store,
+    parse_owner,
+)
 
 if TYPE_CHECKING:
     from dim.leader import LeaderLoop
@@ -78,9 +84,6 @@ class Node:
         self.joined_version: Optional[str] = None
         self.leader_value: Optional[str] = None  # '<me>:<epoch>' while this node leads
         self.epoch = 0
-        # no fence counter or no assignment version when we took leadership: Redis is new
-        # or lost its data, so the leader waits before placing unclaimed configs
-        self.fresh_redis = False
         self._info: Optional[dict[str, str]] = None
         self.reconciler: Reconciler
         self.leader: LeaderLoop
@@ -119,7 +122,7 @@ class Node:
             }
         return self._info
 
-    def set_leader(self, value: Optional[str], *, fresh_redis: bool = False) -> None:
+    def set_leader(self, value: Optional[str]) -> None:
         """Record leadership gained (value '<me>:<epoch>') or lost (None)."""
         with self._lock:
             old = self.leader_value
@@ -128,7 +131,6 @@ class Node:
             self.leader_value = value
             if value is not None:
                 self.epoch = parse_owner(value)[1]  # type: ignore[index]
-                self.fresh_redis = fresh_redis
         if old is not None:
             log.info("node %s lost leadership (%s)", self.node_id, old)
             self.emit(Event(EventType.LEADERSHIP_LOST, self.node_id, data={"leader": old}))
@@ -156,6 +158,8 @@ class Heartbeat(Loop):
         # published by the heartbeat script when it (re)adds this node to the membership
         self._joined = Message(Kind.JOINED, node.node_id)
         self._now = False
+        self._reset_seen = ""
+        self._stale = 0  # stale replies in a row
 
     def beat(self) -> None:
         """One heartbeat; raises redis errors to the caller."""
@@ -166,8 +170,8 @@ class Heartbeat(Loop):
         if leader_value is not None and node.clock() - node.leader.alive_at < (
             s.leader_ttl - s.heartbeat_interval
         ):
-            # renew only while the leader loop itself is alive: a leader stuck in
-            # get_config must lose the lease rather than freeze the cluster
+            # renew only while the leader loop itself is alive: a leader whose loop is
+            # stuck must lose the lease rather than freeze the cluster
             renew_leader = leader_value
         leads = leader_value is not None and not node.leaving
         running, unhealthy = node.reconciler.health()
@@ -183,12 +187,19 @@ class Heartbeat(Loop):
                 may_lead=not node.leaving,
                 renew_leader=renew_leader,
                 info=node.info(),
-                claims={c: f"{node.node_id}:{t}" for c, t in claims.items()},
+                claims={c: (f"{node.node_id}:{t}", ttl) for c, (t, ttl) in claims.items()},
                 view=leads,
                 joined=self._joined,
                 session=node.session,
                 health=health,
             )
+        if result.stale:
+            # it came too late to count (a stalled connection), or the server's clock
+            # stepped: nothing was renewed; beat again at once with a fresh estimate
+            self._stale += 1
+            self._now = self._stale == 1
+            return
+        self._stale = 0
         was_taken, node.name_taken = node.name_taken, result.taken
         if result.taken:
             if not was_taken:
@@ -197,25 +208,29 @@ class Heartbeat(Loop):
                     node.node_id,
                 )
             return
+        if result.gone:
+            return  # this node has left: nothing was renewed, nothing to resume
         node.last_renew = sent
         if not node.redis_ok:
             node.redis_ok = True
             log.warning("node %s reached Redis again", node.node_id)
             node.emit(Event(EventType.REDIS_RESTORED, node.node_id))
-        if node.fenced:
-            node.reconciler.unfence()
+        node.reconciler.renewed(claims, result.claims, sent)
+        self._note_reset(result.header.reset_id)
+        # lost claims first: an instance stopping after the fence must not be recreated
+        # under a claim this very heartbeat found taken
         for ckey, status in result.claims.items():
-            if status in (0, 3):
-                node.reconciler.lease_lost(ckey, claims[ckey])
-            elif status == 2:
+            if status in (CLAIM_LOST, CLAIM_RELEASED):
+                node.reconciler.lease_lost(ckey, claims[ckey][0], status)
+            elif status == CLAIM_TAKEN_BACK:
                 log.warning(
                     "claim %r was missing in Redis; node %s took it back", ckey, node.node_id
                 )
+        if node.fenced:
+            node.reconciler.unfence()
         mine = result.leader is not None and result.leader.startswith(node.node_id + ":")
         if mine and not node.leaving:
-            # no fence counter or no assignment version: Redis is new or lost its data
-            fresh = result.fence_was_missing or result.version is None
-            node.set_leader(result.leader, fresh_redis=fresh)
+            node.set_leader(result.leader)
         elif node.is_leader:
             node.set_leader(None)
         if result.version != node.version:
@@ -223,6 +238,24 @@ class Heartbeat(Loop):
             node.reconciler.wake(read=True)
         if result.view is not None and node.is_leader:
             node.leader.observe(result.view, sent)
+
+    def _note_reset(self, reset_id: str) -> None:
+        """A reset window this node had not heard of: say so, and read everything again."""
+        node = self.node
+        if not reset_id or reset_id == self._reset_seen:
+            return
+        self._reset_seen = reset_id
+        era = node.store.era
+        log.warning(
+            "node %s: Redis lost or rewound data (%s): no new claims for %.1fs while every "
+            "node takes its claims back",
+            node.node_id,
+            reset_id.split(" ")[0],
+            max(0.0, era.reset_until - node.clock()),
+        )
+        node.emit(Event(EventType.REDIS_RESET, node.node_id, data={"reset": reset_id}))
+        node.reconciler.wake(read=True)
+        node.leader.wake()
 
     def wake(self) -> None:
         """Beat now rather than when the next one is due (a leader just stepped down)."""
@@ -245,6 +278,8 @@ class Heartbeat(Loop):
                 node.emit(Event(EventType.REDIS_LOST, node.node_id, error=exc))
             # retry sooner than a full interval: every renewal counts toward the fence
             return node.settings.heartbeat_interval / 2
+        if self._now:
+            return 0.0  # a stale reply: beat again now
         return self.node.settings.heartbeat_interval
 
 

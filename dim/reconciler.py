@@ -1,24 +1,39 @@
-"""The local instance table: claims, creates, disconnects (§4.4, §4.6, §4.7).
+"""The local instance table: claims, creates, disconnects.
 
-Each config this node deals with has a :class:`Slot` that moves through these states:
+Each config this node deals with has a :class:`Slot`. Its states and every transition,
+each made under the reconciler's lock:
 
-``CLAIMING``
-    Assigned here, claim not yet taken (another node still holds it, or a cool-down
-    after failures is running). The reconciler retries on every ``released`` hint and
-    every heartbeat interval.
-``CREATING``
-    Claim held; ``create`` runs on a worker (with tenacity retries and backoff).
-``RUNNING``
-    Claim held, instance up.
-``STOPPING``
-    Claim held (or lost), ``disconnect`` runs on a worker; then the claim is released.
+``CLAIMING``: assigned here, no claim yet (another node holds it, a reset window is
+open, or a cool-down after failures runs).
+    * -> ``CREATING``: the claim script gave a fresh token; the claim lives
+      ``Settings.create_lease``.
+    * -> gone: no longer assigned here.
 
-Transitions happen under one lock; ``create``/``disconnect`` run outside it on a bounded
-pool of workers, each call on its own thread with a timeout (:mod:`dim.usercode`). A slot
-is identified by object identity: a worker that finishes checks that its slot is still
-the current one (``self._slots[ckey] is slot``) and not cancelled before installing an
-instance; otherwise it disposes of what it made. The claim is always held while an
-instance may exist, and released only after ``disconnect`` returned (break-before-make).
+``CREATING``: claim held; ``create`` attempts run on a worker. An attempt starts only
+while the claim is sure to outlive it and the disconnect of what it returns.
+    * -> ``RUNNING``: ``create`` returned in time, the slot is still wanted, the node is
+      not fenced and the claim not lost.
+    * -> gone: cancelled (moved away, removed, fenced, closing, claim lost); whatever
+      ``create`` returns is disconnected first, then the claim is released.
+    * -> ``CLAIMING``: ``create`` failed ``create_attempts`` times; the claim is
+      released and the config handed to another node for ``failure_cooldown``.
+
+``RUNNING``: claim held, instance up.
+    * -> ``STOPPING``: moved away or removed; claim lost (``LEASE_LOST``); unhealthy or
+      its config changed (to be recreated); fenced; closing.
+
+``STOPPING``: its ``disconnect`` is queued or running; the claim stays held, and renewed,
+until it has returned (or overrun ``disconnect_timeout``, which is reported).
+    * -> ``CREATING``: recreated in place: the claim first gets a new, larger token (each
+      incarnation has its own).
+    * -> gone: the claim is released (when fenced: kept as an *orphan* and released once
+      Redis answers; when lost: nothing to release).
+
+A slot leaves the table only once no instance of it can exist any more, so a config is
+never created on this node while its previous instance is still stopping. Normal moves
+queue their ``create``/``disconnect`` on a pool of ``max_workers``; the fence and a
+graceful stop start every disconnect at once on a thread of its own, so they never wait
+on user code or queue behind busy workers.
 """
 
 from __future__ import annotations
@@ -34,11 +49,11 @@ import redis
 import tenacity
 
 from dim.configs import Config, decode
-from dim.errors import CreateError
+from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
 from dim.loop import Loop
-from dim.messages import Kind, Message
-from dim.store import Placement
+from dim.messages import Message
+from dim.store import CLAIM_RELEASED, CLAIM_RENEWED, CLAIM_TAKEN_BACK, Placement
 from dim.usercode import Runners, block_signals
 
 if TYPE_CHECKING:
@@ -59,8 +74,9 @@ class Lease:
     """The right to run one config, as held by this node.
 
     :ivar config_id: the config.
-    :ivar token: the fencing token: it only grows for a config across owners and across
-        Redis restarts, so a downstream system that remembers the highest token it has
+    :ivar token: the fencing token: every incarnation of a config (a new owner, or the
+        same node creating it again) gets a larger one, across Redis restarts and
+        failovers too, so a downstream system that remembers the highest token it has
         seen can reject a stale owner.
     :ivar node_id: the node holding it.
     """
@@ -79,6 +95,12 @@ class Slot:
     retry_at: float = 0.0
     healthy: Optional[bool] = None
     cancel: threading.Event = attrs.field(factory=threading.Event)
+    # monotonic time until which the claim is sure to live in Redis (renewal sent + TTL)
+    lease_until: float = 0.0
+    disconnecting: bool = False  # a thread has taken the disconnect of the instance
+    recreate: Optional[Config] = None  # after the disconnect, create again with this
+    lost: bool = False  # the claim is somebody else's now: never renew or release it
+    timed_out: bool = False  # the last create attempt overran its timeout
 
     @property
     def ckey(self) -> str:
@@ -92,6 +114,10 @@ class UserCallbacks:
     healthcheck: Optional[Callable[[Any], Any]]
 
 
+class _Cancelled(Exception):
+    """A create attempt may not start (cancelled, fenced, or the claim not covering it)."""
+
+
 class Reconciler(Loop):
     """Owns the local instance table and makes it match this node's desired set."""
 
@@ -102,7 +128,7 @@ class Reconciler(Loop):
         self.callbacks = callbacks
         self._lock = threading.RLock()
         # Held around every Redis call that takes, renews or releases claims (claim,
-        # heartbeat, release), so a renewal never races a release; always taken
+        # heartbeat, release, retoken), so a renewal never races a release; always taken
         # before self._lock, never after.
         self.claims_lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -124,6 +150,8 @@ class Reconciler(Loop):
         )
         # the threads that run create/disconnect calls, each with its timeout
         self._runners = Runners(f"dim-call-{node.node_id}", keep=node.settings.max_workers)
+        # the threads that stop instances: never bounded, so no stop waits for a worker
+        self._tasks = Runners(f"dim-stop-{node.node_id}", keep=node.settings.max_workers)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -134,13 +162,15 @@ class Reconciler(Loop):
 
     # -- views (any thread) -----------------------------------------------------------
 
-    def held_claims(self) -> dict[str, int]:
-        """Claims this node holds now (ckey -> token), for the heartbeat to renew."""
+    def held_claims(self) -> dict[str, tuple[int, float]]:
+        """Claims this node holds now, for the heartbeat: ckey -> (token, TTL to renew
+        with: ``create_lease`` while being created, else ``lease``)."""
+        s = self.node.settings
         with self._lock:
             return {
-                c: s.token
-                for c, s in self._slots.items()
-                if s.token is not None and s.state is not State.CLAIMING
+                c: (slot.token, s.create_lease if slot.state is State.CREATING else s.lease)
+                for c, slot in self._slots.items()
+                if slot.token is not None and slot.state is not State.CLAIMING and not slot.lost
             }
 
     def health(self) -> tuple[int, int]:
@@ -164,7 +194,7 @@ class Reconciler(Loop):
             return {
                 s.config.id: Lease(s.config.id, s.token, self.node.node_id)
                 for s in self._slots.values()
-                if s.token is not None and s.state is not State.CLAIMING
+                if s.token is not None and s.state is not State.CLAIMING and not s.lost
             }
 
     def local_view(self) -> dict[Any, dict[str, Any]]:
@@ -220,22 +250,24 @@ class Reconciler(Loop):
                 self._retry_all_at = 0.0  # some claim was freed: retry them all
         self.wake()
 
-    def assigned(self, version: Optional[int], targets: tuple[str, ...]) -> None:
-        """The leader wrote a new assignment version; ``targets`` are the nodes whose
-        share it changed (empty: not said).
+    def assigned(
+        self, version: Optional[int], previous: Optional[int], targets: tuple[str, ...]
+    ) -> None:
+        """The leader wrote version ``version`` after ``previous``; ``targets`` are the
+        nodes whose share it changed (empty: not said).
 
-        A node not named skips the read if it had read the version just before and
-        handles nothing outside its share: its share is the same.
+        A node not named skips the read if it had read ``previous`` and handles nothing
+        outside its share: its share is the same.
         """
         node = self.node
-        if version is None or not targets or node.node_id in targets:
+        if version is None or previous is None or not targets or node.node_id in targets:
             self.wake(read=True)
             return
         with self._lock:
             same = (
                 not self._need_read
                 and self._read_version is not None
-                and self._read_version == str(version - 1)
+                and self._read_version == str(previous)
                 and node.version in (None, self._read_version, str(version))
                 and self._slots.keys() == self._desired.keys()
             )
@@ -251,20 +283,36 @@ class Reconciler(Loop):
         with self._changed:
             self._changed.notify_all()
 
-    def lease_lost(self, ckey: str, token: int) -> None:
-        """The heartbeat found this claim held by another node: stop at once."""
+    def renewed(
+        self, sent: dict[str, tuple[int, float]], statuses: dict[str, int], at: float
+    ) -> None:
+        """A heartbeat sent at ``at`` renewed these claims: each lives on in Redis."""
+        with self._lock:
+            for ckey, status in statuses.items():
+                if status not in (CLAIM_RENEWED, CLAIM_TAKEN_BACK):
+                    continue
+                token, ttl = sent[ckey]
+                slot = self._slots.get(ckey)
+                if slot is not None and slot.token == token:
+                    slot.lease_until = max(slot.lease_until, at + ttl)
+            self._changed.notify_all()
+
+    def lease_lost(self, ckey: str, token: int, status: int) -> None:
+        """The heartbeat found this claim held by another node (or released): stop now."""
         with self._lock:
             slot = self._slots.get(ckey)
             if slot is None or slot.token != token or slot.state is State.CLAIMING:
                 return
+            if slot.lost:
+                return
             log.warning(
-                "node %s lost its claim of %r (taken or gone); stopping it",
+                "node %s lost its claim of %r (%s); stopping it",
                 self.node.node_id,
                 slot.config.id,
+                "gone" if status == CLAIM_RELEASED else "held by another node",
             )
             self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
-            slot.token = None  # not ours any more: never released, never renewed
-            self._begin_stop(slot, release=False)
+            self._begin_stop(slot, lost=True)
         self.wake(read=True)
 
     def unhealthy(self, slot: Slot, instance: Any, error: Optional[BaseException]) -> None:
@@ -284,11 +332,11 @@ class Reconciler(Loop):
                     error=error,
                 )
             )
-            slot.state = State.STOPPING
-            self._pool.submit(self._guard, self._stop_task, slot, slot.instance, False, True)
+            self._begin_stop(slot, recreate=slot.config)
 
     def fence(self) -> None:
-        """Renewals failed too long: stop every instance now, without touching Redis."""
+        """Renewals failed too long: start every disconnect now, without touching Redis
+        and without waiting for any of them."""
         node = self.node
         with self._lock:
             if node.fenced:
@@ -297,14 +345,11 @@ class Reconciler(Loop):
             victims = []
             for ckey, slot in list(self._slots.items()):
                 slot.cancel.set()
-                if slot.state is State.RUNNING:
-                    victims.append((slot, slot.instance))
-                if slot.state is not State.STOPPING:
+                slot.recreate = None
+                if slot.state is State.CLAIMING:
                     del self._slots[ckey]
-                    if slot.token is not None:
-                        # not renewed any more; released once Redis answers, unless we
-                        # are still meant to run it (then the claim script hands it back)
-                        self._orphans[ckey] = slot.token
+                elif self._take_stop(slot):
+                    victims.append(slot)
             self._need_read = True
         log.warning(
             "node %s could not renew its claims for %.2fs: stopping %d instances",
@@ -312,9 +357,10 @@ class Reconciler(Loop):
             node.settings.renew_deadline,
             len(victims),
         )
+        for slot in victims:
+            self._spawn_stop(slot)
         node.set_leader(None)
         node.emit(Event(EventType.FENCED, node.node_id, data={"stopped": len(victims)}))
-        self._disconnect_many(victims)
         self._notify()
 
     def unfence(self) -> None:
@@ -352,17 +398,17 @@ class Reconciler(Loop):
                 self._have_read = True
             # what we just read is the truth as of now; the heartbeat moves it on later
             node.version = version
-            self._release_orphans(keep=set(desired))
+            self._release_orphans()
         to_claim = self._plan(retry_all=read)
         if to_claim:
+            s = node.settings
             with self.claims_lock:
                 # a claim we are about to release must go first, or the claim script
-                # would hand the old token to the new slot
+                # would find it still held
                 self._flush_releases()
-                tokens = node.store.claim(
-                    node.node_id, to_claim, node.settings.node_ttl, node.session
-                )
-                self._claimed(tokens)
+                sent = node.clock()
+                tokens = node.store.claim(node.node_id, to_claim, s.create_lease, node.session)
+                self._claimed(tokens, sent)
         self._notify()
         return interval
 
@@ -384,16 +430,11 @@ class Reconciler(Loop):
                 if want is None:
                     if slot.state is State.CLAIMING:
                         del self._slots[ckey]
-                    elif slot.state is State.RUNNING:
-                        self._begin_stop(slot, release=True)
-                    elif slot.state is State.CREATING:
-                        slot.cancel.set()
+                    else:
+                        self._begin_stop(slot)
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
                     log.info("config %r changed; recreating its instance", want.id)
-                    slot.state = State.STOPPING
-                    self._pool.submit(
-                        self._guard, self._stop_task, slot, slot.instance, False, True, want
-                    )
+                    self._begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
             for ckey, config in self._desired.items():
@@ -409,12 +450,11 @@ class Reconciler(Loop):
                 if s.state is State.CLAIMING and s.retry_at <= now and (everything or c in hinted)
             ]
 
-    def _release_orphans(self, keep: set[str]) -> None:
-        """Let go of claims a fence dropped, except those we are meant to run again."""
+    def _release_orphans(self) -> None:
+        """Let go of the claims a fence dropped (those still wanted are claimed anew)."""
         with self.claims_lock:
             with self._lock:
-                orphans = {c: t for c, t in self._orphans.items() if c not in keep}
-                self._orphans.clear()
+                orphans, self._orphans = self._orphans, {}
             if orphans:
                 self._release(orphans)
 
@@ -422,58 +462,94 @@ class Reconciler(Loop):
         """Keep running a config that is not in our desired set?
 
         Only while nobody else is meant to run it and it still exists: after Redis lost
-        its data (no version yet) or while a new leader rebuilds the placement from the
-        claims, a config is briefly unassigned, and stopping it then would move it for
-        nothing. A config assigned elsewhere, or removed, stops.
+        or rewound its data (no version yet, or a reset window) or while a new leader
+        rebuilds the placement from the claims, a config is briefly unassigned or
+        assigned by stale data, and stopping it then would move it for nothing. A config
+        assigned elsewhere, or removed, stops.
         """
         if self._read_version is None:
             return True
         placement = self._placements.get(ckey)
         if placement is None:
             return False
+        if self.node.store.era.resetting() or placement.contested:
+            return placement.config_json is not None
         return (
             placement.node is None and placement.config_json is not None and not placement.waiting
         )
 
-    def _claimed(self, tokens: dict[str, int]) -> None:
+    def _claimed(self, tokens: dict[str, int], sent: float) -> None:
+        node = self.node
+        s = node.settings
         lost: list[tuple[str, int]] = []
         with self._lock:
             for ckey, token in tokens.items():
                 slot = self._slots.get(ckey)
+                if token < 0 and slot is not None and slot.state is State.CLAIMING:
+                    # a reset window: try again when it ends
+                    slot.retry_at = max(node.clock(), node.store.era.reset_until)
+                    continue
                 if token <= 0:
                     continue
                 if (
                     slot is None
                     or slot.state is not State.CLAIMING
                     or self._closing
-                    or self.node.fenced
+                    or node.fenced
                     or ckey not in self._desired
                 ):
-                    if slot is None or slot.state is State.CLAIMING:
-                        lost.append((ckey, token))  # taken but no longer wanted: give back
+                    lost.append((ckey, token))  # taken but no longer wanted: give back
                     continue
                 slot.token = token
                 slot.state = State.CREATING
+                slot.lost = False
+                slot.lease_until = sent + s.create_lease
                 slot.cancel = threading.Event()
                 self._pool.submit(self._guard, self._create_task, slot)
         if lost:
             self._release(dict(lost))
 
-    def _begin_stop(self, slot: Slot, release: bool) -> None:
-        """Under the lock: move a RUNNING or CREATING slot towards STOPPING."""
+    def _begin_stop(
+        self,
+        slot: Slot,
+        *,
+        lost: bool = False,
+        recreate: Optional[Config] = None,
+    ) -> None:
+        """Under the lock: move a slot towards STOPPING.
+
+        ``lost``: the claim is not ours any more; ``recreate``: create it again after the
+        disconnect. The disconnect starts at once on a thread of its own: a stop never
+        queues behind creates that hang (the claim is held until it returns).
+        """
         slot.cancel.set()
+        if lost:
+            slot.lost = True
+        if recreate is None or slot.lost:
+            slot.recreate = None
+        if slot.state is State.RUNNING:
+            slot.recreate = None if slot.lost else recreate
+            self._take_stop(slot)
+            self._spawn_stop(slot)
+        # STOPPING: its disconnect runs already; CREATING: the create task sees the
+        # cancel and disposes of what it makes
+
+    def _take_stop(self, slot: Slot) -> bool:
+        """Under the lock: claim the disconnect of a RUNNING or STOPPING slot for the
+        caller; False if it is taken already (or there is no instance)."""
         if slot.state is State.RUNNING:
             slot.state = State.STOPPING
-            self._pool.submit(self._guard, self._stop_task, slot, slot.instance, release, False)
-        elif slot.state is State.CREATING and not release:
-            slot.state = State.STOPPING  # the create task disposes of what it makes
+        if slot.state is not State.STOPPING or slot.disconnecting:
+            return False
+        slot.disconnecting = True
+        return True
 
     # -- worker tasks -------------------------------------------------------------------
 
     def _guard(self, task: Callable[..., None], *args: Any) -> None:
         try:
             task(*args)
-        except Exception as exc:
+        except BaseException as exc:  # a worker thread must survive anything
             log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
             self.node.emit(
                 Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
@@ -482,15 +558,100 @@ class Reconciler(Loop):
             self._notify()
             self.wake()
 
-    def _create_once(self, slot: Slot) -> Any:
+    def _spawn_stop(self, slot: Slot) -> None:
+        """Run the disconnect of a slot now, on a thread of its own (the caller took it)."""
+        self._tasks.start(self._stop_task, slot)
+
+    def _stop_task(self, slot: Slot) -> None:
+        block_signals()
+        self._guard(self._run_stop, slot)
+
+    def _run_stop(self, slot: Slot) -> None:
+        """Disconnect the slot's instance; then recreate it (new token) or finish it."""
+        self._disconnect(slot.config, slot.instance, slot.token)
+        with self._lock:
+            slot.instance = None
+            slot.disconnecting = False
+            again = (
+                slot.recreate is not None
+                and self._slots.get(slot.ckey) is slot
+                and slot.token is not None
+                and not slot.lost
+                and not self._closing
+                and not self.node.fenced
+                and slot.ckey in self._desired
+            )
+            if again:
+                slot.config = self._desired[slot.ckey]
+                slot.state = State.CREATING
+                slot.cancel = threading.Event()
+            slot.recreate = None
+        if again and self._retoken(slot):
+            self._create_task(slot)
+        else:
+            self._finish(slot)
+
+    def _retoken(self, slot: Slot) -> bool:
+        """Give a slot recreated in place a new token (a new incarnation); False if the
+        claim is lost or Redis cannot say."""
+        node = self.node
+        s = node.settings
+        with self.claims_lock:
+            sent = node.clock()
+            assert slot.token is not None
+            try:
+                token = node.store.retoken(node.node_id, slot.ckey, slot.token, s.create_lease)
+            except redis.RedisError as exc:
+                log.warning(
+                    "node %s could not renew the token of %r: %r", node.node_id, slot.config.id, exc
+                )
+                token = -1
+            with self._lock:
+                if token > 0:
+                    slot.token = token
+                    slot.lease_until = sent + s.create_lease
+                    return True
+                if token == 0:
+                    slot.lost = True
+                return False
+
+    def _wait_covered(self, slot: Slot, cancel: threading.Event) -> bool:
+        """Wait until the claim is sure to outlive a create attempt started now and the
+        disconnect of what it returns; False if the attempt may not start at all."""
+        node = self.node
+        s = node.settings
+        need = s.create_timeout + s.disconnect_timeout + s.fence_margin
+        with self._changed:
+            while True:
+                if cancel.is_set() or node.fenced or slot.lost or node.stop_event.is_set():
+                    return False
+                if node.clock() + need <= slot.lease_until:
+                    return True
+                # the next heartbeat renews this claim for a whole create_lease
+                self._changed.wait(s.heartbeat_interval)
+
+    def _create_once(self, slot: Slot, cancel: threading.Event) -> Any:
+        if slot.timed_out:
+            # the last attempt overran create_timeout and may still return an instance
+            # (disconnected when it does): this one is another incarnation, with a new
+            # token, so that downstream can tell the two apart
+            if not self._retoken(slot):
+                raise _Cancelled()
+            slot.timed_out = False
+        if not self._wait_covered(slot, cancel):
+            raise _Cancelled()
         config = slot.config
-        instance = self._runners.call(
-            self.callbacks.create,
-            config.value,
-            self.node.settings.create_timeout,
-            f"dim-create-{self.node.node_id}",
-            on_late=lambda late: self._dispose_late(config, late),
-        )
+        try:
+            instance = self._runners.call(
+                self.callbacks.create,
+                config.value,
+                self.node.settings.create_timeout,
+                f"create of config {config.id!r}",
+                on_late=lambda late: self._dispose_late(config, late),
+            )
+        except CallTimeout:
+            slot.timed_out = True
+            raise
         if instance is None:
             raise CreateError(f"create returned None for config id {config.id!r}", config.id)
         return instance
@@ -498,6 +659,7 @@ class Reconciler(Loop):
     def _create_task(self, slot: Slot) -> None:
         node = self.node
         s = node.settings
+        cancel = slot.cancel
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -521,23 +683,29 @@ class Reconciler(Loop):
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(s.create_attempts)
-            | tenacity.stop_when_event_set(slot.cancel),
+            | tenacity.stop_when_event_set(cancel),
             wait=tenacity.wait_exponential(multiplier=s.create_backoff, max=s.create_backoff_max),
-            sleep=tenacity.sleep_using_event(slot.cancel),
+            sleep=tenacity.sleep_using_event(cancel),
+            retry=tenacity.retry_if_not_exception_type(_Cancelled),
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
-            instance = retrying(self._create_once, slot)
+            instance = retrying(self._create_once, slot, cancel)
+        except _Cancelled:
+            self._finish(slot)
+            return
         except Exception as exc:
-            self._create_failed(slot, exc)
+            self._create_failed(slot, exc, cancel)
             return
         with self._lock:
             keep = (
                 self._slots.get(slot.ckey) is slot
                 and slot.state is State.CREATING
-                and not slot.cancel.is_set()
+                and not cancel.is_set()
+                and not slot.lost
                 and not node.fenced
+                and not self._closing
             )
             if keep:
                 slot.instance = instance
@@ -549,14 +717,20 @@ class Reconciler(Loop):
             return
         # moved away, fenced or stopping while we created: undo, then let go of the claim
         self._disconnect(slot.config, instance, slot.token)
-        self._finish(slot, release=slot.token is not None and not node.fenced)
+        self._finish(slot)
 
-    def _create_failed(self, slot: Slot, exc: BaseException) -> None:
+    def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:
         node = self.node
         with self._lock:
-            current = self._slots.get(slot.ckey) is slot and not slot.cancel.is_set()
+            current = (
+                self._slots.get(slot.ckey) is slot
+                and not cancel.is_set()
+                and not slot.lost
+                and not node.fenced
+                and not self._closing
+            )
         if not current:
-            self._finish(slot, release=slot.token is not None and not node.fenced)
+            self._finish(slot)
             return
         log.error(
             "node %s gives up creating config %r after %d attempts: %r; handing it over for %.0fs",
@@ -581,55 +755,33 @@ class Reconciler(Loop):
             node.node_id,
             slot.ckey,
             node.settings.failure_cooldown,
-            Message(Kind.FAILED, node.node_id, ckeys=(slot.ckey,)),
+            Message.failed(node.node_id, (slot.ckey,)),
         )
         node.leader.mark_dirty()  # when this node leads, it hears no hint of its own
 
-    def _stop_task(
-        self,
-        slot: Slot,
-        instance: Any,
-        release: bool,
-        recreate: bool,
-        new_config: Optional[Config] = None,
-    ) -> None:
-        self._disconnect(slot.config, instance, slot.token)
-        with self._lock:
-            slot.instance = None
-            again = (
-                recreate
-                and self._slots.get(slot.ckey) is slot
-                and slot.token is not None
-                and not self._closing
-                and not self.node.fenced
-                and slot.ckey in self._desired
-            )
-            if again:
-                if new_config is not None:
-                    slot.config = self._desired.get(slot.ckey, new_config)
-                slot.state = State.CREATING
-                slot.cancel = threading.Event()
-        if again:
-            self._create_task(slot)
-        else:
-            self._finish(slot, release=(release or recreate) and slot.token is not None)
-
-    def _finish(self, slot: Slot, release: bool) -> None:
-        """The slot's instance is gone: forget it and release its claim (if asked).
+    def _finish(self, slot: Slot) -> None:
+        """The slot's instance is gone: forget it and let go of its claim.
 
         Releases are group-committed: while one worker's release is in flight (holding
         claims_lock), the workers finishing meanwhile queue theirs, and the next one
         through releases the whole queue in one round trip with one hint. Once the slot
         is gone no heartbeat renews the claim, and a release never runs while a
         heartbeat is in flight (claims_lock), so a released claim is never taken back.
+        A fenced node keeps the claim as an orphan, released once Redis answers.
         """
         token = slot.token
+        flush = False
         with self._lock:
             if self._slots.get(slot.ckey) is slot:
                 del self._slots[slot.ckey]
-            if release and token is not None:
-                self._releasing[slot.ckey] = token
-        if release and token is not None:
+            if token is not None and not slot.lost:
+                if self.node.fenced:
+                    self._orphans[slot.ckey] = token
+                else:
+                    self._releasing[slot.ckey] = token
+                    flush = True
+            self._changed.notify_all()
+        if flush:
             self._flush_releases()
 
     def _flush_releases(self) -> None:
@@ -656,47 +808,40 @@ class Reconciler(Loop):
     def _disconnect(self, config: Config, instance: Any, token: Optional[int]) -> None:
         node = self.node
         error: Optional[BaseException] = None
-        if self.callbacks.disconnect is not None:
+        if self.callbacks.disconnect is not None and instance is not None:
             try:
                 self._runners.call(
                     self.callbacks.disconnect,
                     instance,
                     node.settings.disconnect_timeout,
-                    f"dim-disconnect-{node.node_id}",
+                    f"disconnect of config {config.id!r}",
+                )
+            except CallTimeout as exc:
+                error = exc
+                log.error(
+                    "disconnect of config %r did not return within %gs: its claim is let go "
+                    "while the instance may still run; only its fencing token (%s) protects "
+                    "from it now",
+                    config.id,
+                    node.settings.disconnect_timeout,
+                    token,
+                )
+                node.emit(
+                    Event(EventType.DISCONNECT_TIMEOUT, node.node_id, config.id, token, error=exc)
                 )
             except Exception as exc:
                 error = exc
-                log.warning("disconnect of config %r raised or hung: %r", config.id, exc)
+                log.warning("disconnect of config %r raised: %r", config.id, exc)
         node.emit(
             Event(EventType.INSTANCE_DISCONNECTED, node.node_id, config.id, token, error=error)
         )
-
-    def _disconnect_many(self, victims: list[tuple[Slot, Any]]) -> None:
-        """Disconnect several instances at once (fence, shutdown), bounded in time."""
-        threads = [
-            threading.Thread(
-                target=self._disconnect_in_thread,
-                args=(slot.config, inst, slot.token),
-                name=f"dim-disconnect-{self.node.node_id}",
-                daemon=True,
-            )
-            for slot, inst in victims
-        ]
-        for t in threads:
-            t.start()
-        deadline = self.node.clock() + self.node.settings.disconnect_timeout + 1
-        for t in threads:
-            t.join(max(0.0, deadline - self.node.clock()))
-
-    def _disconnect_in_thread(self, config: Config, instance: Any, token: Optional[int]) -> None:
-        block_signals()
-        self._disconnect(config, instance, token)
 
     def _dispose_late(self, config: Config, instance: Any) -> None:
         if instance is None:
             return
         log.warning(
-            "create of config %r returned after its timeout; disconnecting the late instance",
+            "create of config %r returned after its timeout; disconnecting the late instance "
+            "(its claim may be gone: only the fencing token protects from it)",
             config.id,
         )
         self._disconnect(config, instance, None)
@@ -709,37 +854,29 @@ class Reconciler(Loop):
             self._closing = True
 
     def close(self, timeout: float) -> None:
-        """Graceful stop: disconnect everything, releasing each claim as soon as it can."""
+        """Graceful stop: start every disconnect at once, release each claim as soon as
+        its instance is down, and wait for them at most ``timeout``."""
         node = self.node
         with self._lock:
             self._closing = True
             victims = []
             for ckey, slot in list(self._slots.items()):
                 slot.cancel.set()
-                if slot.state is State.RUNNING:
-                    slot.state = State.STOPPING
-                    victims.append(slot)
-                elif slot.state is State.CLAIMING:
+                slot.recreate = None
+                if slot.state is State.CLAIMING:
                     del self._slots[ckey]
-        futures = []
+                elif self._take_stop(slot):
+                    victims.append(slot)
         for slot in victims:
-            try:
-                futures.append(
-                    self._pool.submit(
-                        self._guard, self._stop_task, slot, slot.instance, True, False
-                    )
-                )
-            except RuntimeError:
-                # the interpreter is exiting and has shut the pools: stop it here
-                self._guard(self._stop_task, slot, slot.instance, True, False)
+            self._spawn_stop(slot)
         deadline = node.clock() + timeout
         with self._changed:
             while self._slots and node.clock() < deadline:
                 self._changed.wait(min(0.05, max(0.0, deadline - node.clock())))
-        concurrent.futures.wait(futures, timeout=max(0.0, deadline - node.clock()))
         self._pool.shutdown(wait=False)
         self._runners.close()
-        self._release_orphans(keep=set())
+        self._tasks.close()
+        self._release_orphans()
         with self._lock:
             left = list(self._slots.values())
         if left:

@@ -68,12 +68,19 @@ class Settings:
     :param create_attempts: attempts of ``create`` on one node before the config is handed
         to another node for ``failure_cooldown``.
     :param create_timeout: a ``create`` that takes longer counts as failed (the late
-        instance, if it ever arrives, is disconnected).
+        instance, if it ever arrives, is disconnected and reported). The claim of a
+        config being created lives long enough to cover it (see :attr:`create_lease`).
     :param create_backoff: first wait between ``create`` attempts; doubles each time,
         capped at ``create_backoff_max``.
     :param create_backoff_max: the longest wait between ``create`` attempts.
     :param failure_cooldown: how long a node that failed a config is avoided for it.
-    :param disconnect_timeout: a ``disconnect`` that takes longer is abandoned (logged).
+    :param disconnect_timeout: the budget of one ``disconnect``. Every claim lives long
+        enough for its instance to be disconnected within this budget after the node
+        fenced itself (see :attr:`lease`); a ``disconnect`` that overruns it is reported
+        (``DISCONNECT_TIMEOUT``) and only the fencing token protects from it.
+    :param config_timeout: a ``get_config`` (with ``key`` and the placement rules) that
+        takes longer is abandoned and the last good config kept; it runs on its own
+        thread, so the leader keeps balancing meanwhile.
     :param connect_timeout: how long ``start()`` retries an unreachable Redis before it
         raises :class:`~dim.RedisUnavailableError`.
     :param max_workers: how many ``create``/``disconnect`` calls run at once on a node.
@@ -98,11 +105,12 @@ class Settings:
     healthcheck_timeout: float = _seconds(5.0)
     config_interval: float = _seconds(10.0)
     create_attempts: int = attrs.field(default=3, validator=_positive_int)
-    create_timeout: float = _seconds(30.0)
+    create_timeout: float = _seconds(10.0)
     create_backoff: float = _seconds(0.5)
     create_backoff_max: float = _seconds(10.0)
     failure_cooldown: float = _seconds(30.0)
-    disconnect_timeout: float = _seconds(10.0)
+    disconnect_timeout: float = _seconds(5.0)
+    config_timeout: float = _seconds(10.0)
     connect_timeout: float = _seconds(10.0)
     max_workers: int = attrs.field(default=8, validator=_positive_int)
     max_concurrent_moves: Optional[int] = attrs.field(
@@ -128,15 +136,61 @@ class Settings:
             )
 
     @property
-    def renew_deadline(self) -> float:
-        """Seconds without a successful renewal after which a node fences itself.
+    def fence_margin(self) -> float:
+        """Slack on both sides of the fence: ``max(heartbeat_interval, node_ttl / 4)``.
 
-        The margin before the claims can expire is at least one heartbeat interval and
-        a quarter of ``node_ttl``: the instances must be disconnected while the claims
-        still protect them, even when the fence thread is scheduled late on a busy
-        machine or ``disconnect`` takes a moment.
+        It covers a fence thread that runs late on a busy machine, and the delay between
+        a renewal being sent and Redis applying it.
         """
-        return self.node_ttl - max(self.heartbeat_interval, self.node_ttl / 4)
+        return max(self.heartbeat_interval, self.node_ttl / 4)
+
+    @property
+    def renew_deadline(self) -> float:
+        """Seconds without a successful renewal after which a node fences itself
+        (``node_ttl - fence_margin``, 3.75 s by default): it starts disconnecting every
+        instance at once, on its own clock, without waiting for Redis."""
+        return self.node_ttl - self.fence_margin
+
+    @property
+    def lease(self) -> float:
+        """How long a renewal keeps the claim of a running instance alive, in Redis.
+
+        ``renew_deadline + disconnect_timeout + fence_margin`` (10 s by default): a node
+        cut off from Redis fences itself at the renew deadline and its disconnects
+        return within their budget, all before any of its claims can expire. This is
+        also how long a crashed node's configs wait before another node may take them.
+        """
+        return self.renew_deadline + self.disconnect_timeout + self.fence_margin
+
+    @property
+    def create_lease(self) -> float:
+        """How long the claim of a config being created lives (17.25 s by default).
+
+        A ``create`` attempt starts only while the claim covers the whole attempt and the
+        disconnect of what it returns: ``create_timeout + disconnect_timeout +
+        fence_margin``, plus one heartbeat so the next attempt may start before the next
+        renewal.
+        """
+        return (
+            self.create_timeout
+            + self.disconnect_timeout
+            + self.fence_margin
+            + self.heartbeat_interval
+        )
+
+    @property
+    def reset_window(self) -> float:
+        """After Redis lost or rewound data, how long no node takes a new claim: the
+        longest lease, so that any instance still running somewhere has either taken
+        its claim back or been stopped by its fence."""
+        return max(self.lease, self.create_lease)
+
+    @property
+    def stop_timeout(self) -> float:
+        """The bound on :meth:`Manager.stop` when Redis answers: every disconnect runs at
+        once, so ``disconnect_timeout`` plus one second for the threads and the last
+        round trips."""
+        return self.disconnect_timeout + 1.0
 
     @property
     def socket_timeout(self) -> float:

@@ -18,6 +18,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dim import scripts
+from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
 
@@ -37,20 +38,42 @@ def ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+# what the heartbeat script says of each claim it was given
+CLAIM_LOST = 0  # held by another node: stop the instance at once
+CLAIM_RENEWED = 1
+CLAIM_TAKEN_BACK = 2  # it was missing (Redis lost it) and this node took it back
+CLAIM_RELEASED = 3  # missing while the membership was intact: released, not lost
+
+
 @attrs.frozen
 class Beat:
     """What one heartbeat learned."""
 
-    now_ms: int
+    header: Header
+    outcome: str  # 'ok', 'gone' (this node left: nothing renewed), 'taken' (another
+    # live process owns this node id: nothing changed)
     version: Optional[str]
     leader: Optional[str]
     acquired: bool
-    fence_was_missing: bool
-    claims: dict[str, int]  # ckey -> 1 renewed, 2 taken back, 0 held by another node,
-    # 3 missing and not taken back
-    gone: bool  # this node has left (a tombstone exists): nothing was renewed
+    claims: dict[str, int]  # ckey -> CLAIM_* status
     view: Optional[View] = None  # the membership, when asked for (the leader)
-    taken: bool = False  # another live process owns this node id: nothing was changed
+
+    @property
+    def stale(self) -> bool:
+        """The request arrived too late and did nothing."""
+        return self.header.status == "stale"
+
+    @property
+    def gone(self) -> bool:
+        return self.outcome == "gone"
+
+    @property
+    def taken(self) -> bool:
+        return self.outcome == "taken"
+
+    @property
+    def now_ms(self) -> int:
+        return self.header.now_ms
 
 
 @attrs.frozen
@@ -73,6 +96,16 @@ class View:
         return draining(self.control)
 
     @property
+    def absent_since(self) -> dict[str, int]:
+        """Static nodes whose rejoin grace runs: node -> server ms a leader first saw it
+        gone (the control hash)."""
+        out = {}
+        for field, value in self.control.items():
+            if field.startswith("absent ") and value.isdigit():
+                out[field[len("absent ") :]] = int(value)
+        return out
+
+    @property
     def static_names(self) -> set[str]:
         """Nodes known to use a static name (live or not), from the control hash."""
         return {f[len("static ") :] for f in self.control if f.startswith("static ")}
@@ -91,6 +124,9 @@ class Placement:
     node: Optional[str]
     config_json: Optional[str]
     waiting: bool = False  # the leader found no node that may take it (tags, capacity)
+    # this node's desired set names it but the assignment says otherwise (a lost write):
+    # neither start nor stop it until the leader has repaired the disagreement
+    contested: bool = False
 
 
 def paused(control: dict[str, str]) -> bool:
@@ -116,14 +152,19 @@ def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
 class Store:
     """Typed access to one service's keys."""
 
-    def __init__(self, client: Client, service: str) -> None:
+    def __init__(self, client: Client, service: str, era: Optional[Era] = None) -> None:
         self.client = client
         self.keys = Keys(service)
+        # what this node knows of the server: fed by every node script's reply
+        self.era = era if era is not None else Era(time.monotonic, None, 1.0)
         register = client.register_script
         self._heartbeat = register(scripts.HEARTBEAT)
         self._leader_read = register(scripts.LEADER_READ)
         self._claim = register(scripts.CLAIM)
         self._release = register(scripts.RELEASE)
+        self._retoken = register(scripts.RETOKEN)
+        self._leave = register(scripts.LEAVE)
+        self._repair_read = register(scripts.REPAIR_READ)
         self._leader_write = register(scripts.LEADER_WRITE)
         self._read_desired = register(scripts.READ_DESIRED)
         self._resign = register(scripts.RESIGN)
@@ -135,6 +176,17 @@ class Store:
     def ping(self) -> None:
         self.client.ping()
 
+    def _node_script(self, script: Any, keys: list[str], args: list[Any]) -> tuple[Header, Any]:
+        """Run a node script (its first keys and argument are the check's, see
+        dim.era); feed the reply's header to the era and return it with the rest."""
+        k = self.keys
+        era = self.era
+        sent = era.clock()
+        reply = script(keys=[k.era, k.fence, k.reset, *keys], args=[era.context(), *args])
+        header = Header.parse(reply)
+        era.observe(header, sent, era.clock())
+        return header, reply[5:]
+
     def heartbeat(
         self,
         node_id: str,
@@ -145,7 +197,7 @@ class Store:
         may_lead: bool,
         renew_leader: str,
         info: dict[str, str],
-        claims: dict[str, str],
+        claims: dict[str, tuple[str, float]],
         view: bool = False,
         joined: Optional[Message] = None,
         session: str = "",
@@ -153,27 +205,21 @@ class Store:
     ) -> Beat:
         """Renew membership, claims and leadership in one round trip (see scripts.HEARTBEAT).
 
-        With ``view`` the reply carries the membership and failures (for the leader);
-        ``joined`` is published if this beat (re)adds the node to the membership.
+        ``claims`` maps each claim key to its value ``'<node>:<token>'`` and the TTL to
+        renew it with. With ``view`` the reply carries the membership and failures (for
+        the leader); ``joined`` is published if this beat (re)adds the node.
         """
         k = self.keys
         ckeys = list(claims)
-        pairs: list[str] = []
-        for field, value in info.items():
-            pairs += [field, value]
-        reply = self._heartbeat(
-            keys=[
-                k.nodes,
-                k.node(node_id),
-                k.leader,
-                k.fence,
-                k.version,
-                k.left,
-                k.failures,
-                k.control,
-            ]
+        pairs: list[Any] = []
+        for c in ckeys:
+            value, ttl = claims[c]
+            pairs += [value, ms(ttl)]
+        header, rest = self._node_script(
+            self._heartbeat,
+            [k.nodes, k.node(node_id), k.leader, k.version, k.left, k.failures, k.control]
             + [k.claim(c) for c in ckeys],
-            args=[
+            [
                 node_id,
                 ms(node_ttl),
                 ms(leader_ttl),
@@ -185,30 +231,32 @@ class Store:
                 joined.encode() if joined is not None else "",
                 session,
                 health,
-                len(info),
+                json.dumps(info, sort_keys=True),
                 *pairs,
-                *(claims[c] for c in ckeys),
             ],
         )
-        statuses = reply[5] or []
-        now_ms = int(reply[0])
+        outcome = text(rest[0]) or "ok"
+        statuses = rest[4] or []
+        leader = text(rest[2])
+        if leader is not None:
+            owner = parse_owner(leader)
+            if owner is not None:
+                self.era.note(owner[1])
         return Beat(
-            now_ms=now_ms,
-            version=text(reply[1]),
-            leader=text(reply[2]),
-            acquired=bool(reply[3]),
-            fence_was_missing=bool(reply[4]),
-            claims={c: int(s) for c, s in zip(ckeys, statuses)},
-            gone=bool(reply[6]),
-            taken=bool(reply[10]),
+            header=header,
+            outcome=outcome,
+            version=text(rest[1]),
+            leader=leader,
+            acquired=bool(rest[3]),
+            claims={c: int(st) for c, st in zip(ckeys, statuses)},
             view=(
                 View(
-                    now_ms,
-                    self._members(reply[7]),
-                    self._failures(reply[8]),
-                    control=_pairs(reply[9]),
+                    header.now_ms,
+                    self._members(rest[5]),
+                    self._failures(rest[6]),
+                    control=_pairs(rest[7]),
                 )
-                if view and not reply[6] and not reply[10]
+                if view and outcome == "ok" and header.status == "ok"
                 else None
             ),
         )
@@ -237,32 +285,41 @@ class Store:
     def claim(
         self, node_id: str, ckeys: list[str], ttl: float, session: str = ""
     ) -> dict[str, int]:
-        """Try to take claims; ckey -> token held now, or 0 if another node holds it."""
+        """Try to take claims; ckey -> the fresh token held now, 0 if another node holds
+        it, -1 if no claim may be taken now (a reset window, a late request)."""
         if not ckeys:
             return {}
-        k = self.keys
-        reply = self._claim(
-            keys=[k.fence, k.left] + [k.claim(c) for c in ckeys],
-            args=[node_id, ms(ttl), session],
+        _header, rest = self._node_script(
+            self._claim,
+            [self.keys.left] + [self.keys.claim(c) for c in ckeys],
+            [node_id, ms(ttl), session],
         )
-        return {c: int(t) for c, t in zip(ckeys, reply)}
+        tokens = {c: int(t) for c, t in zip(ckeys, rest[0] or [])}
+        for token in tokens.values():
+            self.era.note(token)
+        return tokens
+
+    def retoken(self, node_id: str, ckey: str, token: int, ttl: float) -> int:
+        """A new, larger token for a claim this node holds with ``token`` (an instance
+        recreated in place); 0 if the claim is lost, -1 for a late request."""
+        _header, rest = self._node_script(
+            self._retoken, [self.keys.claim(ckey)], [node_id, token, ms(ttl)]
+        )
+        new = int(rest[0])
+        self.era.note(new)
+        return new
 
     def release(self, node_id: str, tokens: dict[str, int], hint: Optional[Message]) -> int:
         """Delete the claims this node still holds with exactly these tokens."""
         if not tokens:
             return 0
         ckeys = list(tokens)
-        return int(
-            self._release(
-                keys=[self.keys.claim(c) for c in ckeys],
-                args=[
-                    node_id,
-                    self.keys.events,
-                    hint.encode() if hint else "",
-                    *(tokens[c] for c in ckeys),
-                ],
-            )
+        _header, rest = self._node_script(
+            self._release,
+            [self.keys.claim(c) for c in ckeys],
+            [node_id, self.keys.events, hint.encode() if hint else "", *(tokens[c] for c in ckeys)],
         )
+        return int(rest[0])
 
     def read_desired(
         self, node_id: str, handled: list[str]
@@ -273,18 +330,21 @@ class Store:
         for each key in ``handled`` that is not in the share (where it went instead).
         """
         k = self.keys
-        version, flat, mine = self._read_desired(
-            keys=[k.desired(node_id), k.configs, k.version, k.assignment, k.unplaced],
-            args=handled,
+        header, (version, flat, mine) = self._node_script(
+            self._read_desired,
+            [k.desired(node_id), k.configs, k.version, k.assignment, k.unplaced],
+            [node_id, *handled],
         )
+        if header.status != "ok":
+            raise redis.TimeoutError("the read of this node's share arrived too late")
         flat = flat or []
         mine = mine or []
         desired = {str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
         placements = {
             str(text(mine[i])): Placement(
-                text(mine[i + 1]), text(mine[i + 2]), mine[i + 3] is not None
+                text(mine[i + 1]), text(mine[i + 2]), mine[i + 3] is not None, bool(mine[i + 4])
             )
-            for i in range(0, len(mine) - 3, 4)
+            for i in range(0, len(mine) - 4, 5)
         }
         return text(version), desired, placements
 
@@ -297,17 +357,19 @@ class Store:
             args=[f"{node_id} {ckey}", ms(cooldown), self.keys.events, hint.encode()],
         )
 
-    def leave(self, node_id: str) -> None:
-        """Remove this node's membership and desired set.
+    def leave(self, node_id: str, session: str) -> bool:
+        """Remove this node's membership and desired set, unless another process owns the
+        node id by now (a static name); True if it left.
 
         Its description stays (the leaving heartbeats keep it) until :meth:`forget`, so
         the node id is not free for another process while this one still runs instances.
         """
         k = self.keys
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrem(k.nodes, node_id)
-            pipe.delete(k.desired(node_id))
-            pipe.execute()
+        return bool(
+            self._leave(
+                keys=[k.nodes, k.node(node_id), k.desired(node_id)], args=[node_id, session]
+            )
+        )
 
     def forget(self, node_id: str, tombstone: float, session: str = "") -> None:
         """Last step of leaving: drop every trace of the node and leave a tombstone.
@@ -412,9 +474,11 @@ class Store:
             # a cluster pipeline refuses TIME (it has no key): ask the master of the
             # service's slot, whose clock scored the members
             master = self.client.get_node_from_key(self.keys.nodes)  # type: ignore[no-untyped-call]
+            # the members first, then the time: every expiry read was scored at a server
+            # time before this one, so none looks further away than node_ttl
+            pairs: Any = self.client.zrange(self.keys.nodes, 0, -1, withscores=True)
             # that node's own client: the same reply shape on every redis-py version
             seconds, micros = master.redis_connection.time()
-            pairs: Any = self.client.zrange(self.keys.nodes, 0, -1, withscores=True)
         else:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.time()
@@ -475,10 +539,15 @@ class Store:
         epoch: int,
         node_id: str,
         targets: Optional[list[str]] = None,
-    ) -> int:
-        """Apply a change set if ``leader_value`` still leads; new version or -1.
+        reset_id: str = "",
+    ) -> tuple[int, list[str]]:
+        """Apply a change set if ``leader_value`` still leads and no reset window opened
+        that ``reset_id`` does not name.
 
-        ``targets`` (the nodes whose share changes) go into the hint if they fit.
+        Returns ``(new version or a refusal code, nodes kept)``: -1 deposed, -2 a reset
+        the plan does not know of, -3 a late request; the nodes of ``drop_nodes`` that
+        were alive again. ``targets`` (the nodes whose share changes) go into the hint
+        if they fit.
         """
         k = self.keys
         hint = f'{{"k":"assigned","n":{json.dumps(node_id)},"e":{epoch}'
@@ -486,21 +555,48 @@ class Store:
             named = json.dumps(targets, separators=(",", ":"))
             if len(named) + len(hint) < 900:
                 hint += f',"t":{named}'
-        return int(
-            self._leader_write(
-                keys=[
-                    k.leader,
-                    k.assignment,
-                    k.configs,
-                    k.version,
-                    k.nodes,
-                    k.failures,
-                    k.control,
-                    k.unplaced,
-                ],
-                args=[leader_value, k.prefix, json.dumps(change), k.events, hint],
-            )
+        _header, rest = self._node_script(
+            self._leader_write,
+            [
+                k.leader,
+                k.assignment,
+                k.configs,
+                k.version,
+                k.nodes,
+                k.failures,
+                k.control,
+                k.unplaced,
+            ],
+            [leader_value, k.prefix, reset_id, json.dumps(change), k.events, hint],
         )
+        version = int(text(rest[0]) or -1)
+        if version > 0:
+            self.era.note(version)
+        return version, [str(text(n)) for n in rest[1] or []]
+
+    def repair_counts(self, nodes: list[str]) -> tuple[Optional[str], int, dict[str, int]]:
+        """The assignment version, and how many entries the assignment and each node's
+        desired set hold in Redis."""
+        k = self.keys
+        version, size, sets = self._repair_read(
+            keys=[k.assignment, k.version], args=[k.prefix, "count", *nodes]
+        )
+        sets = sets or []
+        counts = {str(text(sets[i])): int(sets[i + 1]) for i in range(0, len(sets) - 1, 2)}
+        return text(version), int(size), counts
+
+    def repair_read(self, nodes: list[str]) -> tuple[dict[str, str], dict[str, set[str]]]:
+        """What Redis holds of the placement: (assignment, desired set of each of
+        ``nodes``), for the leader to compare with its own copy."""
+        k = self.keys
+        _version, flat, sets = self._repair_read(
+            keys=[k.assignment, k.version], args=[k.prefix, "full", *nodes]
+        )
+        desired: dict[str, set[str]] = {}
+        sets = sets or []
+        for i in range(0, len(sets) - 1, 2):
+            desired[str(text(sets[i]))] = {str(text(c)) for c in sets[i + 1] or []}
+        return _pairs(flat), desired
 
     # -- read-only views (status, CLI) ------------------------------------------------
 

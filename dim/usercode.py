@@ -8,12 +8,16 @@ so it does not leak).
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
+import sys
 import threading
 from typing import Any, Callable, Optional
 
-from dim.errors import CallTimeout
+from dim.errors import CallbackError, CallTimeout
+
+log = logging.getLogger(__name__)
 
 _SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)}
 
@@ -31,7 +35,7 @@ def block_signals() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
 
 
-class _Job:
+class Call:
     __slots__ = ("abandoned", "arg", "box", "done", "fn", "lock", "on_late")
 
     def __init__(
@@ -48,23 +52,40 @@ class _Job:
     def run(self) -> None:
         try:
             self.box["value"] = self.fn(self.arg)
-        except BaseException as exc:
+        except BaseException as exc:  # user code: whatever it raises is the outcome
             self.box["error"] = exc
         with self.lock:
             self.done.set()
             late = self.abandoned
         if late and self.on_late is not None and "value" in self.box:
-            self.on_late(self.box["value"])
+            try:
+                self.on_late(self.box["value"])
+            except BaseException:  # the runner thread must go on serving
+                log.exception("disposing of a late result failed")
 
     def result(self, timeout: float, name: str) -> Any:
-        if not self.done.wait(timeout):
-            with self.lock:
-                if not self.done.is_set():
-                    self.abandoned = True
-            if self.abandoned:
-                raise CallTimeout(f"{name} did not return within {timeout:g} s")
+        if not self.done.wait(timeout) and self.abandon():
+            raise CallTimeout(f"{name} did not return within {timeout:g} s")
+        return self.outcome(name)
+
+    def abandon(self) -> bool:
+        """Stop waiting for the call; True if it had not returned (it is abandoned: a
+        value it returns later goes to ``on_late``)."""
+        with self.lock:
+            if not self.done.is_set():
+                self.abandoned = True
+        return self.abandoned
+
+    def outcome(self, name: str) -> Any:
+        """The value of a finished call, or what it raised: an ``Exception`` as is, any
+        other ``BaseException`` (``CancelledError``, ``SystemExit``, ``KeyboardInterrupt``,
+        gevent's ``GreenletExit``) as a :class:`CallbackError`, so that no caller in dim
+        lets one through by accident."""
         if "error" in self.box:
-            raise self.box["error"]
+            error = self.box["error"]
+            if isinstance(error, Exception):
+                raise error
+            raise CallbackError(f"{name} raised {error!r}", error) from error
         return self.box["value"]
 
 
@@ -80,7 +101,7 @@ class Runners:
     def __init__(self, name: str, keep: int = 8) -> None:
         self.name = name
         self.keep = keep
-        self._idle: list[queue.SimpleQueue[Optional[_Job]]] = []
+        self._idle: list[queue.SimpleQueue[Optional[Call]]] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -92,8 +113,16 @@ class Runners:
         name: str,
         on_late: Optional[Callable[[Any], None]] = None,
     ) -> Any:
-        """Return ``fn(arg)``, or raise what it raised, or CallTimeout after ``timeout`` s."""
-        job = _Job(fn, arg, on_late)
+        """Return ``fn(arg)``, or raise what it raised (see :meth:`Call.outcome`), or
+        CallTimeout after ``timeout`` s."""
+        return self.start(fn, arg, on_late).result(timeout, name)
+
+    def start(
+        self, fn: Callable[[Any], Any], arg: Any, on_late: Optional[Callable[[Any], None]] = None
+    ) -> Call:
+        """Start ``fn(arg)`` on a thread and return at once; the caller polls the job
+        (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it."""
+        job = Call(fn, arg, on_late)
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
         if inbox is None:
@@ -104,13 +133,16 @@ class Runners:
             try:
                 thread.start()
             except RuntimeError:
+                if not sys.is_finalizing() and "shutdown" not in str(sys.exc_info()[1]):
+                    raise  # out of threads: a failure of this call, not a reason to block
                 # the interpreter is shutting down and starts no threads (3.12+): call it
                 # here, without a time limit, rather than not at all
-                return fn(arg)
+                job.run()
+                return job
         inbox.put(job)
-        return job.result(timeout, name)
+        return job
 
-    def _serve(self, inbox: queue.SimpleQueue[Optional[_Job]]) -> None:
+    def _serve(self, inbox: queue.SimpleQueue[Optional[Call]]) -> None:
         block_signals()
         while True:
             job = inbox.get()

@@ -30,7 +30,10 @@ FAST = Settings(
     create_backoff=0.01,
     create_backoff_max=0.05,
     failure_cooldown=1.0,
-    disconnect_timeout=2.0,
+    # the leases follow from these: a crashed node's claims live 1.6 s, a reset window
+    # (a private Redis that just started) 2.2 s
+    create_timeout=1.0,
+    disconnect_timeout=1.0,
     connect_timeout=2.0,
 )
 

@@ -75,9 +75,10 @@ def _events(manager: Manager, *types: EventType) -> list[Any]:
     [
         RuntimeError("config service down"),
         "not a list",
-        [{"id": 1}, {"id": 1}],
-        [{"id": 1, "x": {1, 2}}],
-        [{"id": [1]}],
+        # one bad item: it keeps its last good version, the others stand
+        [{"id": 1}, {"id": 2}, {"id": 2}],
+        [{"id": 1}, {"id": 2, "x": {1, 2}}],
+        [{"id": 1}, {"id": 2}, {"id": [1]}],
         None,
     ],
     ids=["raises", "non-list", "duplicate-ids", "not-json", "id-type", "none"],
@@ -132,13 +133,20 @@ def test_create_failures_are_retried_then_handed_over(redis_url: str, service: s
                 attempts[node] = attempts.get(node, 0) + 1
                 raise ConnectionRefusedError("upstream refuses config 0 here")
 
-    cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)], create=create_hook)
+    # both nodes join before there is any config, so no rebalance moves config 0 away
+    # from the node that fails it while it is still retrying
+    cluster = Cluster(redis_url, service, [], create=create_hook)
     failed: list[Any] = []
     try:
         for manager in (cluster.make(), cluster.make()):
             manager.add_listener(failed.append, EventType.INSTANCE_FAILED, EventType.CREATE_FAILED)
             manager.start()
             cluster.managers.append(manager)
+        cluster.wait_settled()
+        cluster.configs = [{"id": i} for i in range(4)]
+        for manager in cluster.managers:
+            if manager.is_leader:
+                manager.refresh()
         cluster.wait_settled()
         bad = bad_node["id"]
         assert attempts[bad] == FAST.create_attempts

@@ -42,21 +42,22 @@ pytestmark = pytest.mark.timeout(60)
 NODE_COMMANDS = (
     "del",
     "evalsha",
-    "exec",
     "exists",
     "get",
     "hdel",
     "hget",
     "hgetall",
+    "hlen",
     "hmget",
     "hset",
-    "incr",
+    "info",
     "mget",
-    "multi",
     "pexpire",
     "ping",
+    "pttl",
     "publish",
     "sadd",
+    "scard",
     "script|load",
     "set",
     "smembers",
@@ -77,7 +78,7 @@ STATUS_COMMANDS = ("get", "hgetall", "mget", "time", "zrange")
 OPS_COMMANDS = (*STATUS_COMMANDS, "hset", "hdel", "publish", "multi", "exec")
 
 #: What remains of a service after every node stopped gracefully (README, Redis keys).
-HISTORY = {"configs", "fence", "version", "left"}
+HISTORY = {"configs", "era", "fence", "version", "left"}
 
 PASSWORD = "node-secret"
 

@@ -322,10 +322,11 @@ def test_create_in_flight_at_fence(make_procs: Any, proxy: ChaosProxy, client: r
     (b,) = procs.spawn(1)
     procs.wait_settled(client, {b})
     names = {b: "B"}
-    # every create takes 0.3 s; A runs 4 calls at once, so of the 6 configs it takes
-    # over, 2 are created 0.3-0.6 s after the first 4 began: the stall starts as the 4th
-    # begins, and A fences itself 0.35-0.45 s later
-    control(procs, create_delay={"seconds": 0.3})
+    # every create takes 0.6 s (create_timeout is 1 s); A runs 4 calls at once: the stall
+    # starts as the 4th begins, and A fences itself 0.35-0.45 s later, with all 4 still
+    # running (the other 2 may not start at all: an attempt starts only while the claim
+    # covers it, and nothing renews A's claims during the stall)
+    control(procs, create_delay={"seconds": 0.6})
     since = time.monotonic()
 
     def a_creates() -> list[Interval]:
@@ -336,7 +337,7 @@ def test_create_in_flight_at_fence(make_procs: Any, proxy: ChaosProxy, client: r
         (pid,) = {iv.pid for iv in a_creates()}
         control(
             procs,
-            create_delay={"seconds": 0.3},
+            create_delay={"seconds": 0.6},
             disconnect_delay={"seconds": 0.375, "pids": [pid]},
         )
 

@@ -59,4 +59,4 @@ def test_fifty_start_stop_cycles_leak_nothing(
     assert _open_fds() <= fds + 2
     prefix = Keys(service).prefix
     left = sorted(k.decode()[len(prefix) :] for k in redis_client.keys(prefix + "*"))
-    assert left == ["configs", "fence", "left", "version"]
+    assert left == ["configs", "era", "fence", "left", "version"]

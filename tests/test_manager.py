@@ -119,7 +119,7 @@ def test_stop_leaves_only_history(redis_url: str, service: str, redis_client: re
     cluster.stop()
     keys = sorted(k.decode() for k in redis_client.keys(Keys(service).prefix + "*"))
     prefix = Keys(service).prefix
-    assert [k[len(prefix) :] for k in keys] == ["configs", "fence", "left", "version"]
+    assert [k[len(prefix) :] for k in keys] == ["configs", "era", "fence", "left", "version"]
     # every instance that was ever created was disconnected
     entries = [e for es in cluster.ledger.intervals.values() for e in es]
     assert entries and all(end is not None for _node, _start, end in entries)

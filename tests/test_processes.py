@@ -33,7 +33,11 @@ from dim.store import Store
 from dim.testing import RedisServer, wait_until
 
 HB = 0.05  # heartbeat_interval of the node processes
-TTL = 0.6  # node_ttl (claim TTL) and leader_ttl
+TTL = 0.6  # node_ttl and leader_ttl
+CREATE_TIMEOUT = 1.0
+DISCONNECT_TIMEOUT = 1.0
+# a crashed node's claims live renew deadline + disconnect_timeout + fence margin
+LEASE = TTL - max(HB, TTL / 4) + DISCONNECT_TIMEOUT + max(HB, TTL / 4)
 CONFIGS = 12
 # Generous bounds for a loaded 2-core machine; typical values are reported by the tests.
 START_TIMEOUT = 20.0
@@ -89,7 +93,16 @@ def make_procs(tmp_path: Path) -> Iterator[Any]:
             redis_url,
             service,
             configs=CONFIGS,
-            node_args=("--hb", str(HB), "--ttl", str(TTL)),
+            node_args=(
+                "--hb",
+                str(HB),
+                "--ttl",
+                str(TTL),
+                "--create-timeout",
+                str(CREATE_TIMEOUT),
+                "--disconnect-timeout",
+                str(DISCONNECT_TIMEOUT),
+            ),
             start_timeout=START_TIMEOUT,
             settle_timeout=SETTLE_TIMEOUT,
             exit_timeout=EXIT_TIMEOUT,
@@ -172,7 +185,7 @@ def test_kill9_heals(
     recovery = max(iv.start for iv in replacements) - sent
     assert len(lost) == 4 and lost <= {iv.cid for iv in replacements}
     assert view.counts(survivors) == [6, 6]
-    assert recovery < TTL + RECOVERY_SLACK, f"recovery took {recovery:.3f}s"
+    assert recovery < LEASE + RECOVERY_SLACK, f"recovery took {recovery:.3f}s"
     print(f"kill -9 {victim}: every config running again {recovery:.3f}s after the kill")
     assert_clean(view, closed_at={target: reaped})
 
@@ -507,7 +520,8 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
             "add": {"node-a": ["1"]},
         }
         c.set(k.leader, "node-a:5")
-        assert store.leader_write("node-a:5", change, 5, "node-a") == 1
+        first, kept = store.leader_write("node-a:5", change, 5, "node-a")
+        assert first > 0 and kept == []
 
         def snapshot() -> Any:
             return (
@@ -537,13 +551,14 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
                     c.delete(k.leader)
                 else:
                     c.set(k.leader, current)
-                assert store.leader_write("node-a:5", steal, 5, "node-a") == -1
+                assert store.leader_write("node-a:5", steal, 5, "node-a") == (-1, [])
                 assert snapshot() == before
                 assert c.get(k.leader) == (current.encode() if current else None)
             assert pubsub.get_message(timeout=0.2) is None  # no hint was published
             # the same write under the live value goes through and is announced
             c.set(k.leader, "node-b:8")
-            assert store.leader_write("node-b:8", steal, 8, "node-b") == 2
+            second, _ = store.leader_write("node-b:8", steal, 8, "node-b")
+            assert second > first  # versions are fence values: they only grow
             assert c.hget(k.assignment, "1") == b"node-b"
             hint = wait_until(lambda: pubsub.get_message(timeout=0.05), 5.0, 0.0)
             assert b'"assigned"' in hint["data"]

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
 
 #: What remains of a service after every node stopped gracefully.
-HISTORY = {"configs", "fence", "left", "version"}
+HISTORY = {"configs", "era", "fence", "left", "version"}
 
 CONFIGS = [{"id": i} for i in range(8)]
 

@@ -21,7 +21,8 @@ def test_settings_defaults_match_the_design() -> None:
     s = Settings()
     assert (s.heartbeat_interval, s.node_ttl, s.leader_ttl) == (1.0, 5.0, 5.0)
     assert (s.healthcheck_interval, s.healthcheck_timeout, s.config_interval) == (10, 5, 10)
-    assert (s.create_attempts, s.disconnect_timeout) == (3, 10)
+    assert (s.create_attempts, s.create_timeout, s.disconnect_timeout) == (3, 10, 5)
+    assert (s.lease, s.create_lease, s.reset_window) == (10.0, 17.25, 17.25)
     assert s.renew_deadline == 3.75  # node_ttl minus max(heartbeat, node_ttl / 4)
 
 
@@ -203,3 +204,74 @@ def test_runners_reuse_threads_abandon_hung_ones_and_close() -> None:
         5,
         message="runner threads did not exit after close()",
     )
+
+
+# -- the node's knowledge of the server (dim.era) and the monotonic timer ---------------
+
+
+def _header(status: str = "ok", now_ms: int = 1_000, fence: int = 5, reset_ms: int = 0) -> Any:
+    from dim.era import Header
+
+    return Header(status, now_ms, fence, reset_ms, "lost 1" if reset_ms else "")
+
+
+def test_era_context_says_what_the_node_knows() -> None:
+    """The context carries the highest fence value seen, the estimated server time, the
+    lateness bound and the window; no estimate before the first reply."""
+    from dim.era import Era
+
+    now = [10.0]
+    era = Era(lambda: now[0], max_delay=0.6, window=2.5)
+    assert era.context() == "0 0 600 0 2500"
+    era.observe(_header(now_ms=50_000, fence=42), sent=10.0, received=10.0)
+    now[0] = 11.5
+    assert era.context() == "42 51500 600 0 2500"
+    era.note(40)
+    assert era.seen == 42  # only grows
+
+
+def test_era_tells_a_clock_step_from_a_late_request() -> None:
+    """A refused-as-late reply that came back quickly means the server's clock stepped;
+    one that took long means the request itself was late."""
+    from dim.era import Era
+
+    now = [0.0]
+    era = Era(lambda: now[0], max_delay=1.0, window=2.0)
+    era.observe(_header("stale"), sent=0.0, received=0.9)
+    assert not era.jumped
+    era.observe(_header("stale"), sent=1.0, received=1.01)
+    assert era.jumped
+    era.observe(_header("ok"), sent=2.0, received=2.01)
+    assert not era.jumped  # said once, in a request that was accepted
+
+
+def test_era_follows_the_reset_window() -> None:
+    """A reply naming a reset window makes the node wait until it ends; a later reply
+    without one ends it."""
+    from dim.era import Era
+
+    now = [0.0]
+    era = Era(lambda: now[0], max_delay=None, window=2.0)
+    era.observe(_header(reset_ms=1500), sent=0.0, received=0.01)
+    assert era.resetting() and era.reset_until == 1.5 and era.reset_id == "lost 1"
+    now[0] = 1.6
+    assert not era.resetting()
+    era.observe(_header(reset_ms=1500), sent=1.6, received=1.61)
+    era.observe(_header(), sent=1.7, received=1.71)
+    assert not era.resetting()
+    assert era.reset_id == "lost 1"  # remembered: the leader knows it has reloaded for it
+    assert era.context().split()[2] == "0"  # no lateness check without a socket timeout
+
+
+def test_every_runs_on_the_monotonic_clock_only() -> None:
+    """The timer is due one interval after it last ran, whatever the wall clock does, and
+    a late run causes no burst of catch-up runs."""
+    from dim.loop import Every
+
+    now = [100.0]
+    every = Every(10.0, lambda: now[0])
+    assert not every.due() and every.wait() == 10.0
+    now[0] = 135.0  # three intervals late
+    assert every.due()
+    every.ran()
+    assert not every.due() and every.wait() == 10.0

@@ -1,0 +1,114 @@
+"""The leader repairs what Redis holds when it disagrees with the placement (a write lost
+in a failover, a node that came back between the leader's read and its write), and no
+node acts on a desired entry that the assignment contradicts.
+
+The disagreement is made by hand, on a running cluster, with the commands a lost write
+would have left undone: a real Redis, real managers, nothing mocked.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from dim.keys import Keys
+from dim.testing import wait_until
+
+from .helpers import FAST, Cluster
+
+# the leader compares Redis with its copy every config_interval (0.2 s in FAST)
+REPAIRED_WITHIN = 10 * FAST.config_interval + 2.0
+
+
+def owners(cluster: Cluster) -> dict[int, str]:
+    """config id -> the node whose manager runs it."""
+    return {cid: nodes[0] for cid, nodes in cluster.placement().items() if len(nodes) == 1}
+
+
+def test_a_lost_desired_entry_is_repaired(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
+    """An entry missing from a node's desired set (and its assignment) is written back
+    within a few config_interval, and the config runs again where it belongs."""
+    cluster = Cluster(redis_url, service, list(range(6)))
+    keys = Keys(service)
+    try:
+        cluster.add(2)
+        cluster.wait_settled()
+        placed = owners(cluster)
+        victim, node = 0, placed[0]
+        # what a lost write leaves: the config in neither the assignment nor the share
+        redis_client.srem(keys.desired(node), "0")
+        redis_client.hdel(keys.assignment, "0")
+
+        def repaired() -> bool:
+            return (
+                redis_client.sismember(keys.desired(node), "0")
+                and redis_client.hget(keys.assignment, "0") == node.encode()
+            )
+
+        wait_until(repaired, REPAIRED_WITHIN, message="the leader did not repair the entry")
+        cluster.wait_settled()
+        assert owners(cluster)[victim] == node  # repaired in place: nothing moved
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_stale_desired_entry_is_ignored_and_removed(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
+    """A node whose desired set names a config the assignment gives to another node does
+    not claim it, and the leader removes the stale entry."""
+    cluster = Cluster(redis_url, service, list(range(6)))
+    keys = Keys(service)
+    try:
+        a, b = cluster.add(2)
+        cluster.wait_settled()
+        placed = owners(cluster)
+        theirs = next(cid for cid, node in placed.items() if node == a.node_id)
+        assert b.node_id is not None
+        # a stale entry (an old write replayed): B is told to run one of A's configs
+        redis_client.sadd(keys.desired(b.node_id), str(theirs))
+        wait_until(
+            lambda: not redis_client.sismember(keys.desired(b.node_id), str(theirs)),
+            REPAIRED_WITHIN,
+            message="the stale entry was not removed",
+        )
+        cluster.wait_settled()
+        assert owners(cluster)[theirs] == a.node_id
+        # B never created it: one create per config, all in the first settle
+        assert cluster.ledger.create_count(b.node_id) == sum(
+            1 for node in placed.values() if node == b.node_id
+        )
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_lost_assignment_entry_is_repaired(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
+    """A write lost with its version (the assignment entry and the version back as they
+    were before) is put back; the config keeps running where it ran meanwhile."""
+    cluster = Cluster(redis_url, service, list(range(6)))
+    keys = Keys(service)
+    try:
+        a, b = cluster.add(2)
+        cluster.wait_settled()
+        placed = owners(cluster)
+        theirs = next(cid for cid, node in placed.items() if node == a.node_id)
+        assert b.node_id is not None and a.node_id is not None
+        # the entry as an older write left it, and the version that went with it
+        redis_client.hset(keys.assignment, str(theirs), b.node_id)
+        redis_client.set(keys.version, int(redis_client.get(keys.version)) - 1)
+        wait_until(
+            lambda: redis_client.hget(keys.assignment, str(theirs)) == a.node_id.encode(),
+            REPAIRED_WITHIN,
+            message="the assignment entry was not repaired",
+        )
+        cluster.wait_settled()
+        assert owners(cluster)[theirs] == a.node_id
+        assert cluster.ledger.create_count() == 6  # nothing stopped meanwhile
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
