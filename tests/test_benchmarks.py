@@ -179,3 +179,15 @@ def test_versus_tooz_smoke(tmp_path: Path) -> None:
     data = report(out)
     assert {row["system"] for row in data["summary"]} == {"dim", "tooz"}
     assert {r["event"] for r in data["ratios"]} == {"join", "leave", "crash"}
+
+
+def test_takeover_smoke(tmp_path: Path) -> None:
+    """takeover.py measures a crash and a Redis restart and says how they compare with
+    the bounds the settings promise."""
+    out = tmp_path / "takeover.json"
+    result = run("takeover.py", "--quick", "--output", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = report(out)
+    (row,) = data["rows"]
+    assert row["profile"] == "fast" and len(row["crash_takeover"]) == 1
+    assert len(row["reset_recovery"]) == 1 and row["lease"] > 0

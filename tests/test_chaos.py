@@ -39,6 +39,9 @@ from dim.chaos import (
 )
 from dim.testing import wait_until
 
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SETTINGS = {

@@ -27,7 +27,7 @@ from .helpers import ROOT, dim_env, run_dim
 
 FAST = Settings(heartbeat_interval=0.05, node_ttl=0.6, leader_ttl=0.6)
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:

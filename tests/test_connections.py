@@ -32,7 +32,7 @@ from .helpers import FAST, Cluster, run_dim
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 #: Every command a node sends, at top level or from its Lua scripts (Redis checks the
 #: calls a script makes against the caller's ACL). The minimal node user is

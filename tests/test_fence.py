@@ -37,6 +37,9 @@ from dim.chaos import (
 )
 from dim.testing import RedisServer, wait_until
 
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
+
 HB = 0.1
 TTL = 0.6  # node_ttl and leader_ttl
 CONFIG_INTERVAL = 0.3

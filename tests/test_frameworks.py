@@ -262,6 +262,7 @@ def test_flask_extension_names_bad_configuration(redis_url: str, service: str) -
         _flask_app(Dim(get_config=list), redis_url, service)
 
 
+@pytest.mark.slow  # gunicorn processes: one interpreter is enough
 def test_flask_defers_in_gunicorn_until_the_first_request(
     redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,6 +304,7 @@ def test_flask_cli_commands_do_not_join_the_cluster(
 # -- gunicorn with the Flask example --------------------------------------------------------
 
 
+@pytest.mark.slow  # gunicorn processes: one interpreter is enough
 def test_gunicorn_workers_share_configs_heal_and_stop_cleanly(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str, run_gunicorn: Any
 ) -> None:
@@ -391,6 +393,7 @@ def app(environ, start_response):
 """
 
 
+@pytest.mark.slow  # gunicorn processes: one interpreter is enough
 def test_gunicorn_preload_of_a_started_manager_raises_forked_error(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str, run_gunicorn: Any
 ) -> None:
@@ -410,6 +413,7 @@ def test_gunicorn_preload_of_a_started_manager_raises_forked_error(
 # -- Django ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # gunicorn processes: one interpreter is enough
 def test_django_starts_in_gunicorn_workers_never_in_management_commands(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str, run_gunicorn: Any
 ) -> None:

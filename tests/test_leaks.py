@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
 import redis
 
 from dim import Manager
@@ -12,6 +13,9 @@ from dim.keys import Keys
 from dim.testing import wait_until
 
 from .helpers import FAST
+
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
 
 
 def _open_fds() -> int:

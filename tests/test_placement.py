@@ -38,9 +38,10 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
     is balanced.
 
     The leader counts a move as arrived when the new owner holds the claim; the ledger
-    sees its gap end a moment later, when ``create`` is called, so in that moment one
-    more gap may already have begun: at most 3 configs run nowhere at once (unpaced, the
-    12 moves would all be in flight together)."""
+    sees its gap end a moment later, when ``create`` is called. On a loaded machine both
+    moves in flight can arrive and the next two begin before either ``create`` is
+    called, so the ledger can see up to 2 x 2 configs running nowhere at once (unpaced,
+    the 12 moves would all be in flight together)."""
     slow = threading.Event()
 
     def slow_create(node: str, config: Any) -> None:
@@ -58,7 +59,7 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
         assert cluster.counts() == [6, 6, 6, 6]
         moved, peak = max_simultaneous_gaps(cluster.ledger)
         assert moved == 12
-        assert peak <= 3, f"{peak} configs were running nowhere at once"
+        assert peak <= 4, f"{peak} configs were running nowhere at once"
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()

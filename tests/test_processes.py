@@ -32,6 +32,9 @@ from dim.chaos import (
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
 
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
+
 HB = 0.05  # heartbeat_interval of the node processes
 TTL = 0.6  # node_ttl and leader_ttl
 CREATE_TIMEOUT = 1.0

@@ -27,7 +27,7 @@ from dim.testing import CLUSTER_SLOTS, RedisClusterServers, RedisServer, wait_un
 
 from .helpers import FAST, Cluster, HintRecorder, run_dim
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,6 +28,9 @@ from dim.chaos import (
 )
 from dim.testing import RedisServer, wait_until
 
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
+
 # heartbeat 0.1, node_ttl 0.6, leader_ttl 0.6, config_interval 0.3, disconnect_timeout 2
 NODE_ARGS = (
     "--hb",
@@ -434,7 +437,21 @@ def test_tokens_grow_across_empty_restart(
 
 # -- 4. the Redis server's wall clock steps forward ----------------------------------------
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+def libfaketime() -> Path:
+    """libfaketime.so.1: the one the ``libfaketime`` package ships (the [test] extra), else
+    Debian's (apt-get install faketime)."""
+    try:
+        import libfaketime as package  # the [test] extra
+    except ImportError:
+        pass
+    else:
+        bundled = (
+            Path(package.__file__).resolve().parent / "vendor/libfaketime/src/libfaketime.so.1"
+        )
+        if bundled.is_file():
+            return bundled
+    return Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 def valkey_server() -> Path:
@@ -451,15 +468,16 @@ class SteppedClock:
     clock is left alone, as an NTP step would."""
 
     def __init__(self, directory: Path) -> None:
-        if not LIBFAKETIME.is_file():
-            pytest.fail(f"{LIBFAKETIME} is missing: apt-get install faketime")
+        library = libfaketime()
+        if not library.is_file():
+            pytest.fail(f"{library} is missing: pip install 'dim-manager[test]'")
         self.file = directory / "faketime"
         self.offset = 0.0
         self._write()
         self.wrapper = directory / "server-with-faketime"
         self.wrapper.write_text(
             "#!/bin/sh\n"
-            f"export LD_PRELOAD={LIBFAKETIME}\n"
+            f"export LD_PRELOAD={library}\n"
             f"export FAKETIME_TIMESTAMP_FILE={self.file}\n"
             "export FAKETIME_NO_CACHE=1\n"
             "export FAKETIME_DONT_FAKE_MONOTONIC=1\n"

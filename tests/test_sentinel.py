@@ -25,6 +25,9 @@ from dim import Settings
 from dim.testing import RedisServer, find_redis_server, free_port, wait_until
 from tests.helpers import Cluster
 
+# real processes, servers or faults: run on one interpreter (tox: py311)
+pytestmark = pytest.mark.slow
+
 MASTER = "dimmaster"
 SETTINGS = Settings(
     heartbeat_interval=0.2,
