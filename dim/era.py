@@ -12,9 +12,12 @@ script itself tells
   replica). It then raises the counter back above anything seen and opens a **reset
   window** of ``Settings.reset_window``, during which nobody takes a new claim and
   every node still running an instance takes its claim back;
-* a step of the server's wall clock (a reply that came back quickly but names a server
-  time far ahead of the estimate): the node says so in its next request, which opens a
-  reset window too, because Redis expires keys on its wall clock.
+* a step of the server's wall clock forward (a reply that names a server time further
+  ahead of the estimate than the estimate's own uncertainty, the round trip of the reply
+  it comes from, plus ``tolerance``): the node says so in its next request, which opens
+  a reset window too, because Redis expires keys on its wall clock: every TTL just got
+  shorter by the step. A node that stalled while a reply sat unread (a GC pause) is not
+  taken for a step: that reply's long round trip widens the uncertainty.
 
 Replies start with the same header (:class:`Header`), which :meth:`Era.observe` reads.
 """
@@ -60,16 +63,25 @@ class Era:
         legitimately (two socket timeouts); ``None`` when unknown (a client the user
         passed without a socket timeout): the lateness check is then off.
     :param window: the reset window (``Settings.reset_window``), in seconds.
+    :param tolerance: the smallest forward step of the server's clock taken for one, in
+        seconds (``Settings.fence_margin / 2``: a step shorter than the fence margin
+        costs no safety, so it need not cost a reset window).
     """
 
     def __init__(
-        self, clock: Callable[[], float], max_delay: Optional[float], window: float
+        self,
+        clock: Callable[[], float],
+        max_delay: Optional[float],
+        window: float,
+        tolerance: float = 0.05,
     ) -> None:
         self.clock = clock
         self.max_delay = max_delay
         self.window = window
+        self.tolerance = tolerance
         self.seen = 0  # highest fence value (token, epoch, version) seen
-        self._server: Optional[tuple[float, int]] = None  # (monotonic, server ms)
+        # (monotonic when received, server ms, round trip in s) of the latest reply
+        self._server: Optional[tuple[float, int, float]] = None
         self.jumped = False  # the server clock stepped forward: say so next time
         self.reset_until = 0.0  # monotonic end of the reset window known
         self.reset_id = ""
@@ -84,7 +96,7 @@ class Era:
         """
         if self._server is None:
             return 0
-        at, server_ms = self._server
+        at, server_ms, _ = self._server
         return server_ms + int((self.clock() - at) * 1000)
 
     def context(self) -> str:
@@ -100,22 +112,35 @@ class Era:
         if value > self.seen:
             self.seen = value
 
-    def observe(self, header: Header, sent: float, received: float) -> None:
-        """Learn from a reply to a request sent at ``sent`` (both monotonic)."""
-        if header.status == "stale" and self.max_delay is not None:
-            # refused as late although it came back quickly: not the request but the
-            # server's clock moved (forward); the next request says so
-            if received - sent < self.max_delay / 2:
-                self.jumped = True
-        elif header.status == "ok":
-            self.jumped = False
-        self._server = (received, header.now_ms)
+    def observe(
+        self, header: Header, sent: float, received: float, said_jump: bool = False
+    ) -> None:
+        """Learn from a reply to a request sent at ``sent`` (both monotonic) whose
+        context said ``said_jump``."""
+        if self.stepped(header.now_ms, received):
+            self.jumped = True  # the next request says so
+        elif header.status == "ok" and said_jump:
+            self.jumped = False  # said, in a request that was accepted
+        self._server = (received, header.now_ms, max(0.0, received - sent))
         self.note(header.fence)
         if header.reset_ms > 0:
             self.reset_until = max(self.reset_until, sent + header.reset_ms / 1000)
             self.reset_id = header.reset_id
         elif header.status == "ok":
             self.reset_until = 0.0
+
+    def stepped(self, now_ms: int, received: float) -> bool:
+        """Does a server time computed before ``received`` show that the server's clock
+        stepped forward since the last reply?
+
+        Without a step, the server's time at ``received`` is at most the estimate plus
+        the round trip of the reply the estimate comes from (the server computed that
+        reply at some moment of its round trip)."""
+        if self._server is None or not now_ms:
+            return False
+        at, server_ms, rtt = self._server
+        expected = server_ms + (received - at) * 1000
+        return now_ms - expected > (rtt + self.tolerance) * 1000
 
     def resetting(self) -> bool:
         """Is a reset window open, as far as this node knows?"""

@@ -3,6 +3,12 @@
 A check that raises, returns ``False`` or does not return within
 ``healthcheck_timeout`` marks the instance unhealthy: the reconciler disconnects it and
 creates it again under the same claim (with the usual retries and hand-off).
+
+A check that hangs for good costs one thread per config, not one per round: while a
+config's check has not returned, no other check of that config starts. The instance it
+was checking counts as timed out at every round; a newer instance of the config (the
+one created after it was found unhealthy) is not checked until the hung call returns,
+and a warning says so once.
 """
 
 from __future__ import annotations
@@ -33,10 +39,18 @@ class HealthLoop(Loop):
         super().__init__(node)
         self._healthcheck = healthcheck
         self._every = Every(node.settings.healthcheck_interval, node.clock)
-        # checks still running from an earlier round (hung): id(instance) -> instance; no
-        # second thread is started for one, so a hanging healthcheck costs one thread
-        self._busy: dict[int, Any] = {}
+        # checks still running from an earlier round (hung): claim key -> the instance
+        # being checked; no second check of that config starts meanwhile
+        self._busy: dict[str, Any] = {}
         self._busy_lock = threading.Lock()
+        self._round: Optional[threading.Event] = None  # set early when the node stops
+        self._warned: set[str] = set()  # configs whose hung check was reported
+
+    def wake(self) -> None:
+        super().wake()
+        current = self._round
+        if current is not None and self.node.stop_event.is_set():
+            current.set()  # stop() does not wait for the checks of this round
 
     def tick(self) -> float:
         if self._every.due():
@@ -54,7 +68,7 @@ class HealthLoop(Loop):
         done = threading.Event()
         lock = threading.Lock()
 
-        def check(index: int, instance: Any) -> None:
+        def check(index: int, ckey: str, instance: Any) -> None:
             block_signals()
             error: Optional[BaseException] = None
             try:
@@ -66,28 +80,61 @@ class HealthLoop(Loop):
                 error = CallbackError(f"healthcheck raised {exc!r}", exc)
                 error.__cause__ = exc
             with self._busy_lock:
-                self._busy.pop(id(instance), None)
+                if self._busy.get(ckey) is instance:
+                    del self._busy[ckey]
             with lock:
                 results[index] = error
-                if len(results) == len(running):
+                if len(results) + len(skipped) == len(running):
                     done.set()
 
-        for index, (_slot, instance) in enumerate(running):
+        skipped: set[int] = set()  # no check started for these (under lock)
+        for index, (slot, instance) in enumerate(running):
             with self._busy_lock:
-                if id(instance) in self._busy:
-                    continue  # its last check has not returned: it counts as timed out
-                self._busy[id(instance)] = instance
-            threading.Thread(
-                target=check,
-                args=(index, instance),
-                daemon=True,
-                name=f"dim-healthcheck-{node.node_id}",
-            ).start()
+                hung = self._busy.get(slot.ckey)
+                if hung is None:
+                    self._busy[slot.ckey] = instance
+            if hung is not None:
+                # its last check has not returned: that instance counts as timed out; a
+                # newer instance of the config waits for the hung call to return
+                if hung is not instance:
+                    with lock:
+                        skipped.add(index)
+                    if slot.ckey not in self._warned:
+                        self._warned.add(slot.ckey)
+                        log.warning(
+                            "healthcheck of config %r hangs (on an earlier instance): its "
+                            "instance is not checked until that call returns",
+                            slot.config.id,
+                        )
+                continue
+            self._warned.discard(slot.ckey)
+            try:
+                threading.Thread(
+                    target=check,
+                    args=(index, slot.ckey, instance),
+                    daemon=True,
+                    name=f"dim-healthcheck-{node.node_id}",
+                ).start()
+            except Exception:  # no thread to spare: no verdict this round
+                with self._busy_lock:
+                    del self._busy[slot.ckey]
+                with lock:
+                    skipped.add(index)
         timeout = node.settings.healthcheck_timeout
-        done.wait(timeout)
+        self._round = done
+        with lock:
+            if len(results) + len(skipped) == len(running):
+                done.set()
+        if not node.stop_event.is_set():
+            done.wait(timeout)
+        self._round = None
+        if node.stop_event.is_set():
+            return
         with lock:
             finished = dict(results)
         for index, (slot, instance) in enumerate(running):
+            if index in skipped:
+                continue
             if index in finished:
                 error = finished[index]
             else:

@@ -76,6 +76,8 @@ class LeaderLoop(Loop):
         self.alive_at = node.clock()
         self._every = Every(node.settings.config_interval, node.clock)
         self._runners = Runners(f"dim-config-{node.node_id}", keep=1)
+        self._rules_call: Optional[Call] = None  # rules over the stored configs, if running
+        self._stored: tuple[Optional[dict[str, str]], dict[str, Config]] = (None, {})
         self._loading: Optional[tuple[float, Call]] = None  # (started, the call) in flight
         self._overdue = False  # the call in flight overran config_timeout (reported)
         self._refresh = True
@@ -237,12 +239,21 @@ class LeaderLoop(Loop):
         self._runners.close()
 
     def final_rebalance(self) -> None:
-        """On graceful stop: place this node's configs elsewhere before resigning."""
+        """On graceful stop: place this node's configs elsewhere before resigning.
+
+        Skipped when the leader is busy for longer than a heartbeat or two (in user code:
+        the placement rules may take up to ``config_timeout``): the next leader places
+        them instead, a moment later."""
         node = self.node
-        with self._lock:
+        if not self._lock.acquire(timeout=max(1.0, 2 * node.settings.heartbeat_interval)):
+            log.warning("leader %s is busy: no final rebalance before it leaves", node.node_id)
+            return
+        try:
             if node.is_leader and self._epoch == node.epoch:
                 self._dirty = True
                 self._lead(exclude=node.node_id)
+        finally:
+            self._lock.release()
 
     def _lead(self, exclude: Optional[str]) -> None:
         node = self.node
@@ -351,12 +362,7 @@ class LeaderLoop(Loop):
             return {}, {}  # nothing runs anywhere: not a constraint to report
         if self._rules.active and configs is not self._rules_for:
             # configs read back from Redis (no good get_config result yet in this process)
-            try:
-                self._required, self._priority = self._rules.evaluate(configs)
-            except ConfigError as exc:
-                log.error("placement rules failed on the stored configs: %s", exc)
-                self._required, self._priority = {}, {}
-            self._rules_for = configs
+            self._stored_rules(configs)
         capacity = {n: self._capacity[n] for n in live if n in self._capacity}
         if not (self._required or self._priority or capacity):
             return balance.assign(live, to_place, current, excluded), {}
@@ -521,15 +527,42 @@ class LeaderLoop(Loop):
         return parsed, required, priority, errors
 
     def _known_configs(self) -> dict[str, Config]:
-        """The last good configs: from get_config, else as stored in Redis."""
+        """The last good configs: from get_config, else as stored in Redis (decoded once
+        per read, so the placement rules run once per change)."""
         if self._good is not None:
             return self._good
-        configs = {}
-        for ckey, text in self._written.items():
-            config = decode(ckey, text)
-            if config is not None:
-                configs[ckey] = config
+        written, configs = self._stored
+        if written is not self._written:
+            configs = {}
+            for ckey, text in self._written.items():
+                config = decode(ckey, text)
+                if config is not None:
+                    configs[ckey] = config
+            self._stored = (self._written, configs)
         return configs
+
+    def _stored_rules(self, configs: dict[str, Config]) -> None:
+        """Evaluate the placement rules (user code) over configs read back from Redis.
+
+        Like get_config, the rules run on the config thread, bounded by
+        ``config_timeout``, one call at a time: a rule that hangs never holds the leader
+        (nor ``stop()``, which waits for the leader's lock). While it fails or hangs, the
+        configs are placed without rules and the leader tries again once the call is
+        over."""
+        node = self.node
+        if self._rules_call is not None and not self._rules_call.done.is_set():
+            self._required, self._priority = {}, {}  # the last call hangs still
+            return
+        call = self._rules_call = self._runners.start(self._rules.evaluate, configs)
+        try:
+            self._required, self._priority = call.result(
+                node.settings.config_timeout, "placement rules"
+            )
+        except Exception as exc:
+            log.error("placement rules failed on the stored configs: %s", exc)
+            self._required, self._priority = {}, {}
+            return
+        self._rules_for = configs
 
     def _config_error(self, error: Exception, kept: dict[str, Config]) -> None:
         node = self.node

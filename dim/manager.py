@@ -292,9 +292,11 @@ class Manager:
         disconnected, so the new owner starts at once. Only then are the threads joined.
 
         It returns within ``settings.stop_timeout`` (``disconnect_timeout`` plus one
-        second) plus a few Redis round trips, whatever the callbacks do: every
-        disconnect starts at once, one that overruns its budget is reported
-        (``DISCONNECT_TIMEOUT``) and left behind, and ``get_config`` is never waited for.
+        second), plus at most ``max(1 s, 2 heartbeats)`` for dim's threads to end and
+        one second for the event listeners, plus a few Redis round trips, whatever the
+        callbacks do: every disconnect starts at once, one that overruns its budget is
+        reported (``DISCONNECT_TIMEOUT``) and left behind, and neither ``get_config``
+        nor a ``healthcheck`` is waited for.
 
         :param timeout: how long to wait for the disconnects (default:
             ``settings.stop_timeout``).
@@ -345,8 +347,11 @@ class Manager:
         node.reconciler.close(wait)
         node.stop_event.set()
         node.wake_all()
+        # one deadline for all of them: a loop stuck in user code (a placement rule, a
+        # log handler) costs that once, not once per loop
+        joined_by = node.clock() + max(1.0, s.heartbeat_interval * 2)
         for loop in node.loops():
-            loop.join(max(1.0, s.heartbeat_interval * 2))
+            loop.join(max(0.0, joined_by - node.clock()))
         node.leader.close()
         try:
             # a tombstone outlives any request of ours still queued in a stalled server
@@ -489,7 +494,8 @@ class Manager:
         else:
             timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         max_delay = 2 * float(timeout) + 0.1 if timeout else None
-        return Era(time.monotonic, max_delay, self.settings.reset_window)
+        s = self.settings
+        return Era(time.monotonic, max_delay, s.reset_window, tolerance=s.fence_margin / 2)
 
     def _describe_target(self) -> str:
         """Where dim connects, without secrets: the URL, or what a passed client points at."""

@@ -143,6 +143,10 @@ class Reconciler(Loop):
         self._have_read = False
         self._need_read = True
         self._closing = False
+        # stops whose thread could not be started (the process is at its thread limit):
+        # every tick tries them again, fenced or not
+        self._unstarted: list[Slot] = []
+        self._unstarted_error: Optional[BaseException] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=node.settings.max_workers,
             thread_name_prefix=f"dim-worker-{node.node_id}",
@@ -305,14 +309,15 @@ class Reconciler(Loop):
                 return
             if slot.lost:
                 return
-            log.warning(
-                "node %s lost its claim of %r (%s); stopping it",
-                self.node.node_id,
-                slot.config.id,
-                "gone" if status == CLAIM_RELEASED else "held by another node",
-            )
-            self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
             self._begin_stop(slot, lost=True)
+        # the stop runs already: a log handler that blocks cannot hold it up
+        log.warning(
+            "node %s lost its claim of %r (%s); stopping it",
+            self.node.node_id,
+            slot.config.id,
+            "gone" if status == CLAIM_RELEASED else "held by another node",
+        )
+        self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
         self.wake(read=True)
 
     def unhealthy(self, slot: Slot, instance: Any, error: Optional[BaseException]) -> None:
@@ -323,20 +328,22 @@ class Reconciler(Loop):
             if slot.state is not State.RUNNING or self._closing:
                 return
             slot.healthy = False
-            self.node.emit(
-                Event(
-                    EventType.INSTANCE_UNHEALTHY,
-                    self.node.node_id,
-                    slot.config.id,
-                    slot.token,
-                    error=error,
-                )
-            )
+            token = slot.token
             self._begin_stop(slot, recreate=slot.config)
+        self.node.emit(
+            Event(
+                EventType.INSTANCE_UNHEALTHY,
+                self.node.node_id,
+                slot.config.id,
+                token,
+                error=error,
+            )
+        )
 
     def fence(self) -> None:
         """Renewals failed too long: start every disconnect now, without touching Redis
-        and without waiting for any of them."""
+        and without waiting for any of them (nor for a log handler: the disconnects start
+        before anything is logged)."""
         node = self.node
         with self._lock:
             if node.fenced:
@@ -351,14 +358,14 @@ class Reconciler(Loop):
                 elif self._take_stop(slot):
                     victims.append(slot)
             self._need_read = True
+        for slot in victims:
+            self._spawn_stop(slot)
         log.warning(
             "node %s could not renew its claims for %.2fs: stopping %d instances",
             node.node_id,
             node.settings.renew_deadline,
             len(victims),
         )
-        for slot in victims:
-            self._spawn_stop(slot)
         node.set_leader(None)
         node.emit(Event(EventType.FENCED, node.node_id, data={"stopped": len(victims)}))
         self._notify()
@@ -374,6 +381,8 @@ class Reconciler(Loop):
     def tick(self) -> float:
         node = self.node
         interval = node.settings.heartbeat_interval
+        if self._unstarted:
+            self._retry_stops()
         if node.fenced or self._closing:
             return interval
         read = self._need_read
@@ -559,8 +568,35 @@ class Reconciler(Loop):
             self.wake()
 
     def _spawn_stop(self, slot: Slot) -> None:
-        """Run the disconnect of a slot now, on a thread of its own (the caller took it)."""
-        self._tasks.start(self._stop_task, slot)
+        """Run the disconnect of a slot now, on a thread of its own (the caller took it).
+
+        Never raises: when no thread can be started (the process is at its thread limit),
+        the slot waits for its disconnect again and every tick of this loop retries it,
+        fenced or not. Its claim is held meanwhile (renewed, or left to expire when
+        fenced), so nobody else starts the config while the instance may run.
+        """
+        try:
+            self._tasks.start(self._stop_task, slot)
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            with self._lock:
+                slot.disconnecting = False
+                self._unstarted.append(slot)
+                self._unstarted_error = exc
+
+    def _retry_stops(self) -> None:
+        with self._lock:
+            slots, self._unstarted = self._unstarted, []
+            error = self._unstarted_error
+            retry = [s for s in slots if self._slots.get(s.ckey) is s and self._take_stop(s)]
+        if retry:
+            log.error(
+                "node %s could not start a thread to disconnect %r (%r); trying again",
+                self.node.node_id,
+                [s.config.id for s in retry],
+                error,
+            )
+        for slot in retry:
+            self._spawn_stop(slot)
 
     def _stop_task(self, slot: Slot) -> None:
         block_signals()

@@ -181,10 +181,11 @@ class Store:
         dim.era); feed the reply's header to the era and return it with the rest."""
         k = self.keys
         era = self.era
+        said_jump = era.jumped
         sent = era.clock()
         reply = script(keys=[k.era, k.fence, k.reset, *keys], args=[era.context(), *args])
         header = Header.parse(reply)
-        era.observe(header, sent, era.clock())
+        era.observe(header, sent, era.clock(), said_jump)
         return header, reply[5:]
 
     def heartbeat(

@@ -530,3 +530,42 @@ def test_server_clock_steps_forward(
             assert not bad, f"round {round_}: fencing token went down: {bad[:5]}"
     finally:
         c.close()
+
+
+def test_small_server_clock_step_opens_a_reset_window(
+    make_procs: Callable[..., NodeProcs],
+    redis_factory: Callable[..., RedisServer],
+    service: str,
+    tmp_path: Path,
+) -> None:
+    """A forward step of the server's clock too small for any request to be refused as
+    late (0.4 s, under the lateness bound of 2 socket timeouts + 0.1 s = 0.6 s) but larger
+    than the fence margin (0.15 s) eats into every claim's safety margin: the nodes see
+    it in the next replies and open a reset window; no config runs twice."""
+    from dim.keys import Keys
+
+    clock = SteppedClock(tmp_path)
+    server = redis_factory(executable=str(clock.wrapper))
+    c = server.client(socket_timeout=5.0)
+    reset_key = Keys(service).reset
+    try:
+        procs = make_procs(server.url, service, 12)
+        pids = set(procs.spawn(3))
+        procs.wait_settled(c, pids)
+        # the window a node opens on its first start (a server younger than a window)
+        wait_until(lambda: not c.exists(reset_key), 30, message="the first window never ended")
+        stepped = time.monotonic()
+        clock.step(0.4)
+        wait_until(
+            lambda: c.exists(reset_key),
+            5,
+            message="no reset window opened after the server's clock stepped 0.4 s forward",
+        )
+        why = c.get(reset_key)
+        assert why is not None and why.split()[0] == b"clock", why
+        took = settled_or_none(procs, c, pids, 20.0)
+        found = overlaps(procs.view().intervals)
+        assert not found, f"{overlap_text(found, stepped)}{outcome(took, procs, pids)}"
+        assert took is not None, f"not settled 20 s after the step: {describe(procs, pids)}"
+    finally:
+        c.close()

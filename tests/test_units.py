@@ -231,18 +231,44 @@ def test_era_context_says_what_the_node_knows() -> None:
 
 
 def test_era_tells_a_clock_step_from_a_late_request() -> None:
-    """A refused-as-late reply that came back quickly means the server's clock stepped;
-    one that took long means the request itself was late."""
+    """A reply that names a server time further ahead of the estimate than the estimate's
+    uncertainty means the server's clock stepped forward, even when the request was
+    accepted (a step shorter than the lateness bound); a request that was merely late
+    does not."""
     from dim.era import Era
 
-    now = [0.0]
-    era = Era(lambda: now[0], max_delay=1.0, window=2.0)
-    era.observe(_header("stale"), sent=0.0, received=0.9)
+    era = Era(lambda: 0.0, max_delay=1.0, window=2.0, tolerance=0.05)
+    era.observe(_header(now_ms=10_000), sent=0.0, received=0.01)
+    # refused as late, but it took long: the request was late, not the clock
+    era.observe(_header("stale", now_ms=11_000), sent=0.1, received=1.0)
     assert not era.jumped
-    era.observe(_header("stale"), sent=1.0, received=1.01)
+    era.observe(_header(now_ms=11_095), sent=1.09, received=1.1)
+    assert not era.jumped
+    # accepted, back within 10 ms, yet 400 ms ahead of what the clock can explain
+    era.observe(_header(now_ms=11_600), sent=1.19, received=1.2)
     assert era.jumped
-    era.observe(_header("ok"), sent=2.0, received=2.01)
-    assert not era.jumped  # said once, in a request that was accepted
+    era.observe(_header(now_ms=11_610), sent=1.2, received=1.21)
+    assert era.jumped  # not said yet: the next request says so
+    era.observe(_header(now_ms=11_710), sent=1.3, received=1.31, said_jump=True)
+    assert not era.jumped  # said, in a request that was accepted
+
+
+def test_era_does_not_take_a_stall_of_its_own_for_a_clock_step() -> None:
+    """A node that stalled while a reply sat unread (a GC pause of 3 s) underestimates the
+    server's time by the stall; the next, quick reply is not taken for a step, because
+    the stalled reply's round trip counts as uncertainty."""
+    from dim.era import Era
+
+    era = Era(lambda: 0.0, max_delay=1.0, window=2.0, tolerance=0.05)
+    era.observe(_header(now_ms=10_000), sent=0.0, received=0.01)
+    # computed at server 10 100 (t = 0.1), read at t = 3.1
+    era.observe(_header(now_ms=10_100), sent=0.1, received=3.1)
+    era.observe(_header("stale", now_ms=13_200), sent=3.19, received=3.2)
+    assert not era.jumped
+    # once a quick reply re-anchors the estimate, a real step shows again
+    era.observe(_header(now_ms=13_300), sent=3.29, received=3.3)
+    era.observe(_header(now_ms=13_900), sent=3.39, received=3.4)
+    assert era.jumped
 
 
 def test_era_follows_the_reset_window() -> None:

@@ -1,0 +1,345 @@
+"""Threads under pressure (issue #10, from a review of the fence and the health loop):
+a healthcheck that hangs for good, a process that cannot start threads for a moment, a
+log handler that blocks, and ``stop()`` while a healthcheck hangs.
+
+Each test states the behaviour it proves on a real Redis; none of them looks at dim's
+internals beyond thread names (``dim-<role>-<node id>``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import pytest
+
+from dim import Event, EventType, Manager
+from dim.testing import RedisServer, wait_until
+
+from .helpers import FAST, Cluster
+
+
+def _threads(prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.is_alive() and t.name.startswith(prefix)]
+
+
+def _events(manager: Manager, *types: EventType) -> list[Event]:
+    seen: list[Event] = []
+    manager.add_listener(seen.append, *types)
+    return seen
+
+
+def _holds(check: Callable[[], Optional[str]], seconds: float, what: str) -> None:
+    """Fail if ``check`` reports a problem (a string) at any sample during ``seconds``."""
+    found: dict[str, str] = {}
+
+    def over() -> bool:
+        problem = check()
+        if problem:
+            found["problem"] = problem
+            return True
+        return False
+
+    try:
+        wait_until(over, seconds, interval=0.02)
+    except TimeoutError:
+        pass  # held for the whole time
+    assert not found, f"{what}: {found.get('problem')}"
+
+
+# -- a healthcheck that hangs for good ---------------------------------------------------
+
+
+def test_hung_healthcheck_costs_one_thread_per_config(redis_url: str, service: str) -> None:
+    """A healthcheck that never returns for one config marks that instance unhealthy once
+    (it is recreated); while the check hangs, that config's later instances are not
+    checked, so the hang costs one thread, not one per round. The other config is checked
+    all along, and once the hung check returns the config is checked again."""
+    release = threading.Event()
+    gens = itertools.count(1)
+    checks: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def create(config: Any) -> dict[str, int]:
+        return {"config": config, "gen": next(gens)}
+
+    def healthcheck(instance: dict[str, int]) -> bool:
+        with lock:
+            checks[instance["gen"]] = checks.get(instance["gen"], 0) + 1
+        if instance["config"] == 0:
+            release.wait(60)
+        return True
+
+    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=0.1)
+    manager = Manager(
+        lambda: [0, 1],
+        create,
+        healthcheck=healthcheck,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    unhealthy = _events(manager, EventType.INSTANCE_UNHEALTHY)
+    manager.start()
+    try:
+        node = manager.node_id
+        assert node is not None
+        prefix = f"dim-healthcheck-{node}"
+        wait_until(lambda: unhealthy, 10, message="the hung check never timed out")
+        assert {e.config_id for e in unhealthy} == {0}
+        wait_until(lambda: manager.instances.get(0, {}).get("gen", 0) > 1, 10)
+        one = manager.instances[1]["gen"]
+        base = checks.get(one, 0)
+
+        def leaks() -> Optional[str]:
+            hung = [t for t in _threads(prefix) if t.is_alive()]
+            if len(hung) > 2:  # the hung one, plus at most one check of config 1 running
+                return f"{len(hung)} healthcheck threads alive"
+            return None
+
+        _holds(leaks, 1.5, "a hung healthcheck leaked threads")
+        assert checks.get(one, 0) >= base + 5, f"config 1 was not checked on: {checks}"
+        assert len([e for e in unhealthy if e.config_id == 0]) == 1, unhealthy
+        release.set()
+        current = manager.instances[0]["gen"]
+        wait_until(
+            lambda: checks.get(current, 0) >= 1,
+            10,
+            message=f"config 0 was not checked again after the hang ended: {checks}",
+        )
+    finally:
+        release.set()
+        manager.stop()
+
+
+# -- a process that cannot start threads for a moment ------------------------------------
+
+
+class ThreadLimit:
+    """While ``failing`` is set, starting a ``dim-stop-*`` thread fails the way it does in
+    a process at its thread limit (RuntimeError: can't start new thread)."""
+
+    def __init__(self) -> None:
+        self.failing = threading.Event()
+        self.refused = 0
+
+    def set(self) -> None:
+        self.failing.set()
+
+    def clear(self) -> None:
+        self.failing.clear()
+
+
+@pytest.fixture
+def no_stop_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
+    limit = ThreadLimit()
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if limit.failing.is_set() and self.name.startswith("dim-stop-"):
+            limit.refused += 1
+            raise RuntimeError("can't start new thread")
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        yield limit
+    finally:
+        limit.clear()
+
+
+def test_a_stop_that_could_not_start_is_retried(
+    redis_url: str, service: str, no_stop_threads: ThreadLimit
+) -> None:
+    """Configs removed while no thread can be started are disconnected once threads can
+    be started again; the node's loops survive."""
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(3)])
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        no_stop_threads.set()
+        cluster.configs = [{"id": 0}]
+        # the removal reaches the node while it cannot start the disconnects
+        wait_until(lambda: no_stop_threads.refused >= 1, 10, message="no stop was tried")
+        no_stop_threads.clear()
+        cluster.wait_settled(timeout=10)
+        assert set(manager.instances) == {0}
+        assert cluster.ledger.overlaps() == []
+        for role in ("heartbeat", "fence", "reconciler", "leader"):
+            assert _threads(f"dim-{role}-{manager.node_id}"), f"the {role} thread died"
+    finally:
+        no_stop_threads.clear()
+        cluster.stop()
+
+
+def test_fence_disconnects_once_threads_start_again(
+    own_redis: RedisServer, service: str, no_stop_threads: ThreadLimit
+) -> None:
+    """A node cut off from Redis fences; if its disconnect threads cannot be started at
+    that moment, every instance is still disconnected as soon as they can, while Redis is
+    still away."""
+    cluster = Cluster(own_redis.url, service, [{"id": i} for i in range(3)])
+    try:
+        (manager,) = cluster.add(1)
+        fenced = _events(manager, EventType.FENCED)
+        cluster.wait_settled()
+        no_stop_threads.set()
+        own_redis.pause()
+        wait_until(lambda: fenced, 10, message="the node did not fence")
+        no_stop_threads.clear()
+        wait_until(
+            lambda: len(cluster.ledger.disconnects) == 3,
+            10,
+            message=f"disconnects after the fence: {cluster.ledger.disconnects}",
+        )
+        assert own_redis.paused
+    finally:
+        no_stop_threads.clear()
+        if own_redis.paused:
+            own_redis.resume()
+        cluster.stop()
+
+
+# -- a log handler that blocks -----------------------------------------------------------
+
+
+class BlockingHandler(logging.Handler):
+    """Blocks the thread that logs the fence (and anything that thread logs later) until
+    released: a log sink on a dead socket, seen from the thread that fences."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.gate = threading.Event()
+        self.blocked: Optional[str] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = threading.current_thread().name
+        if "could not renew" in str(record.msg) or name == self.blocked:
+            self.blocked = name
+            self.gate.wait(60)
+
+
+def test_fence_starts_disconnects_before_it_logs(own_redis: RedisServer, service: str) -> None:
+    """A log handler that blocks the fence thread does not hold up the disconnects: they
+    all start before the fence logs anything, and return while Redis is still away."""
+    cluster = Cluster(own_redis.url, service, [{"id": i} for i in range(3)])
+    handler: Optional[BlockingHandler] = None
+    dim_log = logging.getLogger("dim")
+    try:
+        cluster.add(1)
+        cluster.wait_settled()
+        handler = BlockingHandler()
+        dim_log.addHandler(handler)
+        own_redis.pause()
+        wait_until(
+            lambda: len(cluster.ledger.disconnects) == 3,
+            10,
+            message="the disconnects did not run while the fence's log handler blocked",
+        )
+        assert own_redis.paused
+    finally:
+        if handler is not None:
+            handler.gate.set()
+            dim_log.removeHandler(handler)
+        if own_redis.paused:
+            own_redis.resume()
+        cluster.stop()
+
+
+# -- stop() while a healthcheck hangs ----------------------------------------------------
+
+
+def test_stop_ends_every_loop_while_a_healthcheck_hangs(redis_url: str, service: str) -> None:
+    """stop() does not wait for a healthcheck that hangs (its timeout is long), and when it
+    returns none of the node's loop threads is left running."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def healthcheck(instance: Any) -> bool:
+        started.set()
+        release.wait(60)
+        return True
+
+    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=30.0)
+    manager = Manager(
+        lambda: [0],
+        lambda c: {"c": c},
+        healthcheck=healthcheck,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    manager.start()
+    try:
+        node = manager.node_id
+        wait_until(started.is_set, 10, message="the healthcheck never ran")
+        manager.stop()
+        loops = [
+            t.name
+            for role in ("heartbeat", "fence", "reconciler", "leader", "listener", "health")
+            for t in _threads(f"dim-{role}-{node}")
+        ]
+        assert loops == [], f"loop threads still running after stop(): {loops}"
+    finally:
+        release.set()
+        manager.stop()
+
+
+# -- a placement rule that hangs -----------------------------------------------------------
+
+
+def test_a_hanging_placement_rule_does_not_hang_the_leader(redis_url: str, service: str) -> None:
+    """A new leader whose get_config has not answered yet places the configs stored in
+    Redis with its placement rules; a rule that hangs there is abandoned after
+    config_timeout like get_config (the configs are placed without rules meanwhile), and
+    stop() returns within its bound."""
+    release = threading.Event()
+    configs = [{"id": i} for i in range(4)]
+
+    def hanging_source() -> list[Any]:
+        release.wait(60)
+        return configs
+
+    def hanging_rule(config: Any) -> None:
+        release.wait(60)
+
+    first = Manager(
+        lambda: configs, lambda c: {"c": c}, redis=redis_url, service=service, settings=FAST
+    )
+    second = Manager(
+        hanging_source,
+        lambda c: {"c": c},
+        requires=hanging_rule,
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(config_timeout=1.0),
+    )
+    stopper: Optional[threading.Thread] = None
+    try:
+        first.start()
+        assert first.wait_until_stable(10)
+        second.start()
+        first.stop()  # the second node leads now, with the stored configs only
+        wait_until(
+            lambda: set(second.instances) == {0, 1, 2, 3},
+            15,
+            message=f"the new leader did not place the stored configs: {second.instances}",
+        )
+        stopper = threading.Thread(target=second.stop, name="test-stop", daemon=True)
+        began = time.monotonic()
+        stopper.start()
+        stopper.join(FAST.stop_timeout + 3)
+        assert not stopper.is_alive(), (
+            f"stop() did not return within {time.monotonic() - began:.1f} s while a "
+            "placement rule hangs"
+        )
+    finally:
+        release.set()
+        if stopper is not None:
+            stopper.join(15)
+        first.stop()
+        second.stop()
