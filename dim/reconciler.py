@@ -559,6 +559,12 @@ class Reconciler(Loop):
         try:
             task(*args)
         except BaseException as exc:  # a worker thread must survive anything
+            if self.node.stop_event.is_set() and isinstance(
+                exc, (redis.RedisError, OSError, ValueError)
+            ):
+                # stop() closed the connections under a task it no longer waits for
+                log.debug("node %s: %s ended by stop(): %r", self.node.node_id, task.__name__, exc)
+                return
             log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
             self.node.emit(
                 Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
