@@ -465,7 +465,7 @@ FAULTS: dict[str, FaultKind] = {
             "fence_stall",
             "start",
             False,
-            "base",
+            "fence",
             "one node's network stalls for renew_deadline +- 2 heartbeats, slow disconnects",
             "network",
         ),
@@ -647,6 +647,12 @@ class Bounds:
         return self.base + waits
 
     @property
+    def fence(self) -> float:
+        """A node fenced while it was creating: those claims carry a create's TTL
+        (``create_lease``); then another node claims within a heartbeat or two."""
+        return max(self.base, self.create_lease + 2 * self.heartbeat_interval)
+
+    @property
     def wake(self) -> float:
         return 2 * self.heartbeat_interval + max(self.heartbeat_interval, 0.25)
 
@@ -671,6 +677,7 @@ class Bounds:
             "base": self.base,
             "reset": self.reset,
             "create": self.create,
+            "fence": self.fence,
             "wake": self.wake,
             "leader": self.leader,
             "lease": self.lease,
@@ -3118,6 +3125,7 @@ class ChaosRun:
         rules: Record = {"disconnect_delay": {"pids": [victim], "seconds": slow}}
         ids: list[Any] = []
         creating = 0.0
+        mark = 0.0
         if variant == "creating":
             ids = self._running_on(victim, 2)
             creating = self.rng.uniform(0.3, 0.6) * o.create_timeout
@@ -3138,6 +3146,8 @@ class ChaosRun:
                 self._say(f"configs {ids} of pid {victim} were not recreated")
         proxy = self.proxies[victim]
         t0 = time.monotonic()
+        # the fault began when it made instances recreate: their gaps are its own
+        began = mark if variant == "creating" else t0
         proxy.stall()
         try:
             self._control(**rules)  # no more unhealthy instances
@@ -3156,7 +3166,7 @@ class ChaosRun:
         ]
         self._fault(
             "fence_stall",
-            t0,
+            began,
             healed,
             set(self.base),
             pid=victim,
