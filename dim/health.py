@@ -39,9 +39,11 @@ class HealthLoop(Loop):
         super().__init__(node)
         self._healthcheck = healthcheck
         self._every = Every(node.settings.healthcheck_interval, node.clock)
-        # checks still running from an earlier round (hung): claim key -> the instance
-        # being checked; no second check of that config starts meanwhile
-        self._busy: dict[str, Any] = {}
+        # checks still running from an earlier round (hung): claim key -> (token,
+        # instance) of the incarnation being checked; no second check of that config
+        # starts meanwhile (the token tells incarnations apart: ``create`` may return
+        # the same object every time)
+        self._busy: dict[str, tuple[Optional[int], Any]] = {}
         self._busy_lock = threading.Lock()
         self._round: Optional[threading.Event] = None  # set early when the node stops
         self._warned: set[str] = set()  # configs whose hung check was reported
@@ -68,7 +70,8 @@ class HealthLoop(Loop):
         done = threading.Event()
         lock = threading.Lock()
 
-        def check(index: int, ckey: str, instance: Any) -> None:
+        def check(index: int, ckey: str, entry: tuple[Optional[int], Any]) -> None:
+            instance = entry[1]
             block_signals()
             error: Optional[BaseException] = None
             try:
@@ -80,7 +83,7 @@ class HealthLoop(Loop):
                 error = CallbackError(f"healthcheck raised {exc!r}", exc)
                 error.__cause__ = exc
             with self._busy_lock:
-                if self._busy.get(ckey) is instance:
+                if self._busy.get(ckey) is entry:
                     del self._busy[ckey]
             with lock:
                 results[index] = error
@@ -89,14 +92,15 @@ class HealthLoop(Loop):
 
         skipped: set[int] = set()  # no check started for these (under lock)
         for index, (slot, instance) in enumerate(running):
+            entry = (slot.token, instance)
             with self._busy_lock:
                 hung = self._busy.get(slot.ckey)
                 if hung is None:
-                    self._busy[slot.ckey] = instance
+                    self._busy[slot.ckey] = entry
             if hung is not None:
-                # its last check has not returned: that instance counts as timed out; a
-                # newer instance of the config waits for the hung call to return
-                if hung is not instance:
+                # its last check has not returned: that incarnation counts as timed out;
+                # a newer one of the config waits for the hung call to return
+                if hung[0] != slot.token or hung[1] is not instance:
                     with lock:
                         skipped.add(index)
                     if slot.ckey not in self._warned:
@@ -111,7 +115,7 @@ class HealthLoop(Loop):
             try:
                 threading.Thread(
                     target=check,
-                    args=(index, slot.ckey, instance),
+                    args=(index, slot.ckey, entry),
                     daemon=True,
                     name=f"dim-healthcheck-{node.node_id}",
                 ).start()

@@ -76,7 +76,9 @@ class LeaderLoop(Loop):
         self.alive_at = node.clock()
         self._every = Every(node.settings.config_interval, node.clock)
         self._runners = Runners(f"dim-config-{node.node_id}", keep=1)
-        self._rules_call: Optional[Call] = None  # rules over the stored configs, if running
+        # rules over the stored configs: (the configs, started, the call)
+        self._rules_call: Optional[tuple[dict[str, Config], float, Call]] = None
+        self._final = False  # in final_rebalance: wait for no user code
         self._stored: tuple[Optional[dict[str, str]], dict[str, Config]] = (None, {})
         self._loading: Optional[tuple[float, Call]] = None  # (started, the call) in flight
         self._overdue = False  # the call in flight overran config_timeout (reported)
@@ -241,9 +243,8 @@ class LeaderLoop(Loop):
     def final_rebalance(self) -> None:
         """On graceful stop: place this node's configs elsewhere before resigning.
 
-        Skipped when the leader is busy for longer than a heartbeat or two (in user code:
-        the placement rules may take up to ``config_timeout``): the next leader places
-        them instead, a moment later."""
+        Skipped when the leader is busy for longer than a heartbeat or two: the next
+        leader places them instead, a moment later. It waits for no user code."""
         node = self.node
         if not self._lock.acquire(timeout=max(1.0, 2 * node.settings.heartbeat_interval)):
             log.warning("leader %s is busy: no final rebalance before it leaves", node.node_id)
@@ -251,8 +252,10 @@ class LeaderLoop(Loop):
         try:
             if node.is_leader and self._epoch == node.epoch:
                 self._dirty = True
+                self._final = True
                 self._lead(exclude=node.node_id)
         finally:
+            self._final = False
             self._lock.release()
 
     def _lead(self, exclude: Optional[str]) -> None:
@@ -544,24 +547,38 @@ class LeaderLoop(Loop):
     def _stored_rules(self, configs: dict[str, Config]) -> None:
         """Evaluate the placement rules (user code) over configs read back from Redis.
 
-        Like get_config, the rules run on the config thread, bounded by
-        ``config_timeout``, one call at a time: a rule that hangs never holds the leader
-        (nor ``stop()``, which waits for the leader's lock). While it fails or hangs, the
-        configs are placed without rules and the leader tries again once the call is
-        over."""
+        Like get_config, the rules run on the config thread, one call at a time, and the
+        leader does not wait for them: it waits at most a heartbeat (nothing on a
+        graceful stop), then goes on with the rules known so far and picks the result
+        up on a later tick. A call past ``config_timeout`` is reported; a rule that
+        fails for one config leaves that config without rules, not the others."""
         node = self.node
-        if self._rules_call is not None and not self._rules_call.done.is_set():
-            self._required, self._priority = {}, {}  # the last call hangs still
+        pending = self._rules_call
+        if pending is None or (pending[2].done.is_set() and pending[0] is not configs):
+            call = self._runners.start(self._rules.evaluate_each, configs)
+            pending = self._rules_call = (configs, node.clock(), call)
+        for_configs, started, call = pending
+        if not call.done.is_set() and not self._final:
+            call.done.wait(min(node.settings.heartbeat_interval, node.settings.config_timeout))
+        if not call.done.is_set():
+            overdue = node.clock() - started > node.settings.config_timeout
+            if overdue and not call.abandoned and call.abandon():
+                log.error(
+                    "placement rules over the stored configs did not return within %gs: "
+                    "placing without them until they do",
+                    node.settings.config_timeout,
+                )
             return
-        call = self._rules_call = self._runners.start(self._rules.evaluate, configs)
+        if for_configs is not configs:
+            return  # the next tick starts the call for these
         try:
-            self._required, self._priority = call.result(
-                node.settings.config_timeout, "placement rules"
-            )
+            required, priority, errors = call.outcome("placement rules")
         except Exception as exc:
             log.error("placement rules failed on the stored configs: %s", exc)
-            self._required, self._priority = {}, {}
-            return
+            required, priority, errors = {}, {}, {}
+        for error in errors.values():
+            log.error("placement rule failed on a stored config: %s", error)
+        self._required, self._priority = required, priority
         self._rules_for = configs
 
     def _config_error(self, error: Exception, kept: dict[str, Config]) -> None:

@@ -101,6 +101,7 @@ class Slot:
     recreate: Optional[Config] = None  # after the disconnect, create again with this
     lost: bool = False  # the claim is somebody else's now: never renew or release it
     timed_out: bool = False  # the last create attempt overran its timeout
+    create_for: Optional[int] = None  # the token whose create task has begun
 
     @property
     def ckey(self) -> str:
@@ -147,6 +148,8 @@ class Reconciler(Loop):
         # every tick tries them again, fenced or not
         self._unstarted: list[Slot] = []
         self._unstarted_error: Optional[BaseException] = None
+        # creates whose worker thread could not be started: (slot, token), retried too
+        self._unstarted_creates: list[tuple[Slot, int]] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=node.settings.max_workers,
             thread_name_prefix=f"dim-worker-{node.node_id}",
@@ -383,6 +386,8 @@ class Reconciler(Loop):
         interval = node.settings.heartbeat_interval
         if self._unstarted:
             self._retry_stops()
+        if self._unstarted_creates:
+            self._retry_creates()
         if node.fenced or self._closing:
             return interval
         read = self._need_read
@@ -491,6 +496,7 @@ class Reconciler(Loop):
         node = self.node
         s = node.settings
         lost: list[tuple[str, int]] = []
+        start: list[tuple[Slot, int]] = []
         with self._lock:
             for ckey, token in tokens.items():
                 slot = self._slots.get(ckey)
@@ -514,7 +520,9 @@ class Reconciler(Loop):
                 slot.lost = False
                 slot.lease_until = sent + s.create_lease
                 slot.cancel = threading.Event()
-                self._pool.submit(self._guard, self._create_task, slot)
+                start.append((slot, token))
+        for slot, token in start:
+            self._start_create(slot, token)
         if lost:
             self._release(dict(lost))
 
@@ -588,6 +596,40 @@ class Reconciler(Loop):
                 slot.disconnecting = False
                 self._unstarted.append(slot)
                 self._unstarted_error = exc
+
+    def _start_create(self, slot: Slot, token: int) -> None:
+        """Hand the create of a claimed slot to the worker pool. Never raises: when no
+        worker thread can be started, every tick of this loop tries again (the work item
+        may also still run once a worker starts: :meth:`_create_task` runs only the first
+        of the two)."""
+        try:
+            self._pool.submit(self._guard, self._create_task, slot, token)
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            with self._lock:
+                self._unstarted_creates.append((slot, token))
+                self._unstarted_error = exc
+
+    def _retry_creates(self) -> None:
+        with self._lock:
+            pending, self._unstarted_creates = self._unstarted_creates, []
+            error = self._unstarted_error
+            retry = [
+                (slot, token)
+                for slot, token in pending
+                if self._slots.get(slot.ckey) is slot
+                and slot.state is State.CREATING
+                and slot.token == token
+                and slot.create_for != token
+            ]
+        if retry:
+            log.error(
+                "node %s could not start a thread to create %r (%r); trying again",
+                self.node.node_id,
+                [slot.config.id for slot, _ in retry],
+                error,
+            )
+        for slot, token in retry:
+            self._start_create(slot, token)
 
     def _retry_stops(self) -> None:
         with self._lock:
@@ -698,9 +740,16 @@ class Reconciler(Loop):
             raise CreateError(f"create returned None for config id {config.id!r}", config.id)
         return instance
 
-    def _create_task(self, slot: Slot) -> None:
+    def _create_task(self, slot: Slot, token: Optional[int] = None) -> None:
+        """Create the slot's instance (under ``token``: the slot's current one when None),
+        with retries; a second task for the same token does nothing."""
         node = self.node
         s = node.settings
+        with self._lock:
+            token = slot.token if token is None else token
+            if slot.token != token or slot.create_for == token:
+                return  # a create task for this incarnation ran already
+            slot.create_for = token
         cancel = slot.cancel
 
         def before_sleep(state: tenacity.RetryCallState) -> None:

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+import redis
 
 from dim import Event, EventType, Manager
+from dim.keys import Keys
 from dim.testing import RedisServer, wait_until
 
 from .helpers import FAST, Cluster
@@ -116,14 +118,58 @@ def test_hung_healthcheck_costs_one_thread_per_config(redis_url: str, service: s
         manager.stop()
 
 
+def test_hung_healthcheck_of_a_shared_object_recreates_once(redis_url: str, service: str) -> None:
+    """``create`` may return the same object every time (a shared client): a check that
+    hangs on it still marks the config unhealthy once, not at every round."""
+    release = threading.Event()
+    shared = {0: {"config": 0}, 1: {"config": 1}}
+    created: list[Any] = []
+
+    def create(config: Any) -> dict[str, int]:
+        created.append(config)
+        return shared[config]
+
+    def healthcheck(instance: dict[str, int]) -> bool:
+        if instance["config"] == 0:
+            release.wait(60)
+        return True
+
+    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=0.1)
+    manager = Manager(
+        lambda: [0, 1],
+        create,
+        healthcheck=healthcheck,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    unhealthy = _events(manager, EventType.INSTANCE_UNHEALTHY)
+    manager.start()
+    try:
+        wait_until(lambda: unhealthy, 10, message="the hung check never timed out")
+        wait_until(lambda: created.count(0) >= 2, 10, message="config 0 was not recreated")
+
+        def recreated() -> Optional[str]:
+            if len(unhealthy) > 1 or created.count(0) > 2:
+                return f"{len(unhealthy)} unhealthy events, {created.count(0)} creates of 0"
+            return None
+
+        _holds(recreated, 1.5, "a hung check on a shared object recreated the config again")
+    finally:
+        release.set()
+        manager.stop()
+
+
 # -- a process that cannot start threads for a moment ------------------------------------
 
 
 class ThreadLimit:
-    """While ``failing`` is set, starting a ``dim-stop-*`` thread fails the way it does in
-    a process at its thread limit (RuntimeError: can't start new thread)."""
+    """While ``failing`` is set, starting a thread whose name starts with ``prefix`` fails
+    the way it does in a process at its thread limit (RuntimeError: can't start new
+    thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.failing = threading.Event()
         self.refused = 0
 
@@ -134,13 +180,12 @@ class ThreadLimit:
         self.failing.clear()
 
 
-@pytest.fixture
-def no_stop_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
-    limit = ThreadLimit()
+def _thread_limit(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Iterator[ThreadLimit]:
+    limit = ThreadLimit(prefix)
     original = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
-        if limit.failing.is_set() and self.name.startswith("dim-stop-"):
+        if limit.failing.is_set() and self.name.startswith(limit.prefix):
             limit.refused += 1
             raise RuntimeError("can't start new thread")
         original(self)
@@ -150,6 +195,67 @@ def no_stop_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
         yield limit
     finally:
         limit.clear()
+
+
+@pytest.fixture
+def no_stop_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
+    yield from _thread_limit(monkeypatch, "dim-stop-")
+
+
+@pytest.fixture
+def no_worker_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
+    yield from _thread_limit(monkeypatch, "dim-worker-")
+
+
+def test_a_create_that_could_not_start_is_retried(
+    redis_url: str, service: str, no_worker_threads: ThreadLimit
+) -> None:
+    """A config claimed while no worker thread can be started (the node's first create:
+    its pool has no thread yet) is created once threads can be started again, once."""
+    cluster = Cluster(redis_url, service, [])
+    try:
+        (manager,) = cluster.add(1)
+        assert manager.wait_until_stable(10)
+        no_worker_threads.set()
+        cluster.configs = [{"id": 0}]
+        manager.refresh()
+        wait_until(lambda: no_worker_threads.refused >= 1, 15, message="no create was tried")
+        no_worker_threads.clear()
+        cluster.wait_settled(timeout=10)
+        assert set(manager.instances) == {0}
+        assert cluster.ledger.create_count() == 1
+    finally:
+        no_worker_threads.clear()
+        cluster.stop()
+
+
+def test_every_create_of_a_batch_is_tried_when_one_cannot_start(
+    redis_url: str, service: str, no_worker_threads: ThreadLimit
+) -> None:
+    """When the worker thread for one config of a claimed batch cannot be started, the
+    others of the batch are still tried at once (not a create_lease later, when their
+    unknown claims would have expired)."""
+    cluster = Cluster(redis_url, service, [])
+    try:
+        (manager,) = cluster.add(1)
+        assert manager.wait_until_stable(10)
+        no_worker_threads.set()
+        cluster.configs = [{"id": i} for i in range(3)]
+        manager.refresh()
+        wait_until(lambda: no_worker_threads.refused >= 1, 15, message="no create was tried")
+        # every tick tries each of them again (a heartbeat: 50 ms); before, the batch
+        # was dropped at the first failure and its claims waited out their TTL (2.35 s)
+        wait_until(
+            lambda: no_worker_threads.refused >= 3,
+            FAST.create_lease / 2,
+            message="the rest of the batch was not tried",
+        )
+        no_worker_threads.clear()
+        cluster.wait_settled(timeout=10)
+        assert cluster.ledger.create_count() == 3
+    finally:
+        no_worker_threads.clear()
+        cluster.stop()
 
 
 def test_a_stop_that_could_not_start_is_retried(
@@ -292,19 +398,23 @@ def test_stop_ends_every_loop_while_a_healthcheck_hangs(redis_url: str, service:
 # -- a placement rule that hangs -----------------------------------------------------------
 
 
-def test_a_hanging_placement_rule_does_not_hang_the_leader(redis_url: str, service: str) -> None:
+def test_a_hanging_placement_rule_does_not_hang_the_leader(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
     """A new leader whose get_config has not answered yet places the configs stored in
-    Redis with its placement rules; a rule that hangs there is abandoned after
-    config_timeout like get_config (the configs are placed without rules meanwhile), and
-    stop() returns within its bound."""
+    Redis with its placement rules; a rule that hangs there runs on the config thread:
+    the leader places without it meanwhile, keeps its leadership (config_timeout, 10 s,
+    is longer than leader_ttl), and stop() returns within its bound."""
     release = threading.Event()
     configs = [{"id": i} for i in range(4)]
+    evaluated = threading.Event()
 
     def hanging_source() -> list[Any]:
         release.wait(60)
         return configs
 
     def hanging_rule(config: Any) -> None:
+        evaluated.set()
         release.wait(60)
 
     first = Manager(
@@ -316,7 +426,7 @@ def test_a_hanging_placement_rule_does_not_hang_the_leader(redis_url: str, servi
         requires=hanging_rule,
         redis=redis_url,
         service=service,
-        settings=FAST.replace(config_timeout=1.0),
+        settings=FAST,
     )
     stopper: Optional[threading.Thread] = None
     try:
@@ -324,10 +434,24 @@ def test_a_hanging_placement_rule_does_not_hang_the_leader(redis_url: str, servi
         assert first.wait_until_stable(10)
         second.start()
         first.stop()  # the second node leads now, with the stored configs only
+        wait_until(lambda: second.is_leader, 10, message="the second node did not lead")
         wait_until(
             lambda: set(second.instances) == {0, 1, 2, 3},
             15,
             message=f"the new leader did not place the stored configs: {second.instances}",
+        )
+        wait_until(evaluated.is_set, 10, message="the rule was never called")
+        leader_key = Keys(service).leader
+        held = redis_client.get(leader_key)
+        assert held is not None and held.decode().startswith(f"{second.node_id}:")
+        _holds(
+            lambda: (
+                None
+                if redis_client.get(leader_key) == held
+                else f"the leader key went from {held!r} to {redis_client.get(leader_key)!r}"
+            ),
+            3 * FAST.leader_ttl,
+            "a hanging placement rule cost the leadership (its epoch)",
         )
         stopper = threading.Thread(target=second.stop, name="test-stop", daemon=True)
         began = time.monotonic()
