@@ -47,7 +47,9 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
     def slow_create(node: str, config: Any) -> None:
         slow.wait(0.05)  # never set: a create that takes a moment
 
-    settings = FAST.replace(max_concurrent_moves=2)
+    # node_ttl 3 s: a node stalled for half a second on a loaded machine (tox -p) must not
+    # fence itself and recreate its instances, which the ledger would count as moves
+    settings = FAST.replace(max_concurrent_moves=2, node_ttl=3.0, leader_ttl=3.0)
     cluster = Cluster(
         redis_url, service, [{"id": i} for i in range(24)], settings=settings, create=slow_create
     )
