@@ -56,6 +56,28 @@ def _holds(check: Callable[[], Optional[str]], seconds: float, what: str) -> Non
 # -- a healthcheck that hangs for good ---------------------------------------------------
 
 
+def _checked_manager(
+    redis_url: str,
+    service: str,
+    create: Callable[[Any], Any],
+    healthcheck: Callable[[Any], Any],
+) -> tuple[Manager, list[Event]]:
+    """A started manager of configs 0 and 1, checked every 50 ms with a 100 ms timeout,
+    and the INSTANCE_UNHEALTHY events it emits."""
+    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=0.1)
+    manager = Manager(
+        lambda: [0, 1],
+        create,
+        healthcheck=healthcheck,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    unhealthy = _events(manager, EventType.INSTANCE_UNHEALTHY)
+    manager.start()
+    return manager, unhealthy
+
+
 def test_hung_healthcheck_costs_one_thread_per_config(redis_url: str, service: str) -> None:
     """A healthcheck that never returns for one config marks that instance unhealthy once
     (it is recreated); while the check hangs, that config's later instances are not
@@ -76,17 +98,7 @@ def test_hung_healthcheck_costs_one_thread_per_config(redis_url: str, service: s
             release.wait(60)
         return True
 
-    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=0.1)
-    manager = Manager(
-        lambda: [0, 1],
-        create,
-        healthcheck=healthcheck,
-        redis=redis_url,
-        service=service,
-        settings=settings,
-    )
-    unhealthy = _events(manager, EventType.INSTANCE_UNHEALTHY)
-    manager.start()
+    manager, unhealthy = _checked_manager(redis_url, service, create, healthcheck)
     try:
         node = manager.node_id
         assert node is not None
@@ -134,17 +146,7 @@ def test_hung_healthcheck_of_a_shared_object_recreates_once(redis_url: str, serv
             release.wait(60)
         return True
 
-    settings = FAST.replace(healthcheck_interval=0.05, healthcheck_timeout=0.1)
-    manager = Manager(
-        lambda: [0, 1],
-        create,
-        healthcheck=healthcheck,
-        redis=redis_url,
-        service=service,
-        settings=settings,
-    )
-    unhealthy = _events(manager, EventType.INSTANCE_UNHEALTHY)
-    manager.start()
+    manager, unhealthy = _checked_manager(redis_url, service, create, healthcheck)
     try:
         wait_until(lambda: unhealthy, 10, message="the hung check never timed out")
         wait_until(lambda: created.count(0) >= 2, 10, message="config 0 was not recreated")
