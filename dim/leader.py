@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import redis
 
-from dim import balance
+from dim import plan
 from dim.configs import Config, KeyFunc, Parsed, decode, parse
-from dim.constraints import Rules, eligible_nodes, format_tags, parse_capacity, parse_tags
+from dim.constraints import Rules, parse_capacity, parse_tags
 from dim.errors import CallTimeout, ConfigError
 from dim.events import Event, EventType
 from dim.loop import Every, Loop
@@ -352,108 +352,6 @@ class LeaderLoop(Loop):
             self._view = (node.clock(), view)
         return view
 
-    def _place(
-        self,
-        configs: dict[str, Config],
-        live: dict[str, float],
-        to_place: list[str],
-        current: dict[str, str],
-        excluded: dict[str, set[str]],
-    ) -> tuple[dict[str, str], dict[str, str]]:
-        """The balanced placement, and why each config left out could not be placed."""
-        if not live:
-            return {}, {}  # nothing runs anywhere: not a constraint to report
-        if self._rules.active and configs is not self._rules_for:
-            # configs read back from Redis (no good get_config result yet in this process)
-            self._stored_rules(configs)
-        capacity = {n: self._capacity[n] for n in live if n in self._capacity}
-        if not (self._required or self._priority or capacity):
-            return balance.assign(live, to_place, current, excluded), {}
-        placing = set(to_place)
-        required = {c: r for c, r in self._required.items() if c in placing}
-        eligible = eligible_nodes(required, {n: self._tags.get(n, frozenset()) for n in live})
-        result = balance.assign_detailed(
-            live,
-            to_place,
-            current,
-            excluded,
-            eligible=eligible or None,
-            capacity=capacity or None,
-            priority={c: p for c, p in self._priority.items() if c in placing} or None,
-        )
-        reasons = {}
-        for ckey, why in result.unplaced.items():
-            if why == balance.REASON_CAPACITY:
-                reasons[ckey] = "waits for capacity"
-            elif ckey in required:
-                reasons[ckey] = f"needs tags {format_tags(required[ckey])}"
-            else:
-                reasons[ckey] = "no live node"
-        return dict(result.assignment), reasons
-
-    def _pace(
-        self,
-        new: dict[str, str],
-        old: dict[str, str],
-        live: dict[str, float],
-        holding: set[str],
-        exclude: Optional[str],
-    ) -> None:
-        """Hold back moves of running instances beyond ``max_concurrent_moves`` or during
-        the ``rebalance_delay`` after a membership change (in place, on ``new``).
-
-        A held-back config stays where it runs; the leader re-plans every tick until
-        nothing waits, and the sticky, deterministic assignment picks the same targets
-        again. Configs that run nowhere, and moves off a leaving leader, never wait.
-        """
-        node = self.node
-        s = node.settings
-        moves = [
-            c
-            for c, target in new.items()
-            if (source := old.get(c)) is not None
-            and source != target
-            and source != exclude
-            and (source in live or source in holding)
-        ]
-        if not moves and not self._moving:
-            self._deferred = False
-            return
-        budget = len(moves)
-        settle = self._debounce_ends()
-        if settle is not None:
-            if node.clock() < settle:
-                budget = 0
-            else:
-                self._burst_since = None  # quiet long enough: this burst is over
-        if s.max_concurrent_moves is not None:
-            self._arrived(new, live)
-            budget = min(budget, max(0, s.max_concurrent_moves - len(self._moving)))
-        moves.sort(key=lambda c: balance._pair_hash(c, new[c]))
-        for ckey in moves[budget:]:
-            new[ckey] = old[ckey]
-        if s.max_concurrent_moves is not None:
-            for ckey in moves[:budget]:
-                self._moving[ckey] = new[ckey]
-        if budget < len(moves) and not self._deferred:
-            log.info(
-                "holding back %d of %d moves (%s)",
-                len(moves) - budget,
-                len(moves),
-                "membership still changing" if budget == 0 and settle else "max_concurrent_moves",
-            )
-        self._deferred = budget < len(moves)
-
-    def _arrived(self, new: dict[str, str], live: dict[str, float]) -> None:
-        """Forget the moves whose target now holds the claim (or that no longer apply)."""
-        if not self._moving:
-            return
-        holders = self.node.store.claims(list(self._moving))
-        for ckey, target in list(self._moving.items()):
-            holder = holders.get(ckey)
-            if new.get(ckey) != target or target not in live or (holder and holder[0] == target):
-                del self._moving[ckey]
-
     def _configs_differ(self, configs: dict[str, Config]) -> bool:
         if len(configs) != len(self._written):
             return True
@@ -662,23 +560,21 @@ class LeaderLoop(Loop):
                 return
         self._repair_full = False
         assignment, desired = store.repair_read(nodes)
-        change: dict[str, Any] = {"assign": {}, "unassign": [], "add": {}, "rem": {}}
-        for ckey, target in self._assignment.items():
-            if assignment.get(ckey) != target:
-                change["assign"][ckey] = target
-        change["unassign"] = sorted(c for c in assignment if c not in self._assignment)
+        add: dict[str, list[str]] = {}
+        rem: dict[str, list[str]] = {}
         for target in nodes:
             have, want = desired.get(target, set()), expected[target]
             if want - have:
-                change["add"][target] = sorted(want - have)
+                add[target] = sorted(want - have)
             if have - want:
-                change["rem"][target] = sorted(have - want)
-        wrong = (
-            len(change["assign"])
-            + len(change["unassign"])
-            + sum(len(v) for v in change["add"].values())
-            + sum(len(v) for v in change["rem"].values())
+                rem[target] = sorted(have - want)
+        change = plan.Change(
+            assign={c: n for c, n in self._assignment.items() if assignment.get(c) != n},
+            unassign=sorted(c for c in assignment if c not in self._assignment),
+            add=add,
+            rem=rem,
         )
+        wrong = change.entries()
         if not wrong:
             return
         log.warning(
@@ -687,7 +583,7 @@ class LeaderLoop(Loop):
             node.node_id,
             wrong,
         )
-        targets = sorted(set(change["add"]) | set(change["rem"]) | set(change["assign"].values()))
+        targets = sorted(set(change.add) | set(change.rem) | set(change.assign.values()))
         version, _kept = store.leader_write(
             self._value, change, self._epoch, node.node_id, targets, reset_id=self._reset_id
         )
@@ -707,93 +603,64 @@ class LeaderLoop(Loop):
         exclude: Optional[str],
         force: bool,
     ) -> None:
+        """Read what the plan needs, plan (:func:`dim.plan.plan`), write, keep the result."""
         node = self.node
         store = node.store
-        now_ms = view.now_ms
-        failures = view.failures
-        excluded: dict[str, set[str]] = {}
-        expired = []
-        for field, until in failures.items():
-            failed_node, _, ckey = field.partition(" ")
-            if until <= now_ms or failed_node not in live:
-                expired.append(field)
-            else:
-                excluded.setdefault(ckey, set()).add(failed_node)
-        current = {c: n for c, n in self._assignment.items() if c in configs}
-        # configs of a static node within its rejoin grace stay assigned to it
-        held = {c: n for c, n in current.items() if n in self._absent}
-        # configs whose node is gone are placed where they are claimed, if anywhere (a
-        # new leader); during a reset window every config follows its claim, because
-        # the assignment may be older than the claims nodes take back
-        orphans = [
-            c
-            for c in configs
-            if c not in held and (self._grace_until or current.get(c) not in live)
-        ]
-        holders = store.claims(orphans) if orphans else {}
-        for ckey, (holder, _token) in holders.items():
-            if holder in live:
-                current[ckey] = holder  # rebuild placement from claims (Redis restart)
-        to_place = [c for c in configs if c not in held]
-        if self._grace_until:
-            to_place = [c for c in configs if current.get(c) in live]
-        new, unplaced = self._place(configs, live, to_place, current, excluded)
-        new.update(held)
+        if live and self._rules.active and configs is not self._rules_for:
+            # configs read back from Redis (no good get_config result yet in this process)
+            self._stored_rules(configs)
+        members = plan.Members(
+            live=live,
+            dead=dead,
+            holding=frozenset(self._draining | ({exclude} if exclude is not None else set())),
+            absent=frozenset(self._absent),
+            now_ms=view.now_ms,
+            failures=view.failures,
+            tags=self._tags,
+            capacity=self._capacity,
+        )
+        wanted = plan.Wanted(configs, self._required, self._priority)
+        written = plan.Written(
+            assignment=self._assignment,
+            configs=self._written,
+            live=self._live,
+            unplaced=self._unplaced,
+            absent_since=self._absent_since,
+            absent_written=self._absent_written,
+            forget_static=frozenset(self._forget_static),
+        )
+        settle = self._debounce_ends()
+        quiet = settle is None or node.clock() >= settle
+        if settle is not None and quiet:
+            self._burst_since = None  # quiet long enough: this burst is over
+        pacing = plan.Pacing(node.settings.max_concurrent_moves, quiet, self._moving)
+        grace = bool(self._grace_until)
+        wanted_claims = plan.claims_to_read(wanted, members, written, grace, pacing)
+        holders = store.claims(wanted_claims) if wanted_claims else {}
+        step = plan.plan(
+            wanted, members, written, holders, grace=grace, pacing=pacing, exclude=exclude
+        )
+        new, unplaced, change = step.assignment, step.unplaced, step.change
         old = self._assignment
-        holding = self._draining | ({exclude} if exclude is not None else set())
-        self._pace(new, old, live, holding, exclude)
-        if self._grace_until and not new and not old:
+        if step.held_back and not self._deferred:
+            log.info(
+                "holding back %d moves (%s)",
+                step.held_back,
+                "membership still changing" if not quiet else "max_concurrent_moves",
+            )
+        self._deferred = step.held_back > 0
+        if grace and not new and not old:
             # nothing claimed yet: publish nothing until the grace ends, so no node
             # believes it is settled while configs are held back
             return
-        change: dict[str, Any] = {
-            "assign": {c: n for c, n in new.items() if old.get(c) != n},
-            "unassign": [c for c in old if c not in new],
-            "configs": {
-                c: cfg.json for c, cfg in configs.items() if self._written.get(c) != cfg.json
-            },
-            "drop_configs": [c for c in self._written if c not in configs],
-            "add": {},
-            "rem": {},
-            "drop_nodes": sorted(
-                set(dead) | {n for n in old.values() if n not in live} - set(live)
-            ),
-            "drop_failures": expired,
-            "control_set": {
-                f"absent {n}": str(since)
-                for n, since in self._absent_since.items()
-                if self._absent_written.get(n) != since
-            },
-            "control_del": sorted(
-                [f"static {n}" for n in self._forget_static]
-                + [f"absent {n}" for n in self._absent_written if n not in self._absent_since]
-            ),
-            "unplaced": {c: r for c, r in unplaced.items() if self._unplaced.get(c) != r},
-            "placeable": [c for c in self._unplaced if c not in unplaced],
-        }
-        # a node that (re)joined gets its whole share written again: a static node back
-        # from its grace finds the configs it had, though its desired set was deleted
-        for ckey, target in new.items():
-            if target not in self._live and target in live and ckey not in change["assign"]:
-                change["add"].setdefault(target, []).append(ckey)
-        # live nodes that get nothing new but still hold a desired set to shrink
-        for ckey, target in change["assign"].items():
-            change["add"].setdefault(target, []).append(ckey)
-            previous = old.get(ckey)
-            if previous is not None and (previous in live or previous in holding):
-                change["rem"].setdefault(previous, []).append(ckey)
-        for ckey in change["unassign"]:
-            previous = old[ckey]
-            if previous in live or previous in holding:
-                change["rem"].setdefault(previous, []).append(ckey)
-        change["drop_nodes"] = [n for n in change["drop_nodes"] if n not in holding]
-        if not force and self._wrote and not any(change.values()):
+        if not force and self._wrote and not change:
+            self._moving = step.moving
             self._live = live
             self._dirty = False
             self._compared = configs
             return  # nothing to say: no version bump, no hint
-        targets = set(change["add"]) | set(change["rem"])
-        targets.update(new[c] for c in change["configs"] if c in new)
+        targets = set(change.add) | set(change.rem)
+        targets.update(new[c] for c in change.configs if c in new)
         try:
             version, kept = store.leader_write(
                 self._value,
@@ -837,8 +704,8 @@ class LeaderLoop(Loop):
         # the leader hears no hint of its own: pick up its own share now, not at the next
         # heartbeat (that delay was most of a graceful join or leave)
         node.reconciler.wake(read=True)
-        moved = sum(1 for c in change["assign"] if c in old and old[c] in live)
-        placed = len(change["assign"]) - moved
+        moved, placed = step.moved, step.placed
+        self._moving = step.moving
         self._wrote = True
         if unplaced != self._unplaced:
             if unplaced:
@@ -861,9 +728,6 @@ class LeaderLoop(Loop):
         self._written = {c: cfg.json for c, cfg in configs.items()}
         self._live = live
         self._dirty = False
-        counts: dict[str, int] = {}
-        for target in new.values():
-            counts[target] = counts.get(target, 0) + 1
         log.info(
             "rebalance v%d: %d configs on %d nodes (%d moved, %d placed, %d removed, "
             "%d nodes dropped)%s",
@@ -872,8 +736,8 @@ class LeaderLoop(Loop):
             len(live),
             moved,
             placed,
-            len(change["unassign"]),
-            len(change["drop_nodes"]),
+            len(change.unassign),
+            len(change.drop_nodes),
             " [waiting for claims after a Redis reset]" if self._grace_until else "",
         )
         node.emit(
@@ -884,7 +748,7 @@ class LeaderLoop(Loop):
                     "version": version,
                     "moved": moved,
                     "placed": placed,
-                    "removed": len(change["unassign"]),
+                    "removed": len(change.unassign),
                     "nodes": len(live),
                     "configs": len(new),
                     "unplaced": len(configs) - len(new),

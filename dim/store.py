@@ -21,6 +21,7 @@ from dim import scripts
 from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
+from dim.plan import Change
 
 log = logging.getLogger(__name__)
 
@@ -536,7 +537,7 @@ class Store:
     def leader_write(
         self,
         leader_value: str,
-        change: dict[str, Any],
+        change: Change,
         epoch: int,
         node_id: str,
         targets: Optional[list[str]] = None,
@@ -568,7 +569,7 @@ class Store:
                 k.control,
                 k.unplaced,
             ],
-            [leader_value, k.prefix, reset_id, json.dumps(change), k.events, hint],
+            [leader_value, k.prefix, reset_id, json.dumps(change.as_json()), k.events, hint],
         )
         version = int(text(rest[0]) or -1)
         if version > 0:

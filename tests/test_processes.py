@@ -29,6 +29,7 @@ from dim.chaos import (
     overlaps,
     token_regressions,
 )
+from dim.plan import Change
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
 
@@ -517,11 +518,9 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
     try:
         store = Store(c, service)
         k = store.keys
-        change = {
-            "assign": {"1": "node-a"},
-            "configs": {"1": '[1,{"id":1}]'},
-            "add": {"node-a": ["1"]},
-        }
+        change = Change(
+            assign={"1": "node-a"}, configs={"1": '[1,{"id":1}]'}, add={"node-a": ["1"]}
+        )
         c.set(k.leader, "node-a:5")
         first, kept = store.leader_write("node-a:5", change, 5, "node-a")
         assert first > 0 and kept == []
@@ -536,14 +535,12 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
             )
 
         before = snapshot()
-        steal = {
-            "assign": {"1": "node-b"},
-            "configs": {"1": '[1,{"id":1,"x":2}]'},
-            "rem": {"node-a": ["1"]},
-            "add": {"node-b": ["1"]},
-            "unassign": [],
-            "drop_configs": [],
-        }
+        steal = Change(
+            assign={"1": "node-b"},
+            configs={"1": '[1,{"id":1,"x":2}]'},
+            rem={"node-a": ["1"]},
+            add={"node-b": ["1"]},
+        )
         pubsub = c.pubsub()
         pubsub.subscribe(k.events)
         try:
