@@ -82,7 +82,7 @@ import redis
 
 from dim import Event, EventType, Manager, Settings, scripts
 from dim.keys import Keys
-from dim.store import parse_owner
+from dim.protocol import parse_owner
 from dim.testing import RedisServer, wait_until
 
 __all__ = [

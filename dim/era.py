@@ -1,6 +1,6 @@
 """What one node knows of the Redis data it talks to (pure: no I/O, clock injected).
 
-Every Lua script a node runs starts with the same check (``scripts._CHECK``), fed by
+Every Lua script a node runs starts with the same check (``dim/lua/check.lua``), fed by
 :meth:`Era.context`: the highest fence value this node has seen, its estimate of the
 server's clock, and how late a request of its own may still arrive. With that, the
 script itself tells

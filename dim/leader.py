@@ -34,7 +34,8 @@ from dim.constraints import Rules, parse_capacity, parse_tags
 from dim.errors import CallTimeout, ConfigError
 from dim.events import Event, EventType
 from dim.loop import Every, Loop
-from dim.store import View, parse_owner
+from dim.protocol import WriteRefused, parse_owner
+from dim.store import View
 from dim.usercode import Call, Runners
 
 if TYPE_CHECKING:
@@ -674,7 +675,7 @@ class LeaderLoop(Loop):
             # the write may have run though its reply was lost: compare with Redis later
             self._repair = self._repair_full = True
             raise
-        if version == -1:
+        if version == WriteRefused.DEPOSED:
             log.warning(
                 "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch
             )
@@ -689,7 +690,7 @@ class LeaderLoop(Loop):
             log.warning(
                 "node %s: leader write refused (%s)",
                 node.node_id,
-                "Redis reset" if version == -2 else "late request",
+                "Redis reset" if version == WriteRefused.RESET else "late request",
             )
             self._dirty = True
             self._read = True

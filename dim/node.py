@@ -21,14 +21,9 @@ from dim.constraints import format_tags
 from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
+from dim.protocol import ClaimStatus, owner, parse_owner
 from dim.settings import Settings
-from dim.store import (
-    CLAIM_LOST,
-    CLAIM_RELEASED,
-    CLAIM_TAKEN_BACK,
-    Store,
-    parse_owner,
-)
+from dim.store import Store
 
 if TYPE_CHECKING:
     from dim.leader import LeaderLoop
@@ -187,7 +182,7 @@ class Heartbeat(Loop):
                 may_lead=not node.leaving,
                 renew_leader=renew_leader,
                 info=node.info(),
-                claims={c: (f"{node.node_id}:{t}", ttl) for c, (t, ttl) in claims.items()},
+                claims={c: (owner(node.node_id, t), ttl) for c, (t, ttl) in claims.items()},
                 view=leads,
                 joined=self._joined,
                 session=node.session,
@@ -220,9 +215,9 @@ class Heartbeat(Loop):
         # lost claims first: an instance stopping after the fence must not be recreated
         # under a claim this very heartbeat found taken
         for ckey, status in result.claims.items():
-            if status in (CLAIM_LOST, CLAIM_RELEASED):
+            if status in (ClaimStatus.LOST, ClaimStatus.RELEASED):
                 node.reconciler.lease_lost(ckey, claims[ckey][0], status)
-            elif status == CLAIM_TAKEN_BACK:
+            elif status == ClaimStatus.TAKEN_BACK:
                 log.warning(
                     "claim %r was missing in Redis; node %s took it back", ckey, node.node_id
                 )

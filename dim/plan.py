@@ -22,6 +22,7 @@ import attrs
 from dim import balance
 from dim.configs import Config
 from dim.constraints import eligible_nodes, format_tags
+from dim.protocol import absent_field, split_failure, static_field
 
 #: Why a config has no place (``unplaced`` hash, status, ``CONFIGS_UNPLACED``).
 NO_LIVE_NODE = "no live node"
@@ -176,7 +177,7 @@ def split_failures(
     excluded: dict[str, set[str]] = {}
     expired = []
     for field, until in failures.items():
-        failed_node, _, ckey = field.partition(" ")
+        failed_node, ckey = split_failure(field)
         if until <= now_ms or failed_node not in live:
             expired.append(field)
         else:
@@ -325,13 +326,13 @@ def change_set(
         drop_nodes=sorted(gone - set(live) - set(holding)),
         drop_failures=list(expired),
         control_set={
-            f"absent {n}": str(since)
+            absent_field(n): str(since)
             for n, since in written.absent_since.items()
             if written.absent_written.get(n) != since
         },
         control_del=sorted(
-            [f"static {n}" for n in written.forget_static]
-            + [f"absent {n}" for n in written.absent_written if n not in written.absent_since]
+            [static_field(n) for n in written.forget_static]
+            + [absent_field(n) for n in written.absent_written if n not in written.absent_since]
         ),
         unplaced={c: r for c, r in unplaced.items() if written.unplaced.get(c) != r},
         placeable=[c for c in written.unplaced if c not in unplaced],

@@ -53,7 +53,8 @@ from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
 from dim.loop import Loop
 from dim.messages import Message
-from dim.store import CLAIM_RELEASED, CLAIM_RENEWED, CLAIM_TAKEN_BACK, Placement
+from dim.protocol import ClaimRefused, ClaimStatus
+from dim.store import Placement
 from dim.usercode import Runners, block_signals
 
 if TYPE_CHECKING:
@@ -291,12 +292,12 @@ class Reconciler(Loop):
             self._changed.notify_all()
 
     def renewed(
-        self, sent: dict[str, tuple[int, float]], statuses: dict[str, int], at: float
+        self, sent: dict[str, tuple[int, float]], statuses: dict[str, ClaimStatus], at: float
     ) -> None:
         """A heartbeat sent at ``at`` renewed these claims: each lives on in Redis."""
         with self._lock:
             for ckey, status in statuses.items():
-                if status not in (CLAIM_RENEWED, CLAIM_TAKEN_BACK):
+                if status not in (ClaimStatus.RENEWED, ClaimStatus.TAKEN_BACK):
                     continue
                 token, ttl = sent[ckey]
                 slot = self._slots.get(ckey)
@@ -318,7 +319,7 @@ class Reconciler(Loop):
             "node %s lost its claim of %r (%s); stopping it",
             self.node.node_id,
             slot.config.id,
-            "gone" if status == CLAIM_RELEASED else "held by another node",
+            "gone" if status == ClaimStatus.RELEASED else "held by another node",
         )
         self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
         self.wake(read=True)
@@ -500,7 +501,11 @@ class Reconciler(Loop):
         with self._lock:
             for ckey, token in tokens.items():
                 slot = self._slots.get(ckey)
-                if token < 0 and slot is not None and slot.state is State.CLAIMING:
+                if (
+                    token == ClaimRefused.NOT_NOW
+                    and slot is not None
+                    and slot.state is State.CLAIMING
+                ):
                     # a reset window: try again when it ends
                     slot.retry_at = max(node.clock(), node.store.era.reset_until)
                     continue

@@ -10,7 +10,8 @@ import attrs
 from dim.configs import decode
 from dim.constraints import parse_capacity, parse_tags
 from dim.leader import parse_weight
-from dim.store import Store, draining, parse_owner, paused
+from dim.protocol import draining, parse_owner, paused
+from dim.store import Store
 
 
 @attrs.frozen

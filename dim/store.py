@@ -17,11 +17,12 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from dim import scripts
+from dim import protocol, scripts
 from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
 from dim.plan import Change
+from dim.protocol import ClaimStatus, parse_owner
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ def ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-# what the heartbeat script says of each claim it was given
-CLAIM_LOST = 0  # held by another node: stop the instance at once
-CLAIM_RENEWED = 1
-CLAIM_TAKEN_BACK = 2  # it was missing (Redis lost it) and this node took it back
-CLAIM_RELEASED = 3  # missing while the membership was intact: released, not lost
-
-
 @attrs.frozen
 class Beat:
     """What one heartbeat learned."""
@@ -56,7 +50,7 @@ class Beat:
     version: Optional[str]
     leader: Optional[str]
     acquired: bool
-    claims: dict[str, int]  # ckey -> CLAIM_* status
+    claims: dict[str, ClaimStatus]
     view: Optional[View] = None  # the membership, when asked for (the leader)
 
     @property
@@ -90,26 +84,22 @@ class View:
 
     @property
     def paused(self) -> bool:
-        return paused(self.control)
+        return protocol.paused(self.control)
 
     @property
     def draining(self) -> set[str]:
-        return draining(self.control)
+        return protocol.draining(self.control)
 
     @property
     def absent_since(self) -> dict[str, int]:
         """Static nodes whose rejoin grace runs: node -> server ms a leader first saw it
         gone (the control hash)."""
-        out = {}
-        for field, value in self.control.items():
-            if field.startswith("absent ") and value.isdigit():
-                out[field[len("absent ") :]] = int(value)
-        return out
+        return protocol.absent_since(self.control)
 
     @property
     def static_names(self) -> set[str]:
         """Nodes known to use a static name (live or not), from the control hash."""
-        return {f[len("static ") :] for f in self.control if f.startswith("static ")}
+        return protocol.static_names(self.control)
 
     def live(self) -> list[str]:
         return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
@@ -128,26 +118,6 @@ class Placement:
     # this node's desired set names it but the assignment says otherwise (a lost write):
     # neither start nor stop it until the leader has repaired the disagreement
     contested: bool = False
-
-
-def paused(control: dict[str, str]) -> bool:
-    """Is rebalancing paused, by the control hash?"""
-    return control.get("paused") == "1"
-
-
-def draining(control: dict[str, str]) -> set[str]:
-    """The nodes being drained, by the control hash."""
-    return {f[len("drain ") :] for f in control if f.startswith("drain ")}
-
-
-def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
-    """Split ``'<node>:<number>'`` (a claim or leader value); None if malformed."""
-    if not value:
-        return None
-    node, sep, number = value.rpartition(":")
-    if not sep or not node or not number.isdigit():
-        return None
-    return node, int(number)
 
 
 class Store:
@@ -250,7 +220,7 @@ class Store:
             version=text(rest[1]),
             leader=leader,
             acquired=bool(rest[3]),
-            claims={c: int(st) for c, st in zip(ckeys, statuses)},
+            claims={c: ClaimStatus(int(st)) for c, st in zip(ckeys, statuses)},
             view=(
                 View(
                     header.now_ms,
@@ -356,7 +326,12 @@ class Store:
     def report_failure(self, node_id: str, ckey: str, cooldown: float, hint: Message) -> None:
         self._report_failure(
             keys=[self.keys.failures],
-            args=[f"{node_id} {ckey}", ms(cooldown), self.keys.events, hint.encode()],
+            args=[
+                protocol.failure_field(node_id, ckey),
+                ms(cooldown),
+                self.keys.events,
+                hint.encode(),
+            ],
         )
 
     def leave(self, node_id: str, session: str) -> bool:
@@ -437,22 +412,22 @@ class Store:
             # a cluster pipeline refuses PUBLISH (it has no key); the hint only wakes the
             # leader, which reads the control hash itself, so two calls in order will do
             if on:
-                self.client.hset(self.keys.control, "paused", "1")
+                self.client.hset(self.keys.control, protocol.PAUSED, "1")
             else:
-                self.client.hdel(self.keys.control, "paused")
+                self.client.hdel(self.keys.control, protocol.PAUSED)
             self.publish(hint)
             return
         with self.client.pipeline(transaction=True) as pipe:
             if on:
-                pipe.hset(self.keys.control, "paused", "1")
+                pipe.hset(self.keys.control, protocol.PAUSED, "1")
             else:
-                pipe.hdel(self.keys.control, "paused")
+                pipe.hdel(self.keys.control, protocol.PAUSED)
             pipe.publish(self.keys.events, hint.encode())
             pipe.execute()
 
     def set_draining(self, node_id: str, on: bool, hint: Message) -> None:
         """Start or stop draining one node, and tell the leader."""
-        field = f"drain {node_id}"
+        field = protocol.drain_field(node_id)
         if isinstance(self.client, RedisCluster):
             # two calls, not a transaction: see set_paused
             if on:
@@ -546,8 +521,8 @@ class Store:
         """Apply a change set if ``leader_value`` still leads and no reset window opened
         that ``reset_id`` does not name.
 
-        Returns ``(new version or a refusal code, nodes kept)``: -1 deposed, -2 a reset
-        the plan does not know of, -3 a late request; the nodes of ``drop_nodes`` that
+        Returns ``(new version or a :class:`~dim.protocol.WriteRefused` code, nodes
+        kept)``: the nodes of ``drop_nodes`` that
         were alive again. ``targets`` (the nodes whose share changes) go into the hint
         if they fit.
         """

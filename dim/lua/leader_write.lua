@@ -1,0 +1,97 @@
+-- KEYS[1..3] see check.lua, KEYS[4] leader, KEYS[5] assignment, KEYS[6] configs,
+-- KEYS[7] version, KEYS[8] nodes, KEYS[9] failures, KEYS[10] control, KEYS[11] unplaced
+-- ARGV[1] context, ARGV[2] expected leader value '<node>:<epoch>', ARGV[3] key prefix
+-- (for desired sets), ARGV[4] the reset id the plan knows of ('' for none),
+-- ARGV[5] JSON change set:
+--   {"assign": {ckey: node}, "unassign": [ckey], "configs": {ckey: json},
+--    "drop_configs": [ckey], "add": {node: [ckey]}, "rem": {node: [ckey]},
+--    "drop_nodes": [node], "drop_failures": [field], "control_set": {field: value},
+--    "control_del": [field], "unplaced": {ckey: reason}, "placeable": [ckey]}
+-- ARGV[6] channel, ARGV[7] hint prefix: the script appends ',"v":<version>,"p":<prev>}'
+-- returns header .. {new version (a fence value, so versions only grow, across resets
+--   too) or a refusal: -1 the leader is not ARGV[2], -2 a reset window opened that the
+--   plan does not know of (the leader reloads its view), -3 a late request;
+--   {nodes in drop_nodes that were alive again and kept}}
+-- nothing is written when refused
+local leader_key = KEYS[4]
+local assignment_key = KEYS[5]
+local configs_key = KEYS[6]
+local version_key = KEYS[7]
+local nodes_key = KEYS[8]
+local failures_key = KEYS[9]
+local control_key = KEYS[10]
+local unplaced_key = KEYS[11]
+local expected_leader = ARGV[2]
+local prefix = ARGV[3]
+local known_reset = ARGV[4]
+local change_json = ARGV[5]
+local channel = ARGV[6]
+local hint_prefix = ARGV[7]
+local now = now_us()
+local function refused(code, status)
+  local h = header(status, now)
+  h[#h + 1] = code
+  h[#h + 1] = {}
+  return h
+end
+if not check(now) then return refused(-3, 'stale') end
+if redis.call('GET', leader_key) ~= expected_leader then return refused(-1, 'ok') end
+local reset = redis.call('GET', reset_key)
+if reset and reset ~= known_reset then return refused(-2, 'ok') end
+local now_ms = math.floor(now / 1000)
+local change = cjson.decode(change_json)
+local prefix = prefix
+for ckey, node in pairs(change['assign'] or {}) do
+  redis.call('HSET', assignment_key, ckey, node)
+end
+for _, ckey in ipairs(change['unassign'] or {}) do
+  redis.call('HDEL', assignment_key, ckey)
+end
+for ckey, json in pairs(change['configs'] or {}) do
+  redis.call('HSET', configs_key, ckey, json)
+end
+for _, ckey in ipairs(change['drop_configs'] or {}) do
+  redis.call('HDEL', configs_key, ckey)
+end
+for node, ckeys in pairs(change['rem'] or {}) do
+  for _, ckey in ipairs(ckeys) do redis.call('SREM', prefix .. 'desired:' .. node, ckey) end
+end
+for node, ckeys in pairs(change['add'] or {}) do
+  for _, ckey in ipairs(ckeys) do redis.call('SADD', prefix .. 'desired:' .. node, ckey) end
+end
+local kept = {}
+for _, node in ipairs(change['drop_nodes'] or {}) do
+  -- a node that came back since the leader read the members keeps its entry; the
+  -- leader is told, and re-plans with it
+  local score = redis.call('ZSCORE', nodes_key, node)
+  if (not score) or tonumber(score) <= now_ms then
+    redis.call('ZREM', nodes_key, node)
+    redis.call('DEL', prefix .. 'desired:' .. node)
+    redis.call('HDEL', control_key, 'drain ' .. node)
+  else
+    kept[#kept + 1] = node
+  end
+end
+for _, field in ipairs(change['drop_failures'] or {}) do
+  redis.call('HDEL', failures_key, field)
+end
+for field, value in pairs(change['control_set'] or {}) do
+  redis.call('HSET', control_key, field, value)
+end
+for _, field in ipairs(change['control_del'] or {}) do
+  redis.call('HDEL', control_key, field)
+end
+for ckey, reason in pairs(change['unplaced'] or {}) do
+  redis.call('HSET', unplaced_key, ckey, reason)
+end
+for _, ckey in ipairs(change['placeable'] or {}) do
+  redis.call('HDEL', unplaced_key, ckey)
+end
+local prev = redis.call('GET', version_key) or '0'
+local version = num(next_fence(fence_key, now))
+redis.call('SET', version_key, version)
+redis.call('PUBLISH', channel, hint_prefix .. ',"v":' .. version .. ',"p":' .. prev .. '}')
+local head = header('ok', now)
+head[#head + 1] = version
+head[#head + 1] = kept
+return head

@@ -1,0 +1,111 @@
+"""The protocol's codes and field formats, in one place (docs/protocol.rst, section 2).
+
+Every value a script returns as a code is an :class:`enum.IntEnum` here, and every
+field or value whose text carries structure (``"drain <node>"``, ``"<node>:<token>"``)
+is built and parsed only here. The scripts themselves are in ``dim/lua/``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Optional
+
+
+class ClaimStatus(enum.IntEnum):
+    """What the heartbeat script says of each claim it renews."""
+
+    LOST = 0  # held by another node: stop the instance at once
+    RENEWED = 1
+    TAKEN_BACK = 2  # it was missing (Redis lost it) and this node took it back
+    RELEASED = 3  # missing while the membership was intact: released, not lost
+
+
+class ClaimRefused(enum.IntEnum):
+    """The claim script's answer when it gives no token (a token is positive)."""
+
+    HELD = 0  # another node holds it, or this node left
+    NOT_NOW = -1  # a reset window is open, or the request came too late
+
+
+class WriteRefused(enum.IntEnum):
+    """The leader-write script's answer when it wrote nothing (a version is positive)."""
+
+    DEPOSED = -1  # the leader key no longer holds this leader's value
+    RESET = -2  # a reset window opened that the plan does not know of
+    LATE = -3  # the request arrived too late
+
+
+# -- the control hash (operator controls and what leaders keep for static nodes) ------
+
+PAUSED = "paused"
+
+
+def drain_field(node: str) -> str:
+    return f"drain {node}"
+
+
+def static_field(node: str) -> str:
+    return f"static {node}"
+
+
+def absent_field(node: str) -> str:
+    return f"absent {node}"
+
+
+def _named(control: Mapping[str, str], kind: str) -> dict[str, str]:
+    prefix = kind + " "
+    return {f[len(prefix) :]: v for f, v in control.items() if f.startswith(prefix)}
+
+
+def paused(control: Mapping[str, str]) -> bool:
+    """Is rebalancing paused?"""
+    return control.get(PAUSED) == "1"
+
+
+def draining(control: Mapping[str, str]) -> set[str]:
+    """The nodes an operator drains."""
+    return set(_named(control, "drain"))
+
+
+def static_names(control: Mapping[str, str]) -> set[str]:
+    """Nodes known to use a static name (live or not)."""
+    return set(_named(control, "static"))
+
+
+def absent_since(control: Mapping[str, str]) -> dict[str, int]:
+    """Static nodes whose rejoin grace runs -> server ms a leader first saw them gone."""
+    return {n: int(v) for n, v in _named(control, "absent").items() if v.isdigit()}
+
+
+# -- other structured values -----------------------------------------------------------
+
+
+def failure_field(node: str, ckey: str) -> str:
+    """A field of the failures hash: this node gave this config up."""
+    return f"{node} {ckey}"
+
+
+def split_failure(field: str) -> tuple[str, str]:
+    node, _, ckey = field.partition(" ")
+    return node, ckey
+
+
+def owner(node: str, number: int) -> str:
+    """A claim value (``number`` is the token) or the leader value (the epoch)."""
+    return f"{node}:{number}"
+
+
+def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
+    """Split ``'<node>:<number>'`` (a claim or leader value); None if malformed."""
+    if not value:
+        return None
+    node, sep, number = value.rpartition(":")
+    if not sep or not node or not number.isdigit():
+        return None
+    return node, int(number)
+
+
+def tombstone(node: str, session: str) -> str:
+    """A member of the left zset: this process of that node has left."""
+    return f"{node} {session}"
