@@ -20,8 +20,8 @@ from dim.errors import (
 )
 from dim.events import Event, EventType
 from dim.manager import Manager
-from dim.reconciler import Lease
 from dim.settings import Settings
+from dim.slots import Lease
 from dim.status import ClusterStatus, ConfigStatus, NodeStatus
 
 __version__ = "0.1.0"

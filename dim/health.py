@@ -23,7 +23,7 @@ from dim.usercode import block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
-    from dim.reconciler import Slot
+    from dim.slots import Slot
 
 log = logging.getLogger(__name__)
 

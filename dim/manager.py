@@ -29,8 +29,9 @@ from dim.leader import LeaderLoop
 from dim.listener import Listener as PubSubListener
 from dim.messages import Kind, Message
 from dim.node import Node
-from dim.reconciler import Lease, Reconciler, UserCallbacks
+from dim.reconciler import Reconciler, UserCallbacks
 from dim.settings import Settings
+from dim.slots import Lease
 from dim.status import ClusterStatus, read_status
 from dim.store import Client, Store, redis_from
 

@@ -1,45 +1,15 @@
 """The local instance table: claims, creates, disconnects.
 
-Each config this node deals with has a :class:`Slot`. Its states and every transition,
-each made under the reconciler's lock:
-
-``CLAIMING``: assigned here, no claim yet (another node holds it, a reset window is
-open, or a cool-down after failures runs).
-    * -> ``CREATING``: the claim script gave a fresh token; the claim lives
-      ``Settings.create_lease``.
-    * -> gone: no longer assigned here.
-
-``CREATING``: claim held; ``create`` attempts run on a worker. An attempt starts only
-while the claim is sure to outlive it and the disconnect of what it returns.
-    * -> ``RUNNING``: ``create`` returned in time, the slot is still wanted, the node is
-      not fenced and the claim not lost.
-    * -> gone: cancelled (moved away, removed, fenced, closing, claim lost); whatever
-      ``create`` returns is disconnected first, then the claim is released.
-    * -> ``CLAIMING``: ``create`` failed ``create_attempts`` times; the claim is
-      released and the config handed to another node for ``failure_cooldown``.
-
-``RUNNING``: claim held, instance up.
-    * -> ``STOPPING``: moved away or removed; claim lost (``LEASE_LOST``); unhealthy or
-      its config changed (to be recreated); fenced; closing.
-
-``STOPPING``: its ``disconnect`` is queued or running; the claim stays held, and renewed,
-until it has returned (or overrun ``disconnect_timeout``, which is reported).
-    * -> ``CREATING``: recreated in place: the claim first gets a new, larger token (each
-      incarnation has its own).
-    * -> gone: the claim is released (when fenced: kept as an *orphan* and released once
-      Redis answers; when lost: nothing to release).
-
-A slot leaves the table only once no instance of it can exist any more, so a config is
-never created on this node while its previous instance is still stopping. Normal moves
-queue their ``create``/``disconnect`` on a pool of ``max_workers``; the fence and a
-graceful stop start every disconnect at once on a thread of its own, so they never wait
-on user code or queue behind busy workers.
+Each config this node deals with has a :class:`~dim.slots.Slot`; its states and
+transitions are listed in :mod:`dim.slots`, and every transition is made here, under
+the reconciler's lock. Normal moves queue their ``create``/``disconnect`` on a pool of
+``max_workers``; the fence and a graceful stop start every disconnect at once on a
+thread of its own, so they never wait on user code or queue behind busy workers.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import enum
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -54,6 +24,7 @@ from dim.events import Event, EventType
 from dim.loop import Loop
 from dim.messages import Message
 from dim.protocol import ClaimRefused, ClaimStatus
+from dim.slots import Lease, Slot, State
 from dim.store import Placement
 from dim.usercode import Runners, block_signals
 
@@ -61,52 +32,6 @@ if TYPE_CHECKING:
     from dim.node import Node
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.Enum):
-    CLAIMING = "claiming"
-    CREATING = "creating"
-    RUNNING = "running"
-    STOPPING = "stopping"
-
-
-@attrs.frozen
-class Lease:
-    """The right to run one config, as held by this node.
-
-    :ivar config_id: the config.
-    :ivar token: the fencing token: every incarnation of a config (a new owner, or the
-        same node creating it again) gets a larger one, across Redis restarts and
-        failovers too, so a downstream system that remembers the highest token it has
-        seen can reject a stale owner.
-    :ivar node_id: the node holding it.
-    """
-
-    config_id: Any
-    token: int
-    node_id: str
-
-
-@attrs.define(eq=False)
-class Slot:
-    config: Config
-    state: State = State.CLAIMING
-    token: Optional[int] = None
-    instance: Any = None
-    retry_at: float = 0.0
-    healthy: Optional[bool] = None
-    cancel: threading.Event = attrs.field(factory=threading.Event)
-    # monotonic time until which the claim is sure to live in Redis (renewal sent + TTL)
-    lease_until: float = 0.0
-    disconnecting: bool = False  # a thread has taken the disconnect of the instance
-    recreate: Optional[Config] = None  # after the disconnect, create again with this
-    lost: bool = False  # the claim is somebody else's now: never renew or release it
-    timed_out: bool = False  # the last create attempt overran its timeout
-    create_for: Optional[int] = None  # the token whose create task has begun
-
-    @property
-    def ckey(self) -> str:
-        return self.config.ckey
 
 
 @attrs.frozen
@@ -520,11 +445,7 @@ class Reconciler(Loop):
                 ):
                     lost.append((ckey, token))  # taken but no longer wanted: give back
                     continue
-                slot.token = token
-                slot.state = State.CREATING
-                slot.lost = False
-                slot.lease_until = sent + s.create_lease
-                slot.cancel = threading.Event()
+                slot.claimed(token, sent + s.create_lease)
                 start.append((slot, token))
         for slot, token in start:
             self._start_create(slot, token)
@@ -559,12 +480,7 @@ class Reconciler(Loop):
     def _take_stop(self, slot: Slot) -> bool:
         """Under the lock: claim the disconnect of a RUNNING or STOPPING slot for the
         caller; False if it is taken already (or there is no instance)."""
-        if slot.state is State.RUNNING:
-            slot.state = State.STOPPING
-        if slot.state is not State.STOPPING or slot.disconnecting:
-            return False
-        slot.disconnecting = True
-        return True
+        return slot.take_stop()
 
     # -- worker tasks -------------------------------------------------------------------
 
@@ -659,8 +575,7 @@ class Reconciler(Loop):
         """Disconnect the slot's instance; then recreate it (new token) or finish it."""
         self._disconnect(slot.config, slot.instance, slot.token)
         with self._lock:
-            slot.instance = None
-            slot.disconnecting = False
+            slot.stopped()
             again = (
                 slot.recreate is not None
                 and self._slots.get(slot.ckey) is slot
@@ -671,9 +586,7 @@ class Reconciler(Loop):
                 and slot.ckey in self._desired
             )
             if again:
-                slot.config = self._desired[slot.ckey]
-                slot.state = State.CREATING
-                slot.cancel = threading.Event()
+                slot.recreating(self._desired[slot.ckey])
             slot.recreate = None
         if again and self._retoken(slot):
             self._create_task(slot)
@@ -697,8 +610,7 @@ class Reconciler(Loop):
                 token = -1
             with self._lock:
                 if token > 0:
-                    slot.token = token
-                    slot.lease_until = sent + s.create_lease
+                    slot.retokened(token, sent + s.create_lease)
                     return True
                 if token == 0:
                     slot.lost = True
@@ -804,9 +716,7 @@ class Reconciler(Loop):
                 and not self._closing
             )
             if keep:
-                slot.instance = instance
-                slot.state = State.RUNNING
-                slot.healthy = None
+                slot.created(instance)
         if keep:
             log.debug("node %s created %r (token %s)", node.node_id, slot.config.id, slot.token)
             node.emit(Event(EventType.INSTANCE_CREATED, node.node_id, slot.config.id, slot.token))
@@ -842,9 +752,7 @@ class Reconciler(Loop):
         token = slot.token
         with self.claims_lock:
             with self._lock:
-                slot.state = State.CLAIMING
-                slot.token = None
-                slot.retry_at = node.clock() + node.settings.failure_cooldown
+                slot.gave_up(node.clock() + node.settings.failure_cooldown)
             if token is not None:
                 self._release({slot.ckey: token})
         node.store.report_failure(
