@@ -23,6 +23,7 @@ from dim import balance
 from dim.configs import Config
 from dim.constraints import eligible_nodes, format_tags
 from dim.protocol import absent_field, split_failure, static_field
+from dim.shares import _pair_hash
 
 #: Why a config has no place (``unplaced`` hash, status, ``CONFIGS_UNPLACED``).
 NO_LIVE_NODE = "no live node"
@@ -273,7 +274,7 @@ def pace(
             if new.get(ckey) != target or target not in live or (holder and holder[0] == target):
                 del moving[ckey]  # arrived, or no longer applies
         budget = min(budget, max(0, pacing.limit - len(moving)))
-    moves.sort(key=lambda c: balance._pair_hash(c, new[c]))
+    moves.sort(key=lambda c: _pair_hash(c, new[c]))
     for ckey in moves[budget:]:
         new[ckey] = old[ckey]
     if pacing.limit is not None:
