@@ -14,9 +14,7 @@ a node that came back between the leader's read and its write): every
 difference, and after a reset window opens it reloads everything from Redis and
 rebuilds the placement from the claims.
 
-``get_config`` (with ``key`` and the placement rules) runs on a thread of its own, with
-``config_timeout``: the leader goes on balancing with the last good config meanwhile,
-and never holds its lock across user code.
+The rules are in :mod:`dim.plan`, the configs come from :mod:`dim.configsource`.
 """
 
 from __future__ import annotations
@@ -29,14 +27,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import redis
 
 from dim import plan
-from dim.configs import Config, KeyFunc, Parsed, decode, parse
+from dim.configs import Config, KeyFunc, Parsed
+from dim.configsource import ConfigSource
 from dim.constraints import Rules, parse_capacity, parse_tags
-from dim.errors import CallTimeout, ConfigError
+from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Every, Loop
 from dim.protocol import WriteRefused, parse_owner
 from dim.store import View
-from dim.usercode import Call, Runners
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -67,25 +65,13 @@ class LeaderLoop(Loop):
         rules: Optional[Rules] = None,
     ) -> None:
         super().__init__(node)
-        self._get_config = get_config
-        self._key = key
-        self._rules = rules or Rules(None, None)
-        self._rules_for: Optional[dict[str, Config]] = None  # configs the rules were read for
-        self._required: dict[str, frozenset[str]] = {}  # config -> tags it requires
-        self._priority: dict[str, int] = {}  # config -> priority (when not 0)
+        self._configs = ConfigSource(
+            node.node_id, node.settings, node.clock, node.emit, get_config, key, rules
+        )
         self._lock = threading.RLock()
         self.alive_at = node.clock()
         self._every = Every(node.settings.config_interval, node.clock)
-        self._runners = Runners(f"dim-config-{node.node_id}", keep=1)
-        # rules over the stored configs: (the configs, started, the call)
-        self._rules_call: Optional[tuple[dict[str, Config], float, Call]] = None
-        self._final = False  # in final_rebalance: wait for no user code
-        self._stored: tuple[Optional[dict[str, str]], dict[str, Config]] = (None, {})
-        self._loading: Optional[tuple[float, Call]] = None  # (started, the call) in flight
-        self._overdue = False  # the call in flight overran config_timeout (reported)
-        self._refresh = True
         self._epoch = 0
-        self._good: Optional[dict[str, Config]] = None  # last good get_config result
         # the membership as the leader's own heartbeat last returned it: (clock, view)
         self._view: Optional[tuple[float, View]] = None
         self._read = True  # read the membership now instead of using the heartbeat's view
@@ -149,7 +135,7 @@ class LeaderLoop(Loop):
 
     def request_refresh(self) -> None:
         """Call get_config at the next tick (config_interval job, refresh(), hint)."""
-        self._refresh = True
+        self._configs.request_refresh()
         super().wake()  # the heartbeat's view of the membership will do
 
     def tick(self) -> float:
@@ -160,7 +146,7 @@ class LeaderLoop(Loop):
             self._every.ran()
             self._dirty = True  # a periodic full re-plan catches any hint that was lost
             self._repair = True  # and any write Redis lost
-            self._refresh = True
+            self._configs.request_refresh()
         if not node.is_leader or node.leaving:
             if self._epoch:
                 self._epoch = 0
@@ -172,7 +158,7 @@ class LeaderLoop(Loop):
         # the leader's heartbeat wakes it every interval with a fresh view; this is a
         # fallback for when heartbeats fail
         delay = min(2 * interval, self._every.wait())
-        if self._loading is not None:
+        if self._configs.loading:
             delay = min(delay, interval)  # look for the result of get_config
         if self._grace_until:
             delay = min(delay, max(self._grace_until - node.clock(), 0.0))
@@ -236,10 +222,7 @@ class LeaderLoop(Loop):
 
     def close(self) -> None:
         """Let the config thread go (a get_config still running is abandoned)."""
-        loading, self._loading = self._loading, None
-        if loading is not None:
-            loading[1].abandon()
-        self._runners.close()
+        self._configs.close()
 
     def final_rebalance(self) -> None:
         """On graceful stop: place this node's configs elsewhere before resigning.
@@ -253,10 +236,10 @@ class LeaderLoop(Loop):
         try:
             if node.is_leader and self._epoch == node.epoch:
                 self._dirty = True
-                self._final = True
+                self._configs.final = True
                 self._lead(exclude=node.node_id)
         finally:
-            self._final = False
+            self._configs.final = False
             self._lock.release()
 
     def _lead(self, exclude: Optional[str]) -> None:
@@ -274,11 +257,12 @@ class LeaderLoop(Loop):
             # a new epoch, or Redis lost or rewound data: start from the truth in Redis,
             # then keep our own copy
             self._load_state(value, owner[1])
-            self._refresh = self._refresh or self._good is None
-        self._collect_config()
-        if self._good is None and self._loading is not None and not self._written:
+            if self._configs.good is None:
+                self._configs.request_refresh()
+        self._configs.collect(self._written)
+        if self._configs.good is None and self._configs.loading and not self._written:
             return  # a new service: wait for the first get_config rather than plan nothing
-        configs = self._known_configs()
+        configs = self._configs.known(self._written)
         view = self._current_view()
         self._static.update(view.static_names)
         if view.paused != self._paused:
@@ -387,154 +371,6 @@ class LeaderLoop(Loop):
                 era.reset_until - node.clock(),
             )
 
-    def _collect_config(self) -> None:
-        """Start ``get_config`` when asked and none runs; take its result once it is done.
-
-        One call at a time: a call that overruns ``config_timeout`` is reported and
-        abandoned (the last good config stays), and no other starts until it returns,
-        so a hanging ``get_config`` costs one thread, not one per interval.
-        """
-        node = self.node
-        loading = self._loading
-        if loading is None:
-            if self._refresh:
-                self._refresh = False
-                self._loading = (node.clock(), self._runners.start(self._load, None))
-            return
-        started, call = loading
-        if call.done.is_set():
-            self._loading = None
-            if self._overdue:
-                self._overdue = False
-                log.warning(
-                    "get_config returned after %.1fs, over config_timeout: its result is not used",
-                    node.clock() - started,
-                )
-                return
-            self._apply_config(call)
-        elif node.clock() - started > node.settings.config_timeout and not self._overdue:
-            self._overdue = True
-            call.abandon()
-            self._config_error(
-                CallTimeout(f"get_config did not return within {node.settings.config_timeout:g} s"),
-                self._known_configs(),
-            )
-
-    def _load(
-        self, _: object
-    ) -> tuple[Parsed, dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]:
-        """On the config thread: every piece of user code that reads the configs."""
-        parsed = parse(self._get_config(), self._key)
-        required, priority, errors = self._rules.evaluate_each(parsed.configs)
-        return parsed, required, priority, errors
-
-    def _known_configs(self) -> dict[str, Config]:
-        """The last good configs: from get_config, else as stored in Redis (decoded once
-        per read, so the placement rules run once per change)."""
-        if self._good is not None:
-            return self._good
-        written, configs = self._stored
-        if written is not self._written:
-            configs = {}
-            for ckey, text in self._written.items():
-                config = decode(ckey, text)
-                if config is not None:
-                    configs[ckey] = config
-            self._stored = (self._written, configs)
-        return configs
-
-    def _stored_rules(self, configs: dict[str, Config]) -> None:
-        """Evaluate the placement rules (user code) over configs read back from Redis.
-
-        Like get_config, the rules run on the config thread, one call at a time, and the
-        leader does not wait for them: it waits at most a heartbeat (nothing on a
-        graceful stop), then goes on with the rules known so far and picks the result
-        up on a later tick. A call past ``config_timeout`` is reported; a rule that
-        fails for one config leaves that config without rules, not the others."""
-        node = self.node
-        pending = self._rules_call
-        if pending is None or (pending[2].done.is_set() and pending[0] is not configs):
-            call = self._runners.start(self._rules.evaluate_each, configs)
-            pending = self._rules_call = (configs, node.clock(), call)
-        for_configs, started, call = pending
-        if not call.done.is_set() and not self._final:
-            call.done.wait(min(node.settings.heartbeat_interval, node.settings.config_timeout))
-        if not call.done.is_set():
-            overdue = node.clock() - started > node.settings.config_timeout
-            if overdue and not call.abandoned and call.abandon():
-                log.error(
-                    "placement rules over the stored configs did not return within %gs: "
-                    "placing without them until they do",
-                    node.settings.config_timeout,
-                )
-            return
-        if for_configs is not configs:
-            return  # the next tick starts the call for these
-        try:
-            required, priority, errors = call.outcome("placement rules")
-        except Exception as exc:
-            log.error("placement rules failed on the stored configs: %s", exc)
-            required, priority, errors = {}, {}, {}
-        for error in errors.values():
-            log.error("placement rule failed on a stored config: %s", error)
-        self._required, self._priority = required, priority
-        self._rules_for = configs
-
-    def _config_error(self, error: Exception, kept: dict[str, Config]) -> None:
-        node = self.node
-        if not isinstance(error, ConfigError):
-            wrapped = ConfigError(f"get_config failed: {error!r}", error)
-            wrapped.__cause__ = error
-            error = wrapped
-        log.error(
-            "node %s: %s; keeping the last good config (%d configs)", node.node_id, error, len(kept)
-        )
-        node.emit(Event(EventType.CONFIG_ERROR, node.node_id, error=error))
-
-    def _apply_config(self, call: Call) -> None:
-        """Take a finished get_config call: good items apply, each bad item is reported
-        and keeps its last good version (if it had one)."""
-        node = self.node
-        previous = self._known_configs()
-        try:
-            parsed, required, priority, rule_errors = call.outcome("get_config")
-        except Exception as exc:
-            self._config_error(exc, previous)
-            return
-        bad = set(parsed.bad_ids) | set(rule_errors)
-        configs: dict[str, Config] = {}
-        for ckey, config in parsed.configs.items():
-            if ckey not in bad:
-                configs[ckey] = config
-        kept = [c for c in sorted(bad) if c in previous]
-        for ckey in kept:
-            configs[ckey] = previous[ckey]
-            if ckey in self._required:
-                required[ckey] = self._required[ckey]
-            if ckey in self._priority:
-                priority[ckey] = self._priority[ckey]
-        errors = [*parsed.errors, *rule_errors.values()]
-        for error in errors[:20]:
-            log.error("node %s: %s", node.node_id, error)
-            node.emit(
-                Event(
-                    EventType.CONFIG_ERROR,
-                    node.node_id,
-                    config_id=error.value if not isinstance(error.value, (dict, list)) else None,
-                    error=error,
-                )
-            )
-        if len(errors) > 20:
-            log.error("node %s: %d more bad configs", node.node_id, len(errors) - 20)
-        if errors:
-            log.warning(
-                "%d bad configs left out (%d keep their last good version)", len(errors), len(kept)
-            )
-        if self._good is not None and list(configs) != list(self._good):
-            log.info("config changed: %d configs (was %d)", len(configs), len(self._good))
-        self._good = configs
-        self._rules_for, self._required, self._priority = configs, required, priority
-
     def _repair_placement(self, live: dict[str, float]) -> None:
         """Compare what Redis holds of the placement with this leader's copy, and write
         back whatever differs (a write lost in a failover, a node that came back between
@@ -607,9 +443,9 @@ class LeaderLoop(Loop):
         """Read what the plan needs, plan (:func:`dim.plan.plan`), write, keep the result."""
         node = self.node
         store = node.store
-        if live and self._rules.active and configs is not self._rules_for:
+        if live and self._configs.needs_rules(configs):
             # configs read back from Redis (no good get_config result yet in this process)
-            self._stored_rules(configs)
+            self._configs.stored_rules(configs)
         members = plan.Members(
             live=live,
             dead=dead,
@@ -620,7 +456,7 @@ class LeaderLoop(Loop):
             tags=self._tags,
             capacity=self._capacity,
         )
-        wanted = plan.Wanted(configs, self._required, self._priority)
+        wanted = plan.Wanted(configs, self._configs.required, self._configs.priority)
         written = plan.Written(
             assignment=self._assignment,
             configs=self._written,
