@@ -72,6 +72,15 @@ def parse_capacity(text: Optional[str]) -> Optional[int]:
     return value if value is None or value >= 0 else None
 
 
+def parse_weight(value: Optional[str]) -> float:
+    """A node's weight from its description: 1.0 when missing or not a positive number."""
+    try:
+        weight = float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0
+    return weight if weight > 0 and weight < float("inf") else 1.0
+
+
 def _evaluate(name: str, rule: Rule, config: Config) -> Any:
     """The rule's value for one config: None without a rule or a value."""
     if rule is None:

@@ -29,7 +29,7 @@ import redis
 from dim import plan
 from dim.configs import Config, KeyFunc, Parsed
 from dim.configsource import ConfigSource
-from dim.constraints import Rules, parse_capacity, parse_tags
+from dim.constraints import Rules, parse_capacity, parse_tags, parse_weight
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Every, Loop
@@ -44,14 +44,6 @@ log = logging.getLogger(__name__)
 # what one get_config call yields: the parsed items, the tags each config requires, the
 # priorities, and the configs whose placement rules failed
 _Loaded = tuple[Parsed, dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]
-
-
-def parse_weight(value: Optional[str]) -> float:
-    try:
-        weight = float(value) if value is not None else 1.0
-    except ValueError:
-        return 1.0
-    return weight if weight > 0 and weight < float("inf") else 1.0
 
 
 class LeaderLoop(Loop):
@@ -546,7 +538,9 @@ class LeaderLoop(Loop):
         self._wrote = True
         if unplaced != self._unplaced:
             if unplaced:
-                log.warning("%d configs cannot be placed: %s", len(unplaced), _summary(unplaced))
+                log.warning(
+                    "%d configs cannot be placed: %s", len(unplaced), plan.summary(unplaced)
+                )
             else:
                 log.info("every config has a place again")
             node.emit(
@@ -592,11 +586,3 @@ class LeaderLoop(Loop):
                 },
             )
         )
-
-
-def _summary(unplaced: Mapping[str, str]) -> str:
-    """'2 need tags gpu, 1 waits for capacity' (for the log)."""
-    counts: dict[str, int] = {}
-    for reason in unplaced.values():
-        counts[reason] = counts.get(reason, 0) + 1
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

@@ -389,3 +389,11 @@ def plan(
         moved=moved,
         placed=len(change.assign) - moved,
     )
+
+
+def summary(unplaced: Mapping[str, str]) -> str:
+    """'2 need tags gpu, 1 waits for capacity' (for the log)."""
+    counts: dict[str, int] = {}
+    for reason in unplaced.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

@@ -8,8 +8,7 @@ from typing import Any, Optional
 import attrs
 
 from dim.configs import decode
-from dim.constraints import parse_capacity, parse_tags
-from dim.leader import parse_weight
+from dim.constraints import parse_capacity, parse_tags, parse_weight
 from dim.protocol import draining, parse_owner, paused
 from dim.store import Store
 
