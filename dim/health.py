@@ -63,7 +63,7 @@ class HealthLoop(Loop):
     def check_all(self) -> None:
         """Check every running instance at once; each check bounded by the timeout."""
         node = self.node
-        running = node.reconciler.running()
+        running = node.reconciler.table.running()
         if not running:
             return
         results: dict[int, Optional[BaseException]] = {}

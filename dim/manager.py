@@ -24,12 +24,13 @@ from dim.era import Era
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
 from dim.events import Dispatcher, Event, EventType, Listener
 from dim.health import HealthLoop
+from dim.instances import UserCallbacks
 from dim.keys import check_node_name, check_service
 from dim.leader import LeaderLoop
 from dim.listener import Listener as PubSubListener
 from dim.messages import Kind, Message
 from dim.node import Node
-from dim.reconciler import Reconciler, UserCallbacks
+from dim.reconciler import Reconciler
 from dim.settings import Settings
 from dim.slots import Lease
 from dim.status import ClusterStatus, read_status
@@ -201,7 +202,7 @@ class Manager:
             return f"<Manager service={self.service!r} stopped>"
         return (
             f"<Manager service={self.service!r} node={node.node_id} leader={node.is_leader} "
-            f"instances={len(node.reconciler.instances())}>"
+            f"instances={len(node.reconciler.table.instances())}>"
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -391,13 +392,13 @@ class Manager:
     def instances(self) -> dict[Any, Any]:
         """Snapshot ``{config_id: instance}`` of what runs in this process now."""
         node = self._running_node(required=False)
-        return node.reconciler.instances() if node is not None else {}
+        return node.reconciler.table.instances() if node is not None else {}
 
     @property
     def leases(self) -> dict[Any, Lease]:
         """Snapshot ``{config_id: Lease}`` of the claims this process holds now."""
         node = self._running_node(required=False)
-        return node.reconciler.leases() if node is not None else {}
+        return node.reconciler.table.leases(node.node_id) if node is not None else {}
 
     def lease(self, config_id: Any) -> Optional[Lease]:
         """The lease (with its fencing token) of one config held here, or None.
@@ -412,7 +413,8 @@ class Manager:
         node = self._running_node(required=False)
         if node is not None:
             view = read_status(node.store)
-            return attrs.evolve(view, local=node.reconciler.local_view(), node_id=node.node_id)
+            local = node.reconciler.table.local_view()
+            return attrs.evolve(view, local=local, node_id=node.node_id)
         client = redis_from(self._redis_target, self.settings.socket_timeout)
         try:
             return read_status(Store(client, self.service))

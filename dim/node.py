@@ -169,10 +169,10 @@ class Heartbeat(Loop):
             # stuck must lose the lease rather than freeze the cluster
             renew_leader = leader_value
         leads = leader_value is not None and not node.leaving
-        running, unhealthy = node.reconciler.health()
+        running, unhealthy = node.reconciler.table.health()
         health = f"{running} {unhealthy}"
         with node.reconciler.claims_lock:
-            claims = node.reconciler.held_claims()
+            claims = node.reconciler.table.held_claims(s)
             sent = node.clock()
             result = node.store.heartbeat(
                 node.node_id,

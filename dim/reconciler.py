@@ -14,35 +14,24 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import attrs
 import redis
-import tenacity
 
 from dim.configs import Config, decode
-from dim.errors import CallTimeout, CreateError
+from dim.errors import CallTimeout
 from dim.events import Event, EventType
+from dim.instances import Cancelled, InstanceCalls, UserCallbacks
 from dim.loop import Loop
 from dim.messages import Message
 from dim.protocol import ClaimRefused, ClaimStatus
-from dim.slots import Lease, Slot, State
+from dim.slots import Slot, State
 from dim.store import Placement
+from dim.table import SlotTable
 from dim.usercode import Runners, block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
 
 log = logging.getLogger(__name__)
-
-
-@attrs.frozen
-class UserCallbacks:
-    create: Callable[[Any], Any]
-    disconnect: Optional[Callable[[Any], Any]]
-    healthcheck: Optional[Callable[[Any], Any]]
-
-
-class _Cancelled(Exception):
-    """A create attempt may not start (cancelled, fenced, or the claim not covering it)."""
 
 
 class Reconciler(Loop):
@@ -52,15 +41,12 @@ class Reconciler(Loop):
 
     def __init__(self, node: Node, callbacks: UserCallbacks) -> None:
         super().__init__(node)
-        self.callbacks = callbacks
-        self._lock = threading.RLock()
+        self.calls = InstanceCalls(node.node_id, node.settings, node.emit, callbacks)
+        self.table = SlotTable()
         # Held around every Redis call that takes, renews or releases claims (claim,
         # heartbeat, release, retoken), so a renewal never races a release; always taken
-        # before self._lock, never after.
+        # before the table's lock, never after.
         self.claims_lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._slots: dict[str, Slot] = {}
-        self._desired: dict[str, Config] = {}
         self._placements: dict[str, Placement] = {}
         self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
         self._releasing: dict[str, int] = {}  # disconnected, claim not yet released
@@ -81,87 +67,32 @@ class Reconciler(Loop):
             thread_name_prefix=f"dim-worker-{node.node_id}",
             initializer=block_signals,
         )
-        # the threads that run create/disconnect calls, each with its timeout
-        self._runners = Runners(f"dim-call-{node.node_id}", keep=node.settings.max_workers)
         # the threads that stop instances: never bounded, so no stop waits for a worker
         self._tasks = Runners(f"dim-stop-{node.node_id}", keep=node.settings.max_workers)
 
     def __repr__(self) -> str:
-        with self._lock:
-            counts: dict[str, int] = {}
-            for slot in self._slots.values():
-                counts[slot.state.value] = counts.get(slot.state.value, 0) + 1
-        return f"<Reconciler node={self.node.node_id} {counts}>"
-
-    # -- views (any thread) -----------------------------------------------------------
-
-    def held_claims(self) -> dict[str, tuple[int, float]]:
-        """Claims this node holds now, for the heartbeat: ckey -> (token, TTL to renew
-        with: ``create_lease`` while being created, else ``lease``)."""
-        s = self.node.settings
-        with self._lock:
-            return {
-                c: (slot.token, s.create_lease if slot.state is State.CREATING else s.lease)
-                for c, slot in self._slots.items()
-                if slot.token is not None and slot.state is not State.CLAIMING and not slot.lost
-            }
-
-    def health(self) -> tuple[int, int]:
-        """(instances running here, configs being recreated after a failed health check)."""
-        with self._lock:
-            running = sum(1 for s in self._slots.values() if s.state is State.RUNNING)
-            return running, sum(1 for s in self._slots.values() if s.healthy is False)
-
-    def instances(self) -> dict[Any, Any]:
-        with self._lock:
-            return {
-                s.config.id: s.instance for s in self._slots.values() if s.state is State.RUNNING
-            }
-
-    def running(self) -> list[tuple[Slot, Any]]:
-        with self._lock:
-            return [(s, s.instance) for s in self._slots.values() if s.state is State.RUNNING]
-
-    def leases(self) -> dict[Any, Lease]:
-        with self._lock:
-            return {
-                s.config.id: Lease(s.config.id, s.token, self.node.node_id)
-                for s in self._slots.values()
-                if s.token is not None and s.state is not State.CLAIMING and not s.lost
-            }
-
-    def local_view(self) -> dict[Any, dict[str, Any]]:
-        with self._lock:
-            return {
-                s.config.id: {"state": s.state.value, "token": s.token, "healthy": s.healthy}
-                for s in self._slots.values()
-            }
+        return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
 
     def is_stable(self) -> bool:
         """True when this node runs exactly its share of the latest assignment."""
         node = self.node
-        with self._lock:
+        with self.table.lock:
             if node.fenced or self._need_read or not self._have_read:
                 return False
             if self._read_version is None or self._read_version != node.version:
                 return False
             if self._read_version == node.joined_version:
                 return False  # the leader has not placed anything since we joined
-            if set(self._slots) != set(self._desired):
-                return False
-            return all(
-                s.state is State.RUNNING and s.config.json == self._desired[c].json
-                for c, s in self._slots.items()
-            )
+            return self.table.runs_exactly()
 
     def wait_until_stable(self, timeout: float) -> bool:
         deadline = self.node.clock() + timeout
-        with self._changed:
+        with self.table.changed:
             while not self.is_stable():
                 remaining = deadline - self.node.clock()
                 if remaining <= 0 or self.node.stop_event.is_set():
                     return False
-                self._changed.wait(min(remaining, self.node.settings.heartbeat_interval))
+                self.table.changed.wait(min(remaining, self.node.settings.heartbeat_interval))
             return True
 
     # -- signals from other loops -----------------------------------------------------
@@ -173,8 +104,8 @@ class Reconciler(Loop):
 
     def released(self, ckeys: tuple[str, ...]) -> None:
         """Another node released claims: retry ours now if we wait for one of them."""
-        with self._lock:
-            waiting = {c for c, s in self._slots.items() if s.state is State.CLAIMING}
+        with self.table.lock:
+            waiting = {c for c, s in self.table.slots.items() if s.state is State.CLAIMING}
             if not waiting or (ckeys and waiting.isdisjoint(ckeys)):
                 return
             if ckeys:
@@ -196,13 +127,13 @@ class Reconciler(Loop):
         if version is None or previous is None or not targets or node.node_id in targets:
             self.wake(read=True)
             return
-        with self._lock:
+        with self.table.lock:
             same = (
                 not self._need_read
                 and self._read_version is not None
                 and self._read_version == str(previous)
                 and node.version in (None, self._read_version, str(version))
-                and self._slots.keys() == self._desired.keys()
+                and self.table.slots.keys() == self.table.desired.keys()
             )
             if same:
                 self._read_version = str(version)
@@ -213,27 +144,27 @@ class Reconciler(Loop):
             self.wake(read=True)
 
     def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+        with self.table.changed:
+            self.table.changed.notify_all()
 
     def renewed(
         self, sent: dict[str, tuple[int, float]], statuses: dict[str, ClaimStatus], at: float
     ) -> None:
         """A heartbeat sent at ``at`` renewed these claims: each lives on in Redis."""
-        with self._lock:
+        with self.table.lock:
             for ckey, status in statuses.items():
                 if status not in (ClaimStatus.RENEWED, ClaimStatus.TAKEN_BACK):
                     continue
                 token, ttl = sent[ckey]
-                slot = self._slots.get(ckey)
+                slot = self.table.slots.get(ckey)
                 if slot is not None and slot.token == token:
                     slot.lease_until = max(slot.lease_until, at + ttl)
-            self._changed.notify_all()
+            self.table.changed.notify_all()
 
     def lease_lost(self, ckey: str, token: int, status: int) -> None:
         """The heartbeat found this claim held by another node (or released): stop now."""
-        with self._lock:
-            slot = self._slots.get(ckey)
+        with self.table.lock:
+            slot = self.table.slots.get(ckey)
             if slot is None or slot.token != token or slot.state is State.CLAIMING:
                 return
             if slot.lost:
@@ -251,8 +182,8 @@ class Reconciler(Loop):
 
     def unhealthy(self, slot: Slot, instance: Any, error: Optional[BaseException]) -> None:
         """The health loop found this instance unhealthy: disconnect and recreate it."""
-        with self._lock:
-            if self._slots.get(slot.ckey) is not slot or slot.instance is not instance:
+        with self.table.lock:
+            if self.table.slots.get(slot.ckey) is not slot or slot.instance is not instance:
                 return
             if slot.state is not State.RUNNING or self._closing:
                 return
@@ -274,16 +205,16 @@ class Reconciler(Loop):
         and without waiting for any of them (nor for a log handler: the disconnects start
         before anything is logged)."""
         node = self.node
-        with self._lock:
+        with self.table.lock:
             if node.fenced:
                 return
             node.fenced = True
             victims = []
-            for ckey, slot in list(self._slots.items()):
+            for ckey, slot in list(self.table.slots.items()):
                 slot.cancel.set()
                 slot.recreate = None
                 if slot.state is State.CLAIMING:
-                    del self._slots[ckey]
+                    del self.table.slots[ckey]
                 elif self._take_stop(slot):
                     victims.append(slot)
             self._need_read = True
@@ -300,7 +231,7 @@ class Reconciler(Loop):
         self._notify()
 
     def unfence(self) -> None:
-        with self._lock:
+        with self.table.lock:
             self.node.fenced = False
         log.warning("node %s renewed again; resuming", self.node.node_id)
         self.wake(read=True)
@@ -319,8 +250,8 @@ class Reconciler(Loop):
         read = self._need_read
         if self._need_read:
             self._need_read = False
-            with self._lock:
-                handled = list(self._slots)
+            with self.table.lock:
+                handled = list(self.table.slots)
             try:
                 version, raw, placements = node.store.read_desired(node.node_id, handled)
             except BaseException:
@@ -331,8 +262,8 @@ class Reconciler(Loop):
                 config = decode(ckey, text)
                 if config is not None:
                     desired[ckey] = config
-            with self._lock:
-                self._desired = desired
+            with self.table.lock:
+                self.table.desired = desired
                 self._placements = placements
                 self._read_version = version
                 self._have_read = True
@@ -360,16 +291,16 @@ class Reconciler(Loop):
         waiting for many claims does not ask for all of them on every release.
         """
         now = self.node.clock()
-        with self._lock:
+        with self.table.lock:
             if self._closing or self.node.fenced:
                 return []
-            for ckey, slot in list(self._slots.items()):
-                want = self._desired.get(ckey)
+            for ckey, slot in list(self.table.slots.items()):
+                want = self.table.desired.get(ckey)
                 if want is None and slot.state is not State.CLAIMING and self._keep(ckey):
                     continue
                 if want is None:
                     if slot.state is State.CLAIMING:
-                        del self._slots[ckey]
+                        del self.table.slots[ckey]
                     else:
                         self._begin_stop(slot)
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
@@ -377,23 +308,23 @@ class Reconciler(Loop):
                     self._begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
-            for ckey, config in self._desired.items():
-                if ckey not in self._slots:
-                    self._slots[ckey] = Slot(config)
+            for ckey, config in self.table.desired.items():
+                if ckey not in self.table.slots:
+                    self.table.slots[ckey] = Slot(config)
             hinted, self._hinted = self._hinted, set()
             everything = retry_all or now >= self._retry_all_at
             if everything:
                 self._retry_all_at = now + self.node.settings.heartbeat_interval
             return [
                 c
-                for c, s in self._slots.items()
+                for c, s in self.table.slots.items()
                 if s.state is State.CLAIMING and s.retry_at <= now and (everything or c in hinted)
             ]
 
     def _release_orphans(self) -> None:
         """Let go of the claims a fence dropped (those still wanted are claimed anew)."""
         with self.claims_lock:
-            with self._lock:
+            with self.table.lock:
                 orphans, self._orphans = self._orphans, {}
             if orphans:
                 self._release(orphans)
@@ -423,9 +354,9 @@ class Reconciler(Loop):
         s = node.settings
         lost: list[tuple[str, int]] = []
         start: list[tuple[Slot, int]] = []
-        with self._lock:
+        with self.table.lock:
             for ckey, token in tokens.items():
-                slot = self._slots.get(ckey)
+                slot = self.table.slots.get(ckey)
                 if (
                     token == ClaimRefused.NOT_NOW
                     and slot is not None
@@ -441,7 +372,7 @@ class Reconciler(Loop):
                     or slot.state is not State.CLAIMING
                     or self._closing
                     or node.fenced
-                    or ckey not in self._desired
+                    or ckey not in self.table.desired
                 ):
                     lost.append((ckey, token))  # taken but no longer wanted: give back
                     continue
@@ -513,7 +444,7 @@ class Reconciler(Loop):
         try:
             self._tasks.start(self._stop_task, slot)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            with self._lock:
+            with self.table.lock:
                 slot.disconnecting = False
                 self._unstarted.append(slot)
                 self._unstarted_error = exc
@@ -526,18 +457,18 @@ class Reconciler(Loop):
         try:
             self._pool.submit(self._guard, self._create_task, slot, token)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            with self._lock:
+            with self.table.lock:
                 self._unstarted_creates.append((slot, token))
                 self._unstarted_error = exc
 
     def _retry_creates(self) -> None:
-        with self._lock:
+        with self.table.lock:
             pending, self._unstarted_creates = self._unstarted_creates, []
             error = self._unstarted_error
             retry = [
                 (slot, token)
                 for slot, token in pending
-                if self._slots.get(slot.ckey) is slot
+                if self.table.slots.get(slot.ckey) is slot
                 and slot.state is State.CREATING
                 and slot.token == token
                 and slot.create_for != token
@@ -553,10 +484,10 @@ class Reconciler(Loop):
             self._start_create(slot, token)
 
     def _retry_stops(self) -> None:
-        with self._lock:
+        with self.table.lock:
             slots, self._unstarted = self._unstarted, []
             error = self._unstarted_error
-            retry = [s for s in slots if self._slots.get(s.ckey) is s and self._take_stop(s)]
+            retry = [s for s in slots if self.table.slots.get(s.ckey) is s and self._take_stop(s)]
         if retry:
             log.error(
                 "node %s could not start a thread to disconnect %r (%r); trying again",
@@ -573,20 +504,20 @@ class Reconciler(Loop):
 
     def _run_stop(self, slot: Slot) -> None:
         """Disconnect the slot's instance; then recreate it (new token) or finish it."""
-        self._disconnect(slot.config, slot.instance, slot.token)
-        with self._lock:
+        self.calls.disconnect(slot.config, slot.instance, slot.token)
+        with self.table.lock:
             slot.stopped()
             again = (
                 slot.recreate is not None
-                and self._slots.get(slot.ckey) is slot
+                and self.table.slots.get(slot.ckey) is slot
                 and slot.token is not None
                 and not slot.lost
                 and not self._closing
                 and not self.node.fenced
-                and slot.ckey in self._desired
+                and slot.ckey in self.table.desired
             )
             if again:
-                slot.recreating(self._desired[slot.ckey])
+                slot.recreating(self.table.desired[slot.ckey])
             slot.recreate = None
         if again and self._retoken(slot):
             self._create_task(slot)
@@ -608,7 +539,7 @@ class Reconciler(Loop):
                     "node %s could not renew the token of %r: %r", node.node_id, slot.config.id, exc
                 )
                 token = -1
-            with self._lock:
+            with self.table.lock:
                 if token > 0:
                     slot.retokened(token, sent + s.create_lease)
                     return True
@@ -622,14 +553,14 @@ class Reconciler(Loop):
         node = self.node
         s = node.settings
         need = s.create_timeout + s.disconnect_timeout + s.fence_margin
-        with self._changed:
+        with self.table.changed:
             while True:
                 if cancel.is_set() or node.fenced or slot.lost or node.stop_event.is_set():
                     return False
                 if node.clock() + need <= slot.lease_until:
                     return True
                 # the next heartbeat renews this claim for a whole create_lease
-                self._changed.wait(s.heartbeat_interval)
+                self.table.changed.wait(s.heartbeat_interval)
 
     def _create_once(self, slot: Slot, cancel: threading.Event) -> Any:
         if slot.timed_out:
@@ -637,78 +568,38 @@ class Reconciler(Loop):
             # (disconnected when it does): this one is another incarnation, with a new
             # token, so that downstream can tell the two apart
             if not self._retoken(slot):
-                raise _Cancelled()
+                raise Cancelled()
             slot.timed_out = False
         if not self._wait_covered(slot, cancel):
-            raise _Cancelled()
-        config = slot.config
+            raise Cancelled()
         try:
-            instance = self._runners.call(
-                self.callbacks.create,
-                config.value,
-                self.node.settings.create_timeout,
-                f"create of config {config.id!r}",
-                on_late=lambda late: self._dispose_late(config, late),
-            )
+            return self.calls.create(slot.config)
         except CallTimeout:
             slot.timed_out = True
             raise
-        if instance is None:
-            raise CreateError(f"create returned None for config id {config.id!r}", config.id)
-        return instance
 
     def _create_task(self, slot: Slot, token: Optional[int] = None) -> None:
         """Create the slot's instance (under ``token``: the slot's current one when None),
         with retries; a second task for the same token does nothing."""
         node = self.node
-        s = node.settings
-        with self._lock:
+        with self.table.lock:
             token = slot.token if token is None else token
             if slot.token != token or slot.create_for == token:
                 return  # a create task for this incarnation ran already
             slot.create_for = token
         cancel = slot.cancel
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "create of config %r failed (attempt %d of %d): %r",
-                slot.config.id,
-                state.attempt_number,
-                s.create_attempts,
-                error,
-            )
-            node.emit(
-                Event(
-                    EventType.CREATE_FAILED,
-                    node.node_id,
-                    slot.config.id,
-                    slot.token,
-                    error=error,
-                    data={"attempt": state.attempt_number},
-                )
-            )
-
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(s.create_attempts)
-            | tenacity.stop_when_event_set(cancel),
-            wait=tenacity.wait_exponential(multiplier=s.create_backoff, max=s.create_backoff_max),
-            sleep=tenacity.sleep_using_event(cancel),
-            retry=tenacity.retry_if_not_exception_type(_Cancelled),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        retrying = self.calls.retrying(cancel, slot.config.id, lambda: slot.token)
         try:
             instance = retrying(self._create_once, slot, cancel)
-        except _Cancelled:
+        except Cancelled:
             self._finish(slot)
             return
         except Exception as exc:
             self._create_failed(slot, exc, cancel)
             return
-        with self._lock:
+        with self.table.lock:
             keep = (
-                self._slots.get(slot.ckey) is slot
+                self.table.slots.get(slot.ckey) is slot
                 and slot.state is State.CREATING
                 and not cancel.is_set()
                 and not slot.lost
@@ -722,14 +613,14 @@ class Reconciler(Loop):
             node.emit(Event(EventType.INSTANCE_CREATED, node.node_id, slot.config.id, slot.token))
             return
         # moved away, fenced or stopping while we created: undo, then let go of the claim
-        self._disconnect(slot.config, instance, slot.token)
+        self.calls.disconnect(slot.config, instance, slot.token)
         self._finish(slot)
 
     def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:
         node = self.node
-        with self._lock:
+        with self.table.lock:
             current = (
-                self._slots.get(slot.ckey) is slot
+                self.table.slots.get(slot.ckey) is slot
                 and not cancel.is_set()
                 and not slot.lost
                 and not node.fenced
@@ -751,7 +642,7 @@ class Reconciler(Loop):
         )
         token = slot.token
         with self.claims_lock:
-            with self._lock:
+            with self.table.lock:
                 slot.gave_up(node.clock() + node.settings.failure_cooldown)
             if token is not None:
                 self._release({slot.ckey: token})
@@ -775,22 +666,22 @@ class Reconciler(Loop):
         """
         token = slot.token
         flush = False
-        with self._lock:
-            if self._slots.get(slot.ckey) is slot:
-                del self._slots[slot.ckey]
+        with self.table.lock:
+            if self.table.slots.get(slot.ckey) is slot:
+                del self.table.slots[slot.ckey]
             if token is not None and not slot.lost:
                 if self.node.fenced:
                     self._orphans[slot.ckey] = token
                 else:
                     self._releasing[slot.ckey] = token
                     flush = True
-            self._changed.notify_all()
+            self.table.changed.notify_all()
         if flush:
             self._flush_releases()
 
     def _flush_releases(self) -> None:
         with self.claims_lock:
-            with self._lock:
+            with self.table.lock:
                 batch, self._releasing = self._releasing, {}
             if batch:
                 self._release(batch)
@@ -809,80 +700,39 @@ class Reconciler(Loop):
                 exc,
             )
 
-    def _disconnect(self, config: Config, instance: Any, token: Optional[int]) -> None:
-        node = self.node
-        error: Optional[BaseException] = None
-        if self.callbacks.disconnect is not None and instance is not None:
-            try:
-                self._runners.call(
-                    self.callbacks.disconnect,
-                    instance,
-                    node.settings.disconnect_timeout,
-                    f"disconnect of config {config.id!r}",
-                )
-            except CallTimeout as exc:
-                error = exc
-                log.error(
-                    "disconnect of config %r did not return within %gs: its claim is let go "
-                    "while the instance may still run; only its fencing token (%s) protects "
-                    "from it now",
-                    config.id,
-                    node.settings.disconnect_timeout,
-                    token,
-                )
-                node.emit(
-                    Event(EventType.DISCONNECT_TIMEOUT, node.node_id, config.id, token, error=exc)
-                )
-            except Exception as exc:
-                error = exc
-                log.warning("disconnect of config %r raised: %r", config.id, exc)
-        node.emit(
-            Event(EventType.INSTANCE_DISCONNECTED, node.node_id, config.id, token, error=error)
-        )
-
-    def _dispose_late(self, config: Config, instance: Any) -> None:
-        if instance is None:
-            return
-        log.warning(
-            "create of config %r returned after its timeout; disconnecting the late instance "
-            "(its claim may be gone: only the fencing token protects from it)",
-            config.id,
-        )
-        self._disconnect(config, instance, None)
-
     # -- shutdown -------------------------------------------------------------------------
 
     def begin_close(self) -> None:
         """Take no new claims and start nothing new (the first step of a graceful stop)."""
-        with self._lock:
+        with self.table.lock:
             self._closing = True
 
     def close(self, timeout: float) -> None:
         """Graceful stop: start every disconnect at once, release each claim as soon as
         its instance is down, and wait for them at most ``timeout``."""
         node = self.node
-        with self._lock:
+        with self.table.lock:
             self._closing = True
             victims = []
-            for ckey, slot in list(self._slots.items()):
+            for ckey, slot in list(self.table.slots.items()):
                 slot.cancel.set()
                 slot.recreate = None
                 if slot.state is State.CLAIMING:
-                    del self._slots[ckey]
+                    del self.table.slots[ckey]
                 elif self._take_stop(slot):
                     victims.append(slot)
         for slot in victims:
             self._spawn_stop(slot)
         deadline = node.clock() + timeout
-        with self._changed:
-            while self._slots and node.clock() < deadline:
-                self._changed.wait(min(0.05, max(0.0, deadline - node.clock())))
+        with self.table.changed:
+            while self.table.slots and node.clock() < deadline:
+                self.table.changed.wait(min(0.05, max(0.0, deadline - node.clock())))
         self._pool.shutdown(wait=False)
-        self._runners.close()
+        self.calls.close()
         self._tasks.close()
         self._release_orphans()
-        with self._lock:
-            left = list(self._slots.values())
+        with self.table.lock:
+            left = list(self.table.slots.values())
         if left:
             log.warning(
                 "node %s stopped with %d instances still busy: %s",

@@ -1,0 +1,153 @@
+"""The user's ``create`` and ``disconnect``, called with their timeouts and reported.
+
+:class:`InstanceCalls` owns the threads that run those calls (each call with its
+timeout on a thread of its own, so a hanging callback costs a thread, never a loop) and
+the retry policy of ``create`` (tenacity: ``create_attempts`` tries with exponential
+backoff, cut short when the attempt is cancelled). It knows nothing of claims or slots:
+the reconciler (:mod:`dim.reconciler`) decides when to call, this module how.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+import attrs
+import tenacity
+
+from dim.configs import Config
+from dim.errors import CallTimeout, CreateError
+from dim.events import Event, EventType
+from dim.settings import Settings
+from dim.usercode import Runners
+
+log = logging.getLogger("dim.reconciler")
+
+
+@attrs.frozen
+class UserCallbacks:
+    create: Callable[[Any], Any]
+    disconnect: Optional[Callable[[Any], Any]]
+    healthcheck: Optional[Callable[[Any], Any]]
+
+
+class Cancelled(Exception):
+    """A create attempt may not start (cancelled, fenced, or the claim not covering it)."""
+
+
+class InstanceCalls:
+    """Calls into ``create`` and ``disconnect`` for one node."""
+
+    def __init__(
+        self,
+        node_id: str,
+        settings: Settings,
+        emit: Callable[[Event], None],
+        callbacks: UserCallbacks,
+    ) -> None:
+        self._node_id = node_id
+        self._settings = settings
+        self._emit = emit
+        self.callbacks = callbacks
+        # the threads that run create/disconnect calls, each with its timeout
+        self._runners = Runners(f"dim-call-{node_id}", keep=settings.max_workers)
+
+    def create(self, config: Config) -> Any:
+        """One ``create`` attempt within ``create_timeout``; an instance returned after it
+        is disconnected when it arrives. Raises CallTimeout, CreateError (None returned)
+        or what ``create`` raised."""
+        instance = self._runners.call(
+            self.callbacks.create,
+            config.value,
+            self._settings.create_timeout,
+            f"create of config {config.id!r}",
+            on_late=lambda late: self._dispose_late(config, late),
+        )
+        if instance is None:
+            raise CreateError(f"create returned None for config id {config.id!r}", config.id)
+        return instance
+
+    def retrying(
+        self, cancel: threading.Event, config_id: Any, token: Callable[[], Optional[int]]
+    ) -> tenacity.Retrying:
+        """The retry policy of one create task: stops on ``cancel`` and on
+        :class:`Cancelled`, reports each failed attempt (``CREATE_FAILED``)."""
+        s = self._settings
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "create of config %r failed (attempt %d of %d): %r",
+                config_id,
+                state.attempt_number,
+                s.create_attempts,
+                error,
+            )
+            self._emit(
+                Event(
+                    EventType.CREATE_FAILED,
+                    self._node_id,
+                    config_id,
+                    token(),
+                    error=error,
+                    data={"attempt": state.attempt_number},
+                )
+            )
+
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(s.create_attempts)
+            | tenacity.stop_when_event_set(cancel),
+            wait=tenacity.wait_exponential(multiplier=s.create_backoff, max=s.create_backoff_max),
+            sleep=tenacity.sleep_using_event(cancel),
+            retry=tenacity.retry_if_not_exception_type(Cancelled),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    def disconnect(self, config: Config, instance: Any, token: Optional[int]) -> None:
+        """Call ``disconnect`` within ``disconnect_timeout``; never raises. An overrun is
+        reported (``DISCONNECT_TIMEOUT``): the caller then lets the claim go while the
+        instance may still run, and only its fencing token protects from it."""
+        s = self._settings
+        error: Optional[BaseException] = None
+        if self.callbacks.disconnect is not None and instance is not None:
+            try:
+                self._runners.call(
+                    self.callbacks.disconnect,
+                    instance,
+                    s.disconnect_timeout,
+                    f"disconnect of config {config.id!r}",
+                )
+            except CallTimeout as exc:
+                error = exc
+                log.error(
+                    "disconnect of config %r did not return within %gs: its claim is let go "
+                    "while the instance may still run; only its fencing token (%s) protects "
+                    "from it now",
+                    config.id,
+                    s.disconnect_timeout,
+                    token,
+                )
+                self._emit(
+                    Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc)
+                )
+            except Exception as exc:
+                error = exc
+                log.warning("disconnect of config %r raised: %r", config.id, exc)
+        self._emit(
+            Event(EventType.INSTANCE_DISCONNECTED, self._node_id, config.id, token, error=error)
+        )
+
+    def _dispose_late(self, config: Config, instance: Any) -> None:
+        if instance is None:
+            return
+        log.warning(
+            "create of config %r returned after its timeout; disconnecting the late instance "
+            "(its claim may be gone: only the fencing token protects from it)",
+            config.id,
+        )
+        self.disconnect(config, instance, None)
+
+    def close(self) -> None:
+        self._runners.close()
