@@ -1,4 +1,4 @@
-"""The health loop: runs ``healthcheck`` on every local instance with a timeout (§4.7).
+"""The health loop: runs ``healthcheck`` on every local instance with a timeout (protocol.rst §9).
 
 A check that raises, returns ``False`` or does not return within
 ``healthcheck_timeout`` marks the instance unhealthy: the reconciler disconnects it and

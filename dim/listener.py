@@ -1,4 +1,4 @@
-"""The listener loop: pub/sub hints that wake the other loops sooner (§4.5).
+"""The listener loop: pub/sub hints that wake the other loops sooner (protocol.rst §11).
 
 A hint is never trusted for content: it only makes a loop look at the keys now rather
 than at its next tick. Malformed, oversized or unknown messages are logged and dropped.

@@ -144,7 +144,7 @@ class Node:
 
 
 class Heartbeat(Loop):
-    """The one Lua call per interval: membership, claims, leadership, version (§4.1)."""
+    """The one Lua call per interval: membership, claims, leadership, version (protocol.rst §2)."""
 
     role = "heartbeat"
 
@@ -279,7 +279,7 @@ class Heartbeat(Loop):
 
 
 class FenceWatchdog(Loop):
-    """Stops every local instance when renewals have failed for too long (§4.6).
+    """Stops every local instance when renewals have failed for too long (protocol.rst §6).
 
     It never touches Redis, so a stalled connection cannot delay it.
     """

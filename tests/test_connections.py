@@ -77,7 +77,7 @@ STATUS_COMMANDS = ("get", "hgetall", "mget", "time", "zrange")
 # the operator commands (docs/connecting.rst): the reads of status, plus the control hash
 OPS_COMMANDS = (*STATUS_COMMANDS, "hset", "hdel", "publish", "multi", "exec")
 
-#: What remains of a service after every node stopped gracefully (README, Redis keys).
+#: What remains of a service after every node stopped gracefully (protocol.rst §1).
 HISTORY = {"configs", "era", "fence", "version", "left"}
 
 PASSWORD = "node-secret"

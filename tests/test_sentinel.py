@@ -3,7 +3,7 @@
 The managers get ``redis.sentinel.Sentinel(...).master_for(name, socket_timeout=...)`` as
 their ``redis=`` client. The master is failed over (``SENTINEL FAILOVER``, or killed), and
 dim must reconnect to the new master and run every config exactly once again.
-Replication is asynchronous, so a failover may lose the last writes (README, Guarantees):
+Replication is asynchronous, so a failover may lose the last writes (protocol.rst §7, §14.1):
 here the cluster is quiet when the master goes, so nothing that matters is lost.
 """
 
