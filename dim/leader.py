@@ -33,8 +33,7 @@ from dim.constraints import Rules, parse_capacity, parse_tags, parse_weight
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.loop import Every, Loop
-from dim.protocol import WriteRefused, parse_owner
-from dim.store import View
+from dim.protocol import View, WriteRefused, parse_owner
 
 if TYPE_CHECKING:
     from dim.node import Node

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 POLL = 0.1  # seconds a get_message call may block; bounds how long stop() waits for us
 
 
-class Listener(Loop):
+class HintListener(Loop):
     role = "listener"
 
     def __init__(self, node: Node) -> None:

@@ -10,15 +10,15 @@ import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 import redis
-import tenacity
 from redis.cluster import RedisCluster
 
-from dim import redis_errors
+from dim import connection
 from dim.configs import KeyFunc
+from dim.connection import safe_url as safe_url
 from dim.constraints import Rule, Rules, check_capacity, check_tags
 from dim.era import Era
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
@@ -27,7 +27,7 @@ from dim.health import HealthLoop
 from dim.instances import UserCallbacks
 from dim.keys import check_node_name, check_service
 from dim.leader import LeaderLoop
-from dim.listener import Listener as PubSubListener
+from dim.listener import HintListener
 from dim.messages import Kind, Message
 from dim.node import Node
 from dim.reconciler import Reconciler
@@ -48,32 +48,6 @@ def _check_callable(name: str, value: Any, optional: bool) -> None:
         return
     if not callable(value):
         raise ConfigError(f"{name} must be callable, got {value!r}", value)
-
-
-def safe_url(url: str) -> str:
-    """The URL without its secrets, for messages.
-
-    The password becomes ``***``, and so do the values of the query parameters that
-    redis-py reads as secrets (``password``, ``ssl_password``). Everything else stays,
-    so the message still names the user, host, port, database and TLS files.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is not None:
-        # rebuilt from the raw netloc: parts.port raises on a malformed port
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        parts = parts._replace(netloc=f"{user}:***@{hostport}")
-    if parts.query:
-        fields = parts.query.split("&")
-        for i, field in enumerate(fields):
-            name, sep, _ = field.partition("=")
-            if sep and name.lower() in ("password", "ssl_password"):
-                fields[i] = f"{name}=***"
-        parts = parts._replace(query="&".join(fields))
-    return urlunsplit(parts)
 
 
 class Manager:
@@ -221,7 +195,7 @@ class Manager:
             if self._node is not None:
                 return self
             self._pid = os.getpid()  # a manager built before a fork may start after it
-            client = self._connect()
+            client = connection.connect(self._redis_target, self.settings)
             store = Store(client, self.service, self._era(client))
             node = Node(
                 store=store,
@@ -234,7 +208,7 @@ class Manager:
             )
             node.reconciler = Reconciler(node, self._callbacks)
             node.leader = LeaderLoop(node, self._get_config, self._key, self._rules)
-            node.listener = PubSubListener(node)
+            node.listener = HintListener(node)
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
             try:
@@ -248,7 +222,7 @@ class Manager:
                     log.debug("could not undo a failed join", exc_info=True)
                 self._close_client(client)
                 raise
-            self._check_eviction(client)
+            connection.check_eviction(client, self._describe_target())
             node.joined_version = node.version
             # visible before any thread runs, so create() can already read its lease
             self._node = node
@@ -360,7 +334,7 @@ class Manager:
             store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl), session=node.session)
         except redis.RedisError as exc:
             log.warning("node %s could not clear its traces (they expire): %r", node.node_id, exc)
-        if isinstance(node.listener, PubSubListener):
+        if isinstance(node.listener, HintListener):
             node.listener.close()
         self._dispatcher.stop(timeout=1.0)
         self._dispatcher = _fresh_dispatcher(self._dispatcher)
@@ -471,24 +445,6 @@ class Manager:
                 f"--preload)"
             )
 
-    def _check_eviction(self, client: Client) -> None:
-        """Warn when Redis may evict keys: a claim evicted under memory pressure is a
-        claim another node may take while its holder still runs the instance."""
-        try:
-            info = client.info("memory")
-        except redis.RedisError:
-            return  # not allowed (ACL) or not answered: nothing to say
-        if isinstance(client, RedisCluster) and "maxmemory_policy" not in info:
-            info = next((v for v in info.values() if isinstance(v, dict)), {})
-        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
-        if policy and policy != "noeviction":
-            log.warning(
-                "Redis at %s evicts keys under memory pressure (maxmemory-policy %s): dim's "
-                "claims must never be evicted; use maxmemory-policy noeviction",
-                self._describe_target(),
-                policy,
-            )
-
     def _era(self, client: Client) -> Era:
         """What the node will know of the server; requests may run late by up to two
         socket timeouts (the client's own, when it has one)."""
@@ -501,89 +457,10 @@ class Manager:
         return Era(time.monotonic, max_delay, s.reset_window, tolerance=s.fence_margin / 2)
 
     def _describe_target(self) -> str:
-        """Where dim connects, without secrets: the URL, or what a passed client points at."""
-        target = self._redis_target
-        if isinstance(target, str):
-            return safe_url(target)
-        if isinstance(target, RedisCluster):
-            nodes = ",".join(sorted(n.name for n in target.get_nodes()))  # type: ignore[no-untyped-call]
-            return f"redis cluster {nodes} (the redis.cluster.RedisCluster client passed to dim)"
-        pool = target.connection_pool
-        kwargs = pool.connection_kwargs
-        user = kwargs.get("username")
-        auth = f"{user}@" if user else ""
-        db = kwargs.get("db") or 0
-        if kwargs.get("path"):
-            where = f"unix://{auth}{kwargs['path']}?db={db}"
-        elif kwargs.get("host"):
-            tls = issubclass(pool.connection_class, redis.SSLConnection)
-            port = kwargs.get("port") or 6379
-            where = f"{'rediss' if tls else 'redis'}://{auth}{kwargs['host']}:{port}/{db}"
-        else:  # a Sentinel pool, say: its repr names the service
-            return repr(target)
-        return f"{where} (the redis.Redis client passed to dim)"
-
-    def _connect(self) -> Client:
-        """A client that answered PING, or RedisUnavailableError saying what went wrong.
-
-        An unreachable server is retried until ``connect_timeout``; a refused login, a
-        missing permission or a rejected TLS certificate fail at once, since waiting
-        cannot fix them.
-        """
-        where = self._describe_target()
-        target = self._redis_target
-        if isinstance(target, str) and urlsplit(target).scheme == "rediss":
-            # redis-py would report a missing file as a connection failure, and retry it
-            files = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
-            for name, values in parse_qs(urlsplit(target).query).items():
-                if name in files and not os.path.exists(values[-1]):
-                    raise RedisUnavailableError(
-                        f"cannot connect to Redis at {where}: the file {values[-1]!r} "
-                        f"given as {name} does not exist"
-                    )
-        client = redis_from(target, self.settings.socket_timeout)
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(self.settings.connect_timeout),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
-            retry=tenacity.retry_if_exception(_worth_retrying),
-            reraise=True,
-        )
-        try:
-            retrying(client.ping)
-        except redis.RedisError as exc:
-            self._close_client(client)
-            message = redis_errors.explain(
-                exc,
-                where,
-                has_password=bool(
-                    client.connection_pool.connection_kwargs.get("password")
-                    if isinstance(client, redis.Redis)
-                    else client.nodes_manager.connection_kwargs.get("password")
-                ),
-                acl_hint="grant the node ACL from dim's docs (Connecting)",
-                unreachable=f"cannot reach Redis at {{where}} within "
-                f"{self.settings.connect_timeout:g} s",
-            )
-            raise RedisUnavailableError(message) from exc
-        return client
+        return connection.describe(self._redis_target)
 
     def _close_client(self, client: Optional[Client]) -> None:
-        if client is not None and client is not self._redis_target:
-            try:
-                client.close()
-            except Exception:
-                log.debug("closing the Redis client failed", exc_info=True)
-
-
-def _worth_retrying(exc: BaseException) -> bool:
-    """Whether waiting may help: a server down, starting or loading; not a refusal.
-
-    Not retried: a refused login, any error reply (a missing permission included), and a
-    TLS certificate the client rejects (redis-py wraps it in a ConnectionError).
-    """
-    if redis_errors.refused_login(exc) or redis_errors.certificate_rejected(exc):
-        return False
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+        connection.close(client, self._redis_target)
 
 
 def _fresh_dispatcher(old: Dispatcher) -> Dispatcher:

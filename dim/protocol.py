@@ -11,6 +11,10 @@ import enum
 from collections.abc import Mapping
 from typing import Optional
 
+import attrs
+
+from dim.era import Header
+
 
 class ClaimStatus(enum.IntEnum):
     """What the heartbeat script says of each claim it renews."""
@@ -34,6 +38,89 @@ class WriteRefused(enum.IntEnum):
     DEPOSED = -1  # the leader key no longer holds this leader's value
     RESET = -2  # a reset window opened that the plan does not know of
     LATE = -3  # the request arrived too late
+
+
+# -- replies --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Beat:
+    """What one heartbeat learned."""
+
+    header: Header
+    outcome: str  # 'ok', 'gone' (this node left: nothing renewed), 'taken' (another
+    # live process owns this node id: nothing changed)
+    version: Optional[str]
+    leader: Optional[str]
+    acquired: bool
+    claims: dict[str, ClaimStatus]
+    view: Optional[View] = None  # the membership, when asked for (the leader)
+
+    @property
+    def stale(self) -> bool:
+        """The request arrived too late and did nothing."""
+        return self.header.status == "stale"
+
+    @property
+    def gone(self) -> bool:
+        return self.outcome == "gone"
+
+    @property
+    def taken(self) -> bool:
+        return self.outcome == "taken"
+
+    @property
+    def now_ms(self) -> int:
+        return self.header.now_ms
+
+
+@attrs.frozen
+class View:
+    """The leader's view of the membership, read in one round trip."""
+
+    now_ms: int  # server time of the read
+    members: dict[str, int]  # node id -> expiry ms, live or expired
+    failures: dict[str, int]  # '<node> <ckey>' -> until ms
+    # live node -> its description's weight, static, tags and capacity fields, if read
+    infos: Optional[dict[str, dict[str, Optional[str]]]] = None
+    control: dict[str, str] = attrs.field(factory=dict)  # the operator's controls
+
+    @property
+    def paused(self) -> bool:
+        return paused(self.control)
+
+    @property
+    def draining(self) -> set[str]:
+        return draining(self.control)
+
+    @property
+    def absent_since(self) -> dict[str, int]:
+        """Static nodes whose rejoin grace runs: node -> server ms a leader first saw it
+        gone (the control hash)."""
+        return absent_since(self.control)
+
+    @property
+    def static_names(self) -> set[str]:
+        """Nodes known to use a static name (live or not), from the control hash."""
+        return static_names(self.control)
+
+    def live(self) -> list[str]:
+        return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
+
+    def dead(self) -> list[str]:
+        return sorted(n for n, expiry in self.members.items() if expiry <= self.now_ms)
+
+
+@attrs.frozen
+class ConfigPlace:
+    """Where the leader put a config (None: unassigned) and its stored JSON (None: gone)."""
+
+    node: Optional[str]
+    config_json: Optional[str]
+    waiting: bool = False  # the leader found no node that may take it (tags, capacity)
+    # this node's desired set names it but the assignment says otherwise (a lost write):
+    # neither start nor stop it until the leader has repaired the disagreement
+    contested: bool = False
 
 
 # -- the control hash (operator controls and what leaders keep for static nodes) ------

@@ -22,9 +22,8 @@ from dim.events import Event, EventType
 from dim.instances import Cancelled, InstanceCalls, UserCallbacks
 from dim.loop import Loop
 from dim.messages import Message
-from dim.protocol import ClaimRefused, ClaimStatus
+from dim.protocol import ClaimRefused, ClaimStatus, ConfigPlace
 from dim.slots import Slot, State
-from dim.store import Placement
 from dim.table import SlotTable
 from dim.usercode import Runners, block_signals
 
@@ -47,7 +46,7 @@ class Reconciler(Loop):
         # heartbeat, release, retoken), so a renewal never races a release; always taken
         # before the table's lock, never after.
         self.claims_lock = threading.RLock()
-        self._placements: dict[str, Placement] = {}
+        self._placements: dict[str, ConfigPlace] = {}
         self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
         self._releasing: dict[str, int] = {}  # disconnected, claim not yet released
         self._hinted: set[str] = set()  # claims announced as released since the last try

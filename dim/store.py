@@ -11,7 +11,6 @@ import logging
 import time
 from typing import Any, Optional, Union
 
-import attrs
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -22,7 +21,7 @@ from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
 from dim.plan import Change
-from dim.protocol import ClaimStatus, parse_owner
+from dim.protocol import Beat, ClaimStatus, ConfigPlace, View, parse_owner
 
 log = logging.getLogger(__name__)
 
@@ -38,86 +37,6 @@ def text(value: Any) -> Optional[str]:
 
 def ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
-
-
-@attrs.frozen
-class Beat:
-    """What one heartbeat learned."""
-
-    header: Header
-    outcome: str  # 'ok', 'gone' (this node left: nothing renewed), 'taken' (another
-    # live process owns this node id: nothing changed)
-    version: Optional[str]
-    leader: Optional[str]
-    acquired: bool
-    claims: dict[str, ClaimStatus]
-    view: Optional[View] = None  # the membership, when asked for (the leader)
-
-    @property
-    def stale(self) -> bool:
-        """The request arrived too late and did nothing."""
-        return self.header.status == "stale"
-
-    @property
-    def gone(self) -> bool:
-        return self.outcome == "gone"
-
-    @property
-    def taken(self) -> bool:
-        return self.outcome == "taken"
-
-    @property
-    def now_ms(self) -> int:
-        return self.header.now_ms
-
-
-@attrs.frozen
-class View:
-    """The leader's view of the membership, read in one round trip."""
-
-    now_ms: int  # server time of the read
-    members: dict[str, int]  # node id -> expiry ms, live or expired
-    failures: dict[str, int]  # '<node> <ckey>' -> until ms
-    # live node -> its description's weight, static, tags and capacity fields, if read
-    infos: Optional[dict[str, dict[str, Optional[str]]]] = None
-    control: dict[str, str] = attrs.field(factory=dict)  # the operator's controls
-
-    @property
-    def paused(self) -> bool:
-        return protocol.paused(self.control)
-
-    @property
-    def draining(self) -> set[str]:
-        return protocol.draining(self.control)
-
-    @property
-    def absent_since(self) -> dict[str, int]:
-        """Static nodes whose rejoin grace runs: node -> server ms a leader first saw it
-        gone (the control hash)."""
-        return protocol.absent_since(self.control)
-
-    @property
-    def static_names(self) -> set[str]:
-        """Nodes known to use a static name (live or not), from the control hash."""
-        return protocol.static_names(self.control)
-
-    def live(self) -> list[str]:
-        return sorted(n for n, expiry in self.members.items() if expiry > self.now_ms)
-
-    def dead(self) -> list[str]:
-        return sorted(n for n, expiry in self.members.items() if expiry <= self.now_ms)
-
-
-@attrs.frozen
-class Placement:
-    """Where the leader put a config (None: unassigned) and its stored JSON (None: gone)."""
-
-    node: Optional[str]
-    config_json: Optional[str]
-    waiting: bool = False  # the leader found no node that may take it (tags, capacity)
-    # this node's desired set names it but the assignment says otherwise (a lost write):
-    # neither start nor stop it until the leader has repaired the disagreement
-    contested: bool = False
 
 
 class Store:
@@ -295,10 +214,10 @@ class Store:
 
     def read_desired(
         self, node_id: str, handled: list[str]
-    ) -> tuple[Optional[str], dict[str, Optional[str]], dict[str, Placement]]:
+    ) -> tuple[Optional[str], dict[str, Optional[str]], dict[str, ConfigPlace]]:
         """This node's share, and where the configs it handles now belong.
 
-        Returns ``(version, {ckey: config json or None}, {ckey: Placement})``, the last
+        Returns ``(version, {ckey: config json or None}, {ckey: ConfigPlace})``, the last
         for each key in ``handled`` that is not in the share (where it went instead).
         """
         k = self.keys
@@ -313,7 +232,7 @@ class Store:
         mine = mine or []
         desired = {str(text(flat[i])): text(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
         placements = {
-            str(text(mine[i])): Placement(
+            str(text(mine[i])): ConfigPlace(
                 text(mine[i + 1]), text(mine[i + 2]), mine[i + 3] is not None, bool(mine[i + 4])
             )
             for i in range(0, len(mine) - 4, 5)

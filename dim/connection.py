@@ -1,0 +1,154 @@
+"""Connecting to Redis: a URL or the caller's client, checked, with clear errors.
+
+Used by :meth:`dim.Manager.start`; the ``dim`` command shares :func:`safe_url` and
+:mod:`dim.redis_errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import redis
+import tenacity
+from redis.cluster import RedisCluster
+
+from dim import redis_errors
+from dim.errors import RedisUnavailableError
+from dim.settings import Settings
+from dim.store import Client, redis_from
+
+log = logging.getLogger("dim.manager")
+
+
+def safe_url(url: str) -> str:
+    """The URL without its secrets, for messages.
+
+    The password becomes ``***``, and so do the values of the query parameters that
+    redis-py reads as secrets (``password``, ``ssl_password``). Everything else stays,
+    so the message still names the user, host, port, database and TLS files.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is not None:
+        # rebuilt from the raw netloc: parts.port raises on a malformed port
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query:
+        fields = parts.query.split("&")
+        for i, field in enumerate(fields):
+            name, sep, _ = field.partition("=")
+            if sep and name.lower() in ("password", "ssl_password"):
+                fields[i] = f"{name}=***"
+        parts = parts._replace(query="&".join(fields))
+    return urlunsplit(parts)
+
+
+def describe(target: Union[str, Client]) -> str:
+    """Where dim connects, without secrets: the URL, or what a passed client points at."""
+    if isinstance(target, str):
+        return safe_url(target)
+    if isinstance(target, RedisCluster):
+        nodes = ",".join(sorted(n.name for n in target.get_nodes()))  # type: ignore[no-untyped-call]
+        return f"redis cluster {nodes} (the redis.cluster.RedisCluster client passed to dim)"
+    pool = target.connection_pool
+    kwargs = pool.connection_kwargs
+    user = kwargs.get("username")
+    auth = f"{user}@" if user else ""
+    db = kwargs.get("db") or 0
+    if kwargs.get("path"):
+        where = f"unix://{auth}{kwargs['path']}?db={db}"
+    elif kwargs.get("host"):
+        tls = issubclass(pool.connection_class, redis.SSLConnection)
+        port = kwargs.get("port") or 6379
+        where = f"{'rediss' if tls else 'redis'}://{auth}{kwargs['host']}:{port}/{db}"
+    else:  # a Sentinel pool, say: its repr names the service
+        return repr(target)
+    return f"{where} (the redis.Redis client passed to dim)"
+
+
+def connect(target: Union[str, Client], settings: Settings) -> Client:
+    """A client that answered PING, or RedisUnavailableError saying what went wrong.
+
+    An unreachable server is retried until ``connect_timeout``; a refused login, a
+    missing permission or a rejected TLS certificate fail at once, since waiting
+    cannot fix them.
+    """
+    where = describe(target)
+    if isinstance(target, str) and urlsplit(target).scheme == "rediss":
+        # redis-py would report a missing file as a connection failure, and retry it
+        files = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+        for name, values in parse_qs(urlsplit(target).query).items():
+            if name in files and not os.path.exists(values[-1]):
+                raise RedisUnavailableError(
+                    f"cannot connect to Redis at {where}: the file {values[-1]!r} "
+                    f"given as {name} does not exist"
+                )
+    client = redis_from(target, settings.socket_timeout)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(settings.connect_timeout),
+        wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
+        retry=tenacity.retry_if_exception(worth_retrying),
+        reraise=True,
+    )
+    try:
+        retrying(client.ping)
+    except redis.RedisError as exc:
+        close(client, target)
+        message = redis_errors.explain(
+            exc,
+            where,
+            has_password=bool(
+                client.connection_pool.connection_kwargs.get("password")
+                if isinstance(client, redis.Redis)
+                else client.nodes_manager.connection_kwargs.get("password")
+            ),
+            acl_hint="grant the node ACL from dim's docs (Connecting)",
+            unreachable=f"cannot reach Redis at {{where}} within {settings.connect_timeout:g} s",
+        )
+        raise RedisUnavailableError(message) from exc
+    return client
+
+
+def close(client: Optional[Client], target: Union[str, Client]) -> None:
+    """Close a client dim made (never the caller's own)."""
+    if client is not None and client is not target:
+        try:
+            client.close()
+        except Exception:
+            log.debug("closing the Redis client failed", exc_info=True)
+
+
+def check_eviction(client: Client, where: str) -> None:
+    """Warn when Redis may evict keys: a claim evicted under memory pressure is a
+    claim another node may take while its holder still runs the instance."""
+    try:
+        info = client.info("memory")
+    except redis.RedisError:
+        return  # not allowed (ACL) or not answered: nothing to say
+    if isinstance(client, RedisCluster) and "maxmemory_policy" not in info:
+        info = next((v for v in info.values() if isinstance(v, dict)), {})
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    if policy and policy != "noeviction":
+        log.warning(
+            "Redis at %s evicts keys under memory pressure (maxmemory-policy %s): dim's "
+            "claims must never be evicted; use maxmemory-policy noeviction",
+            where,
+            policy,
+        )
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether waiting may help: a server down, starting or loading; not a refusal.
+
+    Not retried: a refused login, any error reply (a missing permission included), and a
+    TLS certificate the client rejects (redis-py wraps it in a ConnectionError).
+    """
+    if redis_errors.refused_login(exc) or redis_errors.certificate_rejected(exc):
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
