@@ -22,6 +22,12 @@ class SlotTable:
         self.changed = threading.Condition(self.lock)  # notified when a slot changes
         self.slots: dict[str, Slot] = {}
         self.desired: dict[str, Config] = {}
+        self.closing = False  # a graceful stop began: nothing new starts (reconciler)
+
+    def notify(self) -> None:
+        """Wake whoever waits for a slot to change."""
+        with self.changed:
+            self.changed.notify_all()
 
     def counts(self) -> dict[str, int]:
         """State name -> how many slots are in it."""

@@ -1,0 +1,74 @@
+"""The claims this node lets go: releases (group-committed) and a fence's orphans.
+
+:class:`ClaimBook` owns :attr:`ClaimBook.lock` (the *claims lock*), held around every
+Redis call that takes, renews or releases claims (claim, heartbeat, release, retoken),
+so a renewal never races a release. Lock order: the claims lock first, then the slot
+table's lock (:mod:`dim.table`), then this book's own mutex, never the other way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from dim.messages import Message
+from dim.store import Store
+
+log = logging.getLogger("dim.reconciler")
+
+
+class ClaimBook:
+    def __init__(self, node_id: str, store: Store) -> None:
+        self._node_id = node_id
+        self._store = store
+        self.lock = threading.RLock()
+        self._mutex = threading.Lock()
+        self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
+        self._releasing: dict[str, int] = {}  # disconnected, claim not yet released
+
+    def queue(self, ckey: str, token: int, fenced: bool) -> bool:
+        """A slot is gone: queue its claim for release (True: the caller flushes), or,
+        when fenced, keep it as an orphan, released once Redis answers (False)."""
+        with self._mutex:
+            if fenced:
+                self._orphans[ckey] = token
+                return False
+            self._releasing[ckey] = token
+            return True
+
+    def flush(self) -> None:
+        """Release every queued claim in one round trip with one hint.
+
+        Group commit: while one worker's release is in flight (holding the claims lock),
+        the workers finishing meanwhile queue theirs, and the next one through releases
+        the whole queue."""
+        with self.lock:
+            with self._mutex:
+                batch, self._releasing = self._releasing, {}
+            if batch:
+                self.release(batch)
+
+    def release_orphans(self) -> None:
+        """Let go of the claims a fence dropped (those still wanted are claimed anew)."""
+        with self.lock:
+            with self._mutex:
+                orphans, self._orphans = self._orphans, {}
+            if orphans:
+                self.release(orphans)
+
+    def release(self, tokens: dict[str, int]) -> None:
+        """Delete claims still held with exactly these tokens; callers hold the claims
+        lock and have already dropped the slots."""
+        node_id = self._node_id
+        try:
+            self._store.release(node_id, tokens, Message.released(node_id, tokens))
+        except redis.RedisError as exc:
+            # the claims lapse by TTL since nobody renews them any more
+            log.warning(
+                "node %s could not release %d claims (they will expire): %r",
+                node_id,
+                len(tokens),
+                exc,
+            )

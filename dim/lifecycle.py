@@ -1,0 +1,332 @@
+"""The create and stop tasks of slots, on worker threads: the lifecycle of an instance.
+
+:class:`Lifecycle` owns the worker pool (creates, at most ``max_workers`` at once) and
+the stop threads (never bounded: a stop never waits for a worker), and the tasks that
+could not get a thread (retried on every tick of the reconciler). A create attempt
+starts only while the claim is sure to outlive it and the disconnect of what it
+returns; a task whose slot was cancelled meanwhile undoes what it made and lets go of
+the claim. The reconciler (:mod:`dim.reconciler`) decides what starts and stops; this
+module carries it out.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import redis
+
+from dim.claims import ClaimBook
+from dim.errors import CallTimeout
+from dim.events import Event, EventType
+from dim.instances import Cancelled, InstanceCalls
+from dim.messages import Message
+from dim.slots import Slot, State
+from dim.table import SlotTable
+from dim.usercode import Runners, block_signals
+
+if TYPE_CHECKING:
+    from dim.node import Node
+
+log = logging.getLogger("dim.reconciler")
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        node: Node,
+        table: SlotTable,
+        calls: InstanceCalls,
+        claims: ClaimBook,
+        wake: Callable[[], None],
+        gave_up: Callable[[], None],
+    ) -> None:
+        self.node = node
+        self.table = table
+        self.calls = calls
+        self.claims = claims
+        self._wake = wake  # the reconciler: look at the table again
+        self._gave_up = gave_up  # the leader: a config was handed over (failures hash)
+        # stops whose thread could not be started (the process is at its thread limit):
+        # every tick tries them again, fenced or not
+        self._unstarted: list[Slot] = []
+        self._unstarted_error: Optional[BaseException] = None
+        # creates whose worker thread could not be started: (slot, token), retried too
+        self._unstarted_creates: list[tuple[Slot, int]] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=node.settings.max_workers,
+            thread_name_prefix=f"dim-worker-{node.node_id}",
+            initializer=block_signals,
+        )
+        # the threads that stop instances: never bounded, so no stop waits for a worker
+        self._tasks = Runners(f"dim-stop-{node.node_id}", keep=node.settings.max_workers)
+
+    @property
+    def pending(self) -> bool:
+        """Some task waits for a thread."""
+        return bool(self._unstarted or self._unstarted_creates)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.calls.close()
+        self._tasks.close()
+
+    def _guard(self, task: Callable[..., None], *args: Any) -> None:
+        try:
+            task(*args)
+        except BaseException as exc:  # a worker thread must survive anything
+            if self.node.stop_event.is_set() and isinstance(
+                exc, (redis.RedisError, OSError, ValueError)
+            ):
+                # stop() closed the connections under a task it no longer waits for
+                log.debug("node %s: %s ended by stop(): %r", self.node.node_id, task.__name__, exc)
+                return
+            log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
+            self.node.emit(
+                Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
+            )
+        finally:
+            self.table.notify()
+            self._wake()
+
+    def spawn_stop(self, slot: Slot) -> None:
+        """Run the disconnect of a slot now, on a thread of its own (the caller took it).
+
+        Never raises: when no thread can be started (the process is at its thread limit),
+        the slot waits for its disconnect again and every tick of the reconciler retries it,
+        fenced or not. Its claim is held meanwhile (renewed, or left to expire when
+        fenced), so nobody else starts the config while the instance may run.
+        """
+        try:
+            self._tasks.start(self._stop_task, slot)
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            with self.table.lock:
+                slot.disconnecting = False
+                self._unstarted.append(slot)
+                self._unstarted_error = exc
+
+    def start_create(self, slot: Slot, token: int) -> None:
+        """Hand the create of a claimed slot to the worker pool. Never raises: when no
+        worker thread can be started, every tick of the reconciler tries again (the work item
+        may also still run once a worker starts: :meth:`_create_task` runs only the first
+        of the two)."""
+        try:
+            self._pool.submit(self._guard, self._create_task, slot, token)
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            with self.table.lock:
+                self._unstarted_creates.append((slot, token))
+                self._unstarted_error = exc
+
+    def retry_creates(self) -> None:
+        with self.table.lock:
+            pending, self._unstarted_creates = self._unstarted_creates, []
+            error = self._unstarted_error
+            retry = [
+                (slot, token)
+                for slot, token in pending
+                if self.table.slots.get(slot.ckey) is slot
+                and slot.state is State.CREATING
+                and slot.token == token
+                and slot.create_for != token
+            ]
+        if retry:
+            log.error(
+                "node %s could not start a thread to create %r (%r); trying again",
+                self.node.node_id,
+                [slot.config.id for slot, _ in retry],
+                error,
+            )
+        for slot, token in retry:
+            self.start_create(slot, token)
+
+    def retry_stops(self) -> None:
+        with self.table.lock:
+            slots, self._unstarted = self._unstarted, []
+            error = self._unstarted_error
+            retry = [s for s in slots if self.table.slots.get(s.ckey) is s and s.take_stop()]
+        if retry:
+            log.error(
+                "node %s could not start a thread to disconnect %r (%r); trying again",
+                self.node.node_id,
+                [s.config.id for s in retry],
+                error,
+            )
+        for slot in retry:
+            self.spawn_stop(slot)
+
+    def _stop_task(self, slot: Slot) -> None:
+        block_signals()
+        self._guard(self._run_stop, slot)
+
+    def _run_stop(self, slot: Slot) -> None:
+        """Disconnect the slot's instance; then recreate it (new token) or finish it."""
+        self.calls.disconnect(slot.config, slot.instance, slot.token)
+        with self.table.lock:
+            slot.stopped()
+            again = (
+                slot.recreate is not None
+                and self.table.slots.get(slot.ckey) is slot
+                and slot.token is not None
+                and not slot.lost
+                and not self.table.closing
+                and not self.node.fenced
+                and slot.ckey in self.table.desired
+            )
+            if again:
+                slot.recreating(self.table.desired[slot.ckey])
+            slot.recreate = None
+        if again and self._retoken(slot):
+            self._create_task(slot)
+        else:
+            self.finish(slot)
+
+    def _retoken(self, slot: Slot) -> bool:
+        """Give a slot recreated in place a new token (a new incarnation); False if the
+        claim is lost or Redis cannot say."""
+        node = self.node
+        s = node.settings
+        with self.claims.lock:
+            sent = node.clock()
+            assert slot.token is not None
+            try:
+                token = node.store.retoken(node.node_id, slot.ckey, slot.token, s.create_lease)
+            except redis.RedisError as exc:
+                log.warning(
+                    "node %s could not renew the token of %r: %r", node.node_id, slot.config.id, exc
+                )
+                token = -1
+            with self.table.lock:
+                if token > 0:
+                    slot.retokened(token, sent + s.create_lease)
+                    return True
+                if token == 0:
+                    slot.lost = True
+                return False
+
+    def _wait_covered(self, slot: Slot, cancel: threading.Event) -> bool:
+        """Wait until the claim is sure to outlive a create attempt started now and the
+        disconnect of what it returns; False if the attempt may not start at all."""
+        node = self.node
+        s = node.settings
+        need = s.create_timeout + s.disconnect_timeout + s.fence_margin
+        with self.table.changed:
+            while True:
+                if cancel.is_set() or node.fenced or slot.lost or node.stop_event.is_set():
+                    return False
+                if node.clock() + need <= slot.lease_until:
+                    return True
+                # the next heartbeat renews this claim for a whole create_lease
+                self.table.changed.wait(s.heartbeat_interval)
+
+    def _create_once(self, slot: Slot, cancel: threading.Event) -> Any:
+        if slot.timed_out:
+            # the last attempt overran create_timeout and may still return an instance
+            # (disconnected when it does): this one is another incarnation, with a new
+            # token, so that downstream can tell the two apart
+            if not self._retoken(slot):
+                raise Cancelled()
+            slot.timed_out = False
+        if not self._wait_covered(slot, cancel):
+            raise Cancelled()
+        try:
+            return self.calls.create(slot.config)
+        except CallTimeout:
+            slot.timed_out = True
+            raise
+
+    def _create_task(self, slot: Slot, token: Optional[int] = None) -> None:
+        """Create the slot's instance (under ``token``: the slot's current one when None),
+        with retries; a second task for the same token does nothing."""
+        node = self.node
+        with self.table.lock:
+            token = slot.token if token is None else token
+            if slot.token != token or slot.create_for == token:
+                return  # a create task for this incarnation ran already
+            slot.create_for = token
+        cancel = slot.cancel
+        retrying = self.calls.retrying(cancel, slot.config.id, lambda: slot.token)
+        try:
+            instance = retrying(self._create_once, slot, cancel)
+        except Cancelled:
+            self.finish(slot)
+            return
+        except Exception as exc:
+            self._create_failed(slot, exc, cancel)
+            return
+        with self.table.lock:
+            keep = (
+                self.table.slots.get(slot.ckey) is slot
+                and slot.state is State.CREATING
+                and not cancel.is_set()
+                and not slot.lost
+                and not node.fenced
+                and not self.table.closing
+            )
+            if keep:
+                slot.created(instance)
+        if keep:
+            log.debug("node %s created %r (token %s)", node.node_id, slot.config.id, slot.token)
+            node.emit(Event(EventType.INSTANCE_CREATED, node.node_id, slot.config.id, slot.token))
+            return
+        # moved away, fenced or stopping while we created: undo, then let go of the claim
+        self.calls.disconnect(slot.config, instance, slot.token)
+        self.finish(slot)
+
+    def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:
+        node = self.node
+        with self.table.lock:
+            current = (
+                self.table.slots.get(slot.ckey) is slot
+                and not cancel.is_set()
+                and not slot.lost
+                and not node.fenced
+                and not self.table.closing
+            )
+        if not current:
+            self.finish(slot)
+            return
+        log.error(
+            "node %s gives up creating config %r after %d attempts: %r; handing it over for %.0fs",
+            node.node_id,
+            slot.config.id,
+            node.settings.create_attempts,
+            exc,
+            node.settings.failure_cooldown,
+        )
+        node.emit(
+            Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token, error=exc)
+        )
+        token = slot.token
+        with self.claims.lock:
+            with self.table.lock:
+                slot.gave_up(node.clock() + node.settings.failure_cooldown)
+            if token is not None:
+                self.claims.release({slot.ckey: token})
+        node.store.report_failure(
+            node.node_id,
+            slot.ckey,
+            node.settings.failure_cooldown,
+            Message.failed(node.node_id, (slot.ckey,)),
+        )
+        self._gave_up()  # when this node leads, it hears no hint of its own
+
+    def finish(self, slot: Slot) -> None:
+        """The slot's instance is gone: forget it and let go of its claim.
+
+        Once the slot is gone no heartbeat renews the claim, and a release never runs
+        while a heartbeat is in flight (the claims lock), so a released claim is never
+        taken back. A fenced node keeps the claim as an orphan, released once Redis
+        answers (:class:`~dim.claims.ClaimBook`).
+        """
+        token = slot.token
+        flush = False
+        with self.table.lock:
+            if self.table.slots.get(slot.ckey) is slot:
+                del self.table.slots[slot.ckey]
+            if token is not None and not slot.lost:
+                flush = self.claims.queue(slot.ckey, token, self.node.fenced)
+            self.table.changed.notify_all()
+        if flush:
+            self.claims.flush()
