@@ -20,12 +20,10 @@ from typing import Any, Callable, Optional
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from dim import Manager, Settings
+from dim import Manager
 from dim.testing import RedisServer, free_port, wait_until
 
-from .helpers import ROOT, dim_env, run_dim
-
-FAST = Settings(heartbeat_interval=0.05, node_ttl=0.6, leader_ttl=0.6)
+from .helpers import FAST, ROOT, dim_env, run_dim
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
