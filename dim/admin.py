@@ -39,8 +39,9 @@ from dim.errors import ConfigError, StateError
 from dim.keys import check_service
 from dim.manager import safe_url
 from dim.messages import Kind, Message
+from dim.protocol import draining
 from dim.status import ClusterStatus, NodeStatus, read_status
-from dim.store import Client, Store, draining
+from dim.store import Client, Store
 
 __all__ = ["Admin", "ConfigListing", "Move", "PublishedConfig", "connect", "moves_between"]
 

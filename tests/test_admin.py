@@ -16,6 +16,7 @@ import redis
 from dim import ClusterStatus, ConfigError, ConfigStatus, NodeStatus, StateError
 from dim.admin import Admin, ConfigListing, Move, PublishedConfig, moves_between
 from dim.keys import Keys
+from dim.protocol import PAUSED, drain_field, static_field
 from dim.testing import free_port, wait_until
 
 from .helpers import FAST, Cluster
@@ -205,14 +206,15 @@ def test_undrain_of_a_node_that_is_gone(
     still clears its drain; draining() reads only the drain fields of the control hash."""
     control = Keys(service).control
     # what a crashed drained node leaves (a graceful stop clears it), beside other fields
-    redis_client.hset(control, mapping={"drain ghost-1": "0", "static ghost-2": "1", "paused": "1"})
+    fields = {drain_field("ghost-1"): "0", static_field("ghost-2"): "1", PAUSED: "1"}
+    redis_client.hset(control, mapping=fields)
     assert admin.status().nodes == []
     assert admin.draining() == {"ghost-1"}
     with pytest.raises(ConfigError, match="no live node 'ghost-2'"):
         admin.undrain("ghost-2")  # not drained and not live
     assert admin.undrain("ghost-1") == "ghost-1"
     assert admin.draining() == set()
-    assert redis_client.hexists(control, "static ghost-2")
+    assert redis_client.hexists(control, static_field("ghost-2"))
 
 
 def test_unknown_or_ambiguous_node_is_refused(admin: Admin, cluster: Cluster) -> None:

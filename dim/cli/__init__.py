@@ -8,6 +8,10 @@ command.
 
 User errors never print a traceback: a bad argument exits with 2, and a runtime failure
 (Redis unreachable, a refused login) exits with 1, each with one line on stderr.
+
+The package: :mod:`~dim.cli.parser` (the arguments), :mod:`~dim.cli.commands` (each
+subcommand, a thin layer over :class:`dim.admin.Admin`), :mod:`~dim.cli.formatting` (the
+text it prints) and :mod:`~dim.cli.demo` (``dim demo`` and its node processes).
 """
 
 from __future__ import annotations
