@@ -7,9 +7,9 @@ for code that does not know dim.
 Errors from redis-py (``redis.exceptions.ConnectionError``, ``TimeoutError``,
 ``ResponseError``...) do not pass through the public API: ``start()`` turns an
 unreachable server or a refused login into :class:`RedisUnavailableError`, and the
-background loops log them, report them to listeners and retry. ``status()`` is the one
-public call that lets a ``redis.exceptions.RedisError`` through, because it is a plain
-read that the caller asked for.
+background loops log them, report them to listeners and retry. ``Manager.status()`` and
+the methods of :class:`dim.admin.Admin` let a ``redis.exceptions.RedisError`` through,
+because each is a plain request that the caller made.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""The ``dim`` command: look at a cluster, or watch a demo one heal itself.
+
+``dim status`` prints what Redis knows about one service (nodes, leader, assignment,
+handoffs in progress) and only ever reads. ``dim demo`` starts a private Redis and a few
+node processes and runs a short scripted scenario (a node joins, one leaves gracefully,
+one is killed) while it prints the cluster every second. ``python -m dim`` is the same
+command.
+
+User errors never print a traceback: a bad argument exits with 2, and a runtime failure
+(Redis unreachable, a refused login) exits with 1, each with one line on stderr.
+
+The package: :mod:`~dim.cli.parser` (the arguments), :mod:`~dim.cli.commands` (each
+subcommand, a thin layer over :class:`dim.admin.Admin`), :mod:`~dim.cli.formatting` (the
+text it prints) and :mod:`~dim.cli.demo` (``dim demo`` and its node processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from dim.cli.commands import (
+    DEFAULT_REDIS_URL,
+    REDIS_URL_ENV,
+    SERVICE_ENV,
+    CommandError,
+    UsageError,
+    connect,
+    describe_redis_error,
+)
+from dim.cli.demo import DEMO_SETTINGS
+from dim.cli.formatting import format_status
+from dim.cli.parser import build_parser
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "DEMO_SETTINGS",
+    "REDIS_URL_ENV",
+    "SERVICE_ENV",
+    "CommandError",
+    "UsageError",
+    "build_parser",
+    "connect",
+    "describe_redis_error",
+    "format_status",
+    "main",
+]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``dim`` command; returns the exit code (the console script exits with it)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog: str = args.parser.prog
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))
+    except CommandError as exc:
+        _error(f"{prog}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _error(f"{prog}: interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`dim status | head`): no traceback, and no second
+        # error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _error(message: str) -> None:
+    print(" ".join(message.split()), file=sys.stderr, flush=True)

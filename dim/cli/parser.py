@@ -1,0 +1,231 @@
+"""The ``dim`` command's arguments: every subcommand, its options and their checks.
+
+Defaults come from the environment when the parser is built (``DIM_REDIS_URL``,
+``DIM_SERVICE``). A bad argument ends the command with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, NoReturn
+from urllib.parse import urlsplit
+
+from dim.cli.commands import (
+    DEFAULT_REDIS_URL,
+    REDIS_URL_ENV,
+    SERVICE_ENV,
+    cmd_config,
+    cmd_drain,
+    cmd_pause,
+    cmd_rebalance,
+    cmd_status,
+    cmd_watch,
+)
+from dim.cli.demo import cmd_demo, cmd_demo_node
+from dim.errors import ConfigError
+from dim.keys import check_service
+from dim.manager import safe_url
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _redis_url(text: str) -> str:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid Redis URL {safe_url(text)!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(
+            f"Redis URL must start with redis://, rediss:// or unix://, got {safe_url(text)!r}"
+        )
+    return text
+
+
+def _service_name(text: str) -> str:
+    try:
+        return check_service(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (defaults read from the environment now)."""
+    default_url = os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+    default_service = os.environ.get(SERVICE_ENV) or None
+    parser = _Parser(
+        prog="dim",
+        description="Look at a dim cluster, or run a demo of one.",
+        epilog=f"Environment: {REDIS_URL_ENV} (default --redis), {SERVICE_ENV} (default "
+        "--service). Exit codes: 0 ok, 1 runtime failure, 2 bad arguments.",
+    )
+    from dim import __version__
+
+    parser.add_argument("--version", action="version", version=f"dim {__version__}")
+    # The metavar hides the internal demo-node command from the usage line.
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="{status,watch,config,rebalance,pause,resume,drain,demo}",
+        required=True,
+    )
+
+    def target(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--redis",
+            type=_redis_url,
+            default=default_url,
+            metavar="URL",
+            help=f"Redis URL (default: ${REDIS_URL_ENV} or {DEFAULT_REDIS_URL})",
+        )
+        sub.add_argument(
+            "--service",
+            type=_service_name,
+            default=default_service,
+            help=f"service name (required unless ${SERVICE_ENV} is set)",
+        )
+
+    status = commands.add_parser(
+        "status",
+        help="show the nodes, leader and assignment of one service (read-only)",
+        description="Show the nodes, leader, assignment and pending handoffs of one "
+        "service. Only reads from Redis.",
+    )
+    target(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(func=cmd_status, parser=status)
+
+    watch = commands.add_parser(
+        "watch",
+        help="the status table, refreshed live, with every move as it happens (read-only)",
+        description="Print the status table every --interval seconds (redrawn in place on "
+        "a terminal) followed by the moves seen so far: a config starting, stopping or "
+        "changing node. When the output is not a terminal, the table is printed once and "
+        "then one line per move. Ctrl-C ends it.",
+    )
+    target(watch)
+    watch.add_argument(
+        "--interval", type=_seconds, default=1.0, help="seconds between reads (default 1)"
+    )
+    watch.add_argument(
+        "--count", type=_int_between(1, 10**9), default=None, help="stop after this many reads"
+    )
+    watch.set_defaults(func=cmd_watch, parser=watch)
+
+    config = commands.add_parser(
+        "config",
+        help="show the configs the leader published, and where each is assigned (read-only)",
+        description="Show every config as the leader last published it (its id, the node "
+        "it is assigned to, the node holding its claim and its content).",
+    )
+    target(config)
+    config.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    config.set_defaults(func=cmd_config, parser=config)
+
+    rebalance = commands.add_parser(
+        "rebalance",
+        help="ask the leader to call get_config and re-plan now",
+        description="Ask the leader to call get_config and re-plan now instead of at its "
+        "next config poll. The assignment is sticky: only what is unbalanced or changed "
+        "moves.",
+    )
+    target(rebalance)
+    rebalance.set_defaults(func=cmd_rebalance, parser=rebalance)
+
+    pause = commands.add_parser(
+        "pause",
+        help="stop all rebalancing until 'dim resume' (instances keep running and healing)",
+        description="Pause rebalancing: the leader changes no assignment until 'dim "
+        "resume'. Instances keep running where they are and unhealthy ones are still "
+        "recreated in place, but the configs of a node that stops or dies wait, and new "
+        "configs are not placed.",
+    )
+    target(pause)
+    pause.set_defaults(func=cmd_pause, parser=pause, on=True)
+    resume = commands.add_parser(
+        "resume", help="end a 'dim pause'", description="Resume rebalancing after dim pause."
+    )
+    target(resume)
+    resume.set_defaults(func=cmd_pause, parser=resume, on=False)
+
+    drain = commands.add_parser(
+        "drain",
+        help="move every config off one node (before a deploy), or --undo",
+        description="Move every config off NODE, which stays a member with nothing to run "
+        "until it stops (or until --undo). NODE is a node id from 'dim status', or a "
+        "unique prefix of one. With --wait, return once the node runs nothing.",
+    )
+    target(drain)
+    drain.add_argument("node", metavar="NODE", help="node id, or a unique prefix of one")
+    drain.add_argument("--undo", action="store_true", help="stop draining the node")
+    drain.add_argument(
+        "--wait",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="wait until the node runs nothing (exit 1 if it still does after SECONDS)",
+    )
+    drain.set_defaults(func=cmd_drain, parser=drain)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a scripted demo cluster of node processes",
+        description="Start node processes on a private Redis (or --redis), print the "
+        "cluster every second and run a short scenario: add a node, stop one gracefully "
+        "(SIGTERM), kill one (SIGKILL). On a terminal, keys a (add), s (stop), k (kill) "
+        "and q (quit) act at once, and the demo runs until --seconds or q; "
+        "otherwise it ends with the scenario.",
+    )
+    demo.add_argument(
+        "--redis",
+        type=_redis_url,
+        default=None,
+        metavar="URL",
+        help="use this Redis instead of starting a private one",
+    )
+    demo.add_argument(
+        "--nodes", type=_int_between(1, 20), default=3, help="node processes (default 3)"
+    )
+    demo.add_argument(
+        "--configs", type=_int_between(1, 1000), default=8, help="configs to run (default 8)"
+    )
+    demo.add_argument(
+        "--seconds", type=_seconds, default=30.0, help="bound on the whole run (default 30)"
+    )
+    demo.set_defaults(func=cmd_demo, parser=demo)
+
+    # Internal: one node of the demo, started by `dim demo` (no help: not listed).
+    node = commands.add_parser("demo-node", description="One node of `dim demo` (internal).")
+    node.add_argument("--redis", type=_redis_url, default=default_url, metavar="URL")
+    node.add_argument("--service", type=_service_name, required=True)
+    node.add_argument("--configs", type=_int_between(1, 1000), required=True)
+    node.set_defaults(func=cmd_demo_node, parser=node)
+    return parser
