@@ -35,9 +35,9 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dim.configs import decode as decode_config
+from dim.connection import safe_url
 from dim.errors import ConfigError, StateError
 from dim.keys import check_service
-from dim.manager import safe_url
 from dim.messages import Kind, Message
 from dim.protocol import draining
 from dim.status import ClusterStatus, NodeStatus, read_status

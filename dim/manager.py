@@ -18,7 +18,6 @@ from redis.cluster import RedisCluster
 
 from dim import connection
 from dim.configs import KeyFunc
-from dim.connection import safe_url as safe_url
 from dim.constraints import Rule, Rules, check_capacity, check_tags
 from dim.era import Era
 from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateError
@@ -137,7 +136,7 @@ class Manager:
         if isinstance(redis, str) and urlsplit(redis).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
                 f"redis URL must start with redis://, rediss:// or unix://, got "
-                f"{safe_url(redis)!r}",
+                f"{connection.safe_url(redis)!r}",
                 redis,
             )
         if settings is None:

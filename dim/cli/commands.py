@@ -28,8 +28,8 @@ from dim import admin as admin_api
 from dim import redis_errors
 from dim.admin import Admin
 from dim.cli.formatting import config_rows, format_configs, format_move, format_status
+from dim.connection import safe_url
 from dim.errors import ConfigError, DimError, StateError
-from dim.manager import safe_url
 from dim.status import ClusterStatus
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"

@@ -31,9 +31,10 @@ from dim.cli.commands import (
     signals_set,
 )
 from dim.cli.formatting import format_status
+from dim.connection import safe_url
 from dim.errors import DimError
 from dim.keys import Keys
-from dim.manager import Manager, safe_url
+from dim.manager import Manager
 from dim.settings import Settings
 from dim.status import ClusterStatus
 

@@ -23,9 +23,9 @@ from dim.cli.commands import (
     cmd_watch,
 )
 from dim.cli.demo import cmd_demo, cmd_demo_node
+from dim.connection import safe_url
 from dim.errors import ConfigError
 from dim.keys import check_service
-from dim.manager import safe_url
 
 
 class _Parser(argparse.ArgumentParser):
