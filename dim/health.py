@@ -32,7 +32,7 @@ class UnhealthyError(DimError, RuntimeError):
     """healthcheck returned False."""
 
 
-class HealthLoop(Loop):
+class HealthLoop(Loop["Node"]):
     role = "health"
 
     def __init__(self, node: Node, healthcheck: Callable[[Any], Any]) -> None:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 _Loaded = tuple[Parsed, dict[str, frozenset[str]], dict[str, int], dict[str, ConfigError]]
 
 
-class LeaderLoop(Loop):
+class LeaderLoop(Loop["Node"]):
     role = "leader"
 
     def __init__(

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 POLL = 0.1  # seconds a get_message call may block; bounds how long stop() waits for us
 
 
-class HintListener(Loop):
+class HintListener(Loop["Node"]):
     role = "listener"
 
     def __init__(self, node: Node) -> None:
@@ -91,7 +91,9 @@ class HintListener(Loop):
             node.reconciler.released(())
         if kind is Kind.ASSIGNED:
             stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader
-            if not stale and (message.version is None or str(message.version) != node.version):
+            if not stale and (
+                message.version is None or str(message.version) != node.reconciler.version
+            ):
                 node.reconciler.assigned(message.version, message.previous, message.targets)
         if kind is Kind.LEADER_LEFT:
             node.heartbeat.wake()

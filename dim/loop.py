@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Generic, Optional, TypeVar
 
 import redis
 
 from dim.events import Event, EventType
+from dim.roles import Host
 from dim.usercode import block_signals
 
-if TYPE_CHECKING:
-    from dim.node import Node
+H = TypeVar("H", bound=Host)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Every:
         return max(0.0, self.next_at - self.clock())
 
 
-class Loop:
+class Loop(Generic[H]):
     """A named thread that calls :meth:`tick` until the node stops.
 
     ``tick()`` returns how long to wait before the next tick; :meth:`wake` cuts that wait
@@ -69,7 +69,7 @@ class Loop:
 
     role = "loop"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: H) -> None:
         self.node = node
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None

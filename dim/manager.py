@@ -166,6 +166,9 @@ class Manager:
         self._dispatcher = Dispatcher()
         self._lock = threading.RLock()
         self._node: Optional[Node] = None
+        # the node's reconciler and leader loop, as built here (the node knows them only
+        # through dim.roles)
+        self._parts: Optional[tuple[Reconciler, LeaderLoop]] = None
         self._client: Optional[Client] = None
         self._pid = os.getpid()
 
@@ -205,8 +208,9 @@ class Manager:
                 tags=self._tags,
                 capacity=self._capacity,
             )
-            node.reconciler = Reconciler(node, self._callbacks)
-            node.leader = LeaderLoop(node, self._get_config, self._key, self._rules)
+            reconciler = Reconciler(node, self._callbacks)
+            leader = LeaderLoop(node, self._get_config, self._key, self._rules)
+            node.reconciler, node.leader = reconciler, leader
             node.listener = HintListener(node)
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
@@ -222,9 +226,10 @@ class Manager:
                 self._close_client(client)
                 raise
             connection.check_eviction(client, self._describe_target())
-            node.joined_version = node.version
+            node.joined_version = node.reconciler.version
             # visible before any thread runs, so create() can already read its lease
             self._node = node
+            self._parts = (reconciler, leader)
             self._client = client
             self._dispatcher.start(f"dim-events-{node.node_id}")
             for loop in node.loops():
@@ -285,20 +290,24 @@ class Manager:
             if node is None:
                 return
             try:
-                self._leave(node, timeout)
+                assert self._parts is not None
+                self._leave(node, *self._parts, timeout)
             finally:
                 self._node = None
+                self._parts = None
 
-    def _leave(self, node: Node, timeout: Optional[float]) -> None:
+    def _leave(
+        self, node: Node, reconciler: Reconciler, leader: LeaderLoop, timeout: Optional[float]
+    ) -> None:
         # no new claims from here on: the final rebalance may not hand us anything
-        node.reconciler.begin_close()
+        reconciler.begin_close()
         s = self.settings
         wait = s.stop_timeout if timeout is None else timeout
         store = node.store
         if node.is_leader and not (node.static and s.rejoin_grace):
             # (a static node with a rejoin grace keeps its configs for its restart)
             try:
-                node.leader.final_rebalance()
+                leader.final_rebalance()
             except Exception:
                 log.warning("final rebalance before stepping down failed", exc_info=True)
         # under claims_lock: no heartbeat is in flight, and every later one renews
@@ -319,7 +328,7 @@ class Manager:
             # the cluster notices by TTL instead; the claims are still released below
             log.warning("node %s could not announce that it leaves: %r", node.node_id, exc)
         node.set_leader(None)
-        node.reconciler.close(wait)
+        reconciler.close(wait)
         node.stop_event.set()
         node.wake_all()
         # one deadline for all of them: a loop stuck in user code (a placement rule, a
@@ -327,7 +336,7 @@ class Manager:
         joined_by = node.clock() + max(1.0, s.heartbeat_interval * 2)
         for loop in node.loops():
             loop.join(max(0.0, joined_by - node.clock()))
-        node.leader.close()
+        leader.close()
         try:
             # a tombstone outlives any request of ours still queued in a stalled server
             store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl), session=node.session)
@@ -397,9 +406,9 @@ class Manager:
 
     def wait_until_stable(self, timeout: float = 10.0) -> bool:
         """Block until this node runs exactly what it is assigned; False on timeout."""
-        node = self._running_node(required=True)
-        assert node is not None
-        return node.reconciler.wait_until_stable(timeout)
+        self._running_node(required=True)
+        parts = self._parts
+        return parts is not None and parts[0].wait_until_stable(timeout)
 
     def refresh(self) -> None:
         """Ask the leader to call ``get_config`` now rather than at its next interval."""

@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
@@ -22,12 +22,9 @@ from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.protocol import ClaimStatus, owner, parse_owner
+from dim.roles import LeaderRole, ReconcilerRole, Runnable
 from dim.settings import Settings
 from dim.store import Store
-
-if TYPE_CHECKING:
-    from dim.leader import LeaderLoop
-    from dim.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,12 @@ def new_node_id() -> str:
 
 
 class Node:
-    """Shared runtime state of one started manager."""
+    """Shared runtime state of one started manager.
+
+    Each flag has one writer, named next to it; the others only read it. The loops know
+    each other through :mod:`dim.roles` (``reconciler``, ``leader``), set once by the
+    manager before any loop starts.
+    """
 
     def __init__(
         self,
@@ -60,7 +62,8 @@ class Node:
         # this process's claim on the node id: a second process with the same static
         # name is refused while this session's description lives
         self.session = secrets.token_hex(6)
-        self.name_taken = False  # the last heartbeat found the node id owned by another
+        # writer: heartbeat. The last heartbeat found the node id owned by another.
+        self.name_taken = False
         self.store = store
         self.settings = settings
         self.dispatcher = dispatcher
@@ -69,21 +72,22 @@ class Node:
         self.pid = os.getpid()
         self.started_at = time.time()
         self.stop_event = threading.Event()
-        self.leaving = False
-        # monotonic time at which the last successful heartbeat was *sent*: every claim
-        # it renewed lives until at least this plus node_ttl
+        self.leaving = False  # writer: Manager.stop (a graceful stop began)
+        # writer: heartbeat. Monotonic time at which the last successful heartbeat was
+        # *sent*: every claim it renewed lives until at least this plus node_ttl
         self.last_renew = clock()
-        self.fenced = False
-        self.redis_ok = True
-        self.version: Optional[str] = None  # assignment version seen by the last heartbeat
+        self.fenced = False  # writer: reconciler (fence, unfence), under the table's lock
+        self.redis_ok = True  # writer: heartbeat
+        # writer: Manager.start (the assignment version when this node joined)
         self.joined_version: Optional[str] = None
-        self.leader_value: Optional[str] = None  # '<me>:<epoch>' while this node leads
+        # writer: set_leader only, under its lock ('<me>:<epoch>' while this node leads)
+        self.leader_value: Optional[str] = None
         self.epoch = 0
         self._info: Optional[dict[str, str]] = None
-        self.reconciler: Reconciler
-        self.leader: LeaderLoop
-        self.listener: Optional[Loop] = None
-        self.health: Optional[Loop] = None
+        self.reconciler: ReconcilerRole
+        self.leader: LeaderRole
+        self.listener: Optional[Loop[Any]] = None
+        self.health: Optional[Loop[Any]] = None
         self.heartbeat = Heartbeat(self)
         self.watchdog = FenceWatchdog(self)
         self._lock = threading.Lock()
@@ -138,12 +142,12 @@ class Node:
         for loop in self.loops():
             loop.wake()
 
-    def loops(self) -> list[Loop]:
-        out: list[Loop] = [self.heartbeat, self.watchdog, self.reconciler, self.leader]
+    def loops(self) -> list[Runnable]:
+        out: list[Runnable] = [self.heartbeat, self.watchdog, self.reconciler, self.leader]
         return out + [loop for loop in (self.listener, self.health) if loop is not None]
 
 
-class Heartbeat(Loop):
+class Heartbeat(Loop["Node"]):
     """The one Lua call per interval: membership, claims, leadership, version (protocol.rst §2)."""
 
     role = "heartbeat"
@@ -228,9 +232,7 @@ class Heartbeat(Loop):
             node.set_leader(result.leader)
         elif node.is_leader:
             node.set_leader(None)
-        if result.version != node.version:
-            node.version = result.version
-            node.reconciler.wake(read=True)
+        node.reconciler.saw_version(result.version)
         if result.view is not None and node.is_leader:
             node.leader.observe(result.view, sent)
 
@@ -278,7 +280,7 @@ class Heartbeat(Loop):
         return self.node.settings.heartbeat_interval
 
 
-class FenceWatchdog(Loop):
+class FenceWatchdog(Loop["Node"]):
     """Stops every local instance when renewals have failed for too long (protocol.rst §6).
 
     It never touches Redis, so a stalled connection cannot delay it.

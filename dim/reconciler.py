@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Reconciler(Loop):
+class Reconciler(Loop["Node"]):
     """Owns the local instance table and makes it match this node's desired set."""
 
     role = "reconciler"
@@ -45,7 +45,10 @@ class Reconciler(Loop):
         self._placements: dict[str, ConfigPlace] = {}
         self._hinted: set[str] = set()  # claims announced as released since the last try
         self._retry_all_at = 0.0  # when to retry every pending claim, hint or not
-        self._read_version: Optional[str] = None
+        self._read_version: Optional[str] = None  # the version of the share last read
+        # the latest assignment version this node knows of (from its heartbeat, a hint,
+        # or its own read); written only here, under the table's lock
+        self._version: Optional[str] = None
         self._have_read = False
         self._need_read = True
 
@@ -58,7 +61,7 @@ class Reconciler(Loop):
         with self.table.lock:
             if node.fenced or self._need_read or not self._have_read:
                 return False
-            if self._read_version is None or self._read_version != node.version:
+            if self._read_version is None or self._read_version != self._version:
                 return False
             if self._read_version == node.joined_version:
                 return False  # the leader has not placed anything since we joined
@@ -74,7 +77,20 @@ class Reconciler(Loop):
                 self.table.changed.wait(min(remaining, self.node.settings.heartbeat_interval))
             return True
 
+    @property
+    def version(self) -> Optional[str]:
+        """The latest assignment version this node knows of."""
+        return self._version
+
     # -- signals from other loops -----------------------------------------------------
+
+    def saw_version(self, version: Optional[str]) -> None:
+        """The heartbeat saw this assignment version: read the share again if it is new."""
+        with self.table.lock:
+            if version == self._version:
+                return
+            self._version = version
+        self.wake(read=True)
 
     def wake(self, read: bool = False) -> None:
         if read:
@@ -111,12 +127,12 @@ class Reconciler(Loop):
                 not self._need_read
                 and self._read_version is not None
                 and self._read_version == str(previous)
-                and node.version in (None, self._read_version, str(version))
+                and self._version in (None, self._read_version, str(version))
                 and self.table.slots.keys() == self.table.desired.keys()
             )
             if same:
                 self._read_version = str(version)
-                node.version = str(version)
+                self._version = str(version)
         if same:
             self.table.notify()
         else:
@@ -242,7 +258,8 @@ class Reconciler(Loop):
                 self._read_version = version
                 self._have_read = True
             # what we just read is the truth as of now; the heartbeat moves it on later
-            node.version = version
+            with self.table.lock:
+                self._version = version
             self.claims.release_orphans()
         to_claim = self._plan(retry_all=read)
         if to_claim:

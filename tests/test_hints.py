@@ -96,7 +96,7 @@ def test_assigned_hint_names_only_the_nodes_it_changes(
         version = str(assigned[-1].version)
         for m in managers:
             assert m.wait_until_stable(10)
-            assert m._node.version == version  # type: ignore[attr-defined,union-attr]
+            assert m._node.reconciler.version == version  # type: ignore[union-attr]
         assert cluster.counts() == [2, 2, 2]
         assert cluster.ledger.overlaps() == []
     finally:
