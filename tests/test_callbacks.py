@@ -20,8 +20,8 @@ import attrs
 import pytest
 
 from dim import ConfigError, Event, EventType, Manager
-from dim.chaos import ChaosProxy
 from dim.testing import RedisServer, wait_until
+from tools.chaos.proxy import ChaosProxy
 
 from .helpers import FAST, ROOT, Cluster, Ledger, dim_env
 
