@@ -9,12 +9,12 @@ from this checkout.
 The dim node processes are the node program of the chaos harness (``python -m
 tools.chaos node``, :mod:`tools.chaos.node`), the tooz ones ``_tooz_node.py``; both
 write the same ledger (:mod:`tools.chaos.ledger`). The observer never asks the system
-under test whether it has converged: it reads the instances' own
-``create``/``disconnect`` records and decides from them,
-so dim and tooz are measured the same way. A cluster is *settled* when every config runs
-exactly once, with its latest content, on a live node, the layout is final (dim: counts
-differ by at most one; tooz: every live node's hash ring holds exactly the live
-members), and no record has arrived for a quiet period. The latency of an event is the
+under test whether it has converged: it reads the instances' own ``create`` and
+``disconnect`` records and decides from them, so dim and tooz are measured the same
+way. A cluster is *settled* when every config runs exactly once, with its latest
+content, on a live node, the layout is final (dim: counts differ by at most one; tooz:
+every live node's hash ring holds exactly the live members), and no record has arrived
+for a quiet period. The latency of an event is the
 time of the last ``create``/``disconnect`` it caused minus the time of the event.
 """
 
