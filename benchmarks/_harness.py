@@ -1,12 +1,20 @@
 """Shared machinery of the process benchmarks: node processes, the ledger observer,
 convergence detection, the physical floor, Redis counters, statistics and reports.
 
-The observer never asks the system under test whether it has converged: it reads the
-instances' own ``create``/``disconnect`` records (``_ledger.py``) and decides from them,
-so dim and tooz are measured the same way. A cluster is *settled* when every config runs
-exactly once, with its latest content, on a live node, the layout is final (dim: counts
-differ by at most one; tooz: every live node's hash ring holds exactly the live
-members), and no record has arrived for a quiet period. The latency of an event is the
+Every benchmark script imports this module first (``from _harness import ...``: a
+script's own directory is on ``sys.path``), and this module puts the repository on
+``sys.path``, so that the scripts import ``dim`` and the shared tooling (``tools``)
+from this checkout.
+
+The dim node processes are the node program of the chaos harness (``python -m
+tools.chaos node``, :mod:`tools.chaos.node`), the tooz ones ``_tooz_node.py``; both
+write the same ledger (:mod:`tools.chaos.ledger`). The observer never asks the system
+under test whether it has converged: it reads the instances' own ``create`` and
+``disconnect`` records and decides from them, so dim and tooz are measured the same
+way. A cluster is *settled* when every config runs exactly once, with its latest
+content, on a live node, the layout is final (dim: counts differ by at most one; tooz:
+every live node's hash ring holds exactly the live members), and no record has arrived
+for a quiet period. The latency of an event is the
 time of the last ``create``/``disconnect`` it caused minus the time of the event.
 """
 
@@ -37,13 +45,13 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
-from benchmarks._ledger import LedgerReader  # noqa: E402
 from dim.keys import Keys  # noqa: E402
 from dim.messages import Kind, Message  # noqa: E402
 from dim.testing import RedisServer, wait_until  # noqa: E402
+from tools.chaos.ledger import LedgerTail  # noqa: E402
+from tools.chaos.processes import node_argv, node_env  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-DIM_NODE = ROOT / "benchmarks" / "_dim_node.py"
 TOOZ_NODE = ROOT / "benchmarks" / "_tooz_node.py"
 
 
@@ -372,7 +380,14 @@ class NodeProc:
 
 
 class LedgerState:
-    """What runs where, replayed from the ledger records."""
+    """What runs where, replayed from the ledger records.
+
+    Not :class:`tools.chaos.ledger.LedgerView`: this observer must judge dim and tooz
+    alike, so it knows no lease, token or Redis key; it tracks each config's content
+    version (``v``), the tooz nodes' hash-ring ``view`` records and the harness's own
+    ``kill`` records, and keeps the create record of every running copy for the
+    analysis of an event.
+    """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -419,7 +434,15 @@ class LedgerState:
 
 
 class Cluster:
-    """Node processes of one system (``dim`` or ``tooz``) on a private Redis server."""
+    """Node processes of one system (``dim`` or ``tooz``) on a private Redis server.
+
+    Not :class:`tools.chaos.processes.NodeProcs`, which the chaos run and the process
+    tests use: this one must drive tooz nodes as well as dim's, so it judges convergence
+    from the ledger alone (NodeProcs also checks dim's claims in Redis) and after a
+    quiet period; and it keeps spare processes loaded, started by a ``start`` command
+    on their stdin, so that a join is timed from the moment it is asked for, not from
+    the interpreter's start-up.
+    """
 
     def __init__(
         self,
@@ -457,7 +480,7 @@ class Cluster:
         self.ledger_path = workdir / f"{service}.ledger.jsonl"
         self.log_path = workdir / f"{service}.nodes.log"
         self.ledger_path.write_text("")
-        self.reader = LedgerReader(str(self.ledger_path))
+        self.tail = LedgerTail()
         self.state = LedgerState()
         self.procs: list[NodeProc] = []
         self.spares: list[NodeProc] = []
@@ -469,14 +492,12 @@ class Cluster:
 
     def _command(self, wait: bool, managers: int) -> list[str]:
         if self.kind == "dim":
-            cmd = [
-                sys.executable,
-                str(DIM_NODE),
+            cmd = node_argv(
                 "--redis",
                 self.server.url,
                 "--service",
                 self.service,
-                "--configs",
+                "--config-file",
                 str(self.configs_path),
                 "--ledger",
                 str(self.ledger_path),
@@ -484,7 +505,8 @@ class Cluster:
                 json.dumps(self.settings),
                 "--managers",
                 str(managers),
-            ]
+                "--commands",
+            )
             if self.healthcheck:
                 cmd.append("--healthcheck")
         else:
@@ -519,6 +541,7 @@ class Cluster:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd=str(ROOT),
+                env=node_env(),
             )
         proc = NodeProc(popen, managers)
         if not wait:
@@ -641,7 +664,7 @@ class Cluster:
     # -- observing ----------------------------------------------------------------------
 
     def refresh(self) -> int:
-        records = self.reader.poll()
+        records = self.tail.read([self.ledger_path])
         for record in records:
             self.state.apply(record)
             if record["ev"] == "ready":

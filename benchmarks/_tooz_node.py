@@ -1,7 +1,8 @@
 """A tooz partitioner node process for ``versus_tooz.py`` (not a benchmark itself).
 
 Runs with an interpreter that has tooz (``pip install tooz``; see ``versus_tooz.py``);
-needs nothing of dim. Same ledger and stdin commands as ``_dim_node.py``.
+needs nothing of dim. Same ledger and stdin commands as the dim node (``python -m
+tools.chaos node --commands``).
 
 This is how the tooz documentation has a partitioner used: join a partitioned group, and
 on every poll run the watchers (membership changes update the hash ring) and own exactly
@@ -21,9 +22,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+# The repository, for the shared ledger. Not through _harness like the benchmark scripts:
+# this runs in tooz's interpreter, where neither dim nor the harness's imports exist
+# (tools.chaos.ledger needs the standard library only).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._ledger import LedgerFile
+from tools.chaos.ledger import LedgerFile
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 GROUP = b"bench"

@@ -39,12 +39,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-# Running the file directly puts benchmarks/ first on sys.path, not the repository.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _harness import ROOT
 
-from dim.balance import assign, moves  # noqa: E402
+from dim.balance import assign, moves
 
 FULL_SIZES = [(1_000, 10), (10_000, 100), (100_000, 1_000)]
 QUICK_SIZES = [(200, 4), (2_000, 20)]

@@ -1,7 +1,7 @@
 """Chaos run: real node processes, a private Redis, seeded faults, and the invariant checker.
 
 Starts a private ``redis-server`` and N dim node processes, each behind a TCP proxy of
-its own, and injects faults on a seeded schedule (``dim.chaos.FAULTS``):
+its own, and injects faults on a seeded schedule (``tools.chaos.model.FAULTS``):
 
 * processes: kill -9 of a node and of the leader, graceful restart, SIGSTOP past
   node_ttl, a burst of 10 joins;
@@ -20,7 +20,7 @@ its own, and injects faults on a seeded schedule (``dim.chaos.FAULTS``):
 
 After each fault it waits for the cluster to settle (and any reset window to close)
 and measures the recovery; at the end it stops every node with SIGTERM and checks the
-ledgers (``dim.chaos.check``): overlaps on two nodes or one (those a reported
+ledgers (``tools.chaos.checker.check``): overlaps on two nodes or one (those a reported
 disconnect overrun explains are listed apart), fencing tokens that do not strictly
 grow, coverage gaps over the bounds of the lease model, a dirty shutdown. Prints a
 table (recovery per kind, invariants), saves JSON, exits 1 if an invariant failed.
@@ -40,14 +40,10 @@ a run may last a little longer. ``--dir`` keeps the ledgers and node logs.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Running the file directly puts benchmarks/ first on sys.path, not the repository.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _harness import ROOT
 
-from dim.chaos import run_main  # noqa: E402
+from tools.chaos.runner import run_main
 
 RESULTS = ROOT / "benchmarks" / "results" / "chaos.json"
 

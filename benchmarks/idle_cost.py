@@ -29,11 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import psutil
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     cleanup,
     exit_on_sigterm,
@@ -44,7 +41,7 @@ from benchmarks._harness import (
     workdir,
     write_report,
 )
-from benchmarks.scale import preseed
+from scale import preseed
 
 MONITOR_LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>\S+)\] "(?P<cmd>[^"]*)"')
 

@@ -2,7 +2,7 @@
 
 For each cell (M configs over N node processes, all on one private ``redis-server``)
 the script repeats these events and measures each from the instances' own ledger
-(``create``/``disconnect`` records written by the node processes, see ``_ledger.py``):
+(``create``/``disconnect`` records written by the node processes, see ``tools/chaos/ledger.py``):
 
 ``join``            a preloaded node process starts its manager
 ``leave``           a non-leader node gets SIGTERM (graceful stop)
@@ -39,9 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     cleanup,
     exit_on_sigterm,

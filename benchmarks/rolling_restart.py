@@ -31,9 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     NodeProc,
     cleanup,

@@ -36,9 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     MonitorTap,
     cleanup,
@@ -54,6 +52,7 @@ from benchmarks._harness import (
     workdir,
     write_report,
 )
+
 from dim import scripts
 from dim.keys import Keys
 

@@ -30,9 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     cleanup,
     exit_on_sigterm,
@@ -42,6 +40,7 @@ from benchmarks._harness import (
     workdir,
     write_report,
 )
+
 from dim import Settings
 from dim.testing import wait_until
 

@@ -1,7 +1,7 @@
 """dim against OpenStack tooz's partitioner (Redis driver), same harness, same run.
 
 Both systems run as real node processes on one private ``redis-server`` and write the
-same ledger (``_ledger.py``); the same observer measures both (see ``_harness.py``).
+same ledger (``tools/chaos/ledger.py``); the same observer measures both (see ``_harness.py``).
 Events: a node joins, a node leaves gracefully (SIGTERM), a node is killed (SIGKILL).
 For each: convergence time (from the event to the last ``create``/``disconnect`` it
 caused), configs moved divided by the minimum a balanced layout needs, largest load
@@ -32,9 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._harness import (
+from _harness import (
     Cluster,
     cleanup,
     exit_on_sigterm,
@@ -48,7 +46,7 @@ from benchmarks._harness import (
     workdir,
     write_report,
 )
-from benchmarks.rebalance_latency import settings_for
+from rebalance_latency import settings_for
 
 EVENTS = ["join", "leave", "crash"]
 

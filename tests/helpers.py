@@ -1,13 +1,17 @@
 """Building blocks for the integration tests: a ledger of instance lifetimes and a
-cluster of in-process managers with fast settings."""
+cluster of in-process managers with fast settings.
+
+The ledger is the shared one of :mod:`tools.chaos.ledger` (the node processes of the
+process tests, the chaos run and the benchmarks write the same records to files).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -15,6 +19,7 @@ from typing import Any, Callable, Optional
 from dim import Manager, Settings
 from dim.messages import Kind, Message, decode
 from dim.testing import wait_until
+from tools.chaos.ledger import Interval, MemoryLedger, overlaps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,47 +56,45 @@ class Instance:
         return f"<Instance {self.config!r} on {self.node}>"
 
 
-class Ledger:
-    """Records when each instance lives, to check that no config ever ran twice at once.
+class Ledger(MemoryLedger):
+    """The instances of an in-process cluster, on the shared ledger (:mod:`tools.chaos.ledger`).
 
-    An instance's interval runs from the moment ``create`` is *called* to the moment
-    ``disconnect`` *returns*: the widest window in which it could act.
+    :meth:`open` writes the ``create`` record when ``create`` is *called*, :meth:`close`
+    the ``disconnect`` record when ``disconnect`` *returns* (or a failing ``create``
+    gave up): each interval is the widest window in which its instance could act. The
+    same records and the same overlap check as the node processes' file ledgers.
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.intervals: dict[Any, list[list[Any]]] = defaultdict(list)  # id -> [node, start, end]
-        self.creates: list[tuple[float, str, Any]] = []
-        self.disconnects: list[tuple[float, str, Any]] = []
+        super().__init__()
+        self._serials = itertools.count(1)
+        self._serial_lock = threading.Lock()
 
-    def open(self, node: str, config_id: Any) -> list[Any]:
-        entry = [node, time.monotonic(), None]
-        with self.lock:
-            self.intervals[config_id].append(entry)
-            self.creates.append((entry[1], node, config_id))
-        return entry
+    def open(self, node: str, config_id: Any) -> int:
+        """Record a ``create`` call; returns the instance's serial, for :meth:`close`."""
+        with self._serial_lock:
+            serial = next(self._serials)
+        self.write(ev="create", node=node, id=config_id, inst=serial)
+        return serial
 
-    def close(self, entry: list[Any], config_id: Any, node: str) -> None:
-        with self.lock:
-            entry[2] = time.monotonic()
-            self.disconnects.append((entry[2], node, config_id))
+    def close(self, serial: int, config_id: Any, node: str) -> None:
+        """Record that the instance ``serial`` is gone (its ``disconnect`` returned)."""
+        self.write(ev="disconnect", node=node, id=config_id, inst=serial)
 
-    def overlaps(self) -> list[tuple[Any, list[Any], list[Any]]]:
-        """Pairs of intervals of one config on different nodes that overlap in time."""
-        found = []
-        with self.lock:
-            for config_id, entries in self.intervals.items():
-                ordered = sorted(entries, key=lambda e: e[1])
-                for i, a in enumerate(ordered):
-                    a_end = a[2] if a[2] is not None else float("inf")
-                    for b in ordered[i + 1 :]:
-                        if b[1] < a_end and b[0] != a[0]:
-                            found.append((config_id, a, b))
-        return found
+    def intervals(self, config_id: Any = None) -> list[Interval]:
+        """Every instance so far (of one config, if given), open ones with ``end`` None."""
+        found = self.view().intervals
+        return [iv for iv in found if config_id is None or iv.cid == config_id]
+
+    def overlaps(self) -> list[tuple[Interval, Interval]]:
+        """Pairs of instances of one config alive at the same time, on any nodes."""
+        return overlaps(self.view().intervals)
 
     def create_count(self, node: Optional[str] = None) -> int:
-        with self.lock:
-            return sum(1 for _, n, _ in self.creates if node is None or n == node)
+        return sum(1 for iv in self.intervals() if node is None or iv.node == node)
+
+    def disconnect_count(self) -> int:
+        return sum(1 for iv in self.intervals() if iv.end is not None)
 
 
 class Cluster:
@@ -116,7 +119,7 @@ class Cluster:
         self._create_hook = create
         self._healthcheck = healthcheck
         self._kwargs = manager_kwargs
-        self._entries: dict[int, list[Any]] = {}
+        self._serials: dict[int, int] = {}  # id(instance) -> its serial in the ledger
 
     def get_config(self) -> list[Any]:
         return list(self.configs)
@@ -129,15 +132,15 @@ class Cluster:
             manager = box["m"]
             node = manager.node_id or "?"
             config_id = config["id"] if isinstance(config, dict) else config
-            entry = self.ledger.open(node, config_id)
+            serial = self.ledger.open(node, config_id)
             try:
                 if self._create_hook is not None:
                     self._create_hook(node, config)
             except BaseException:
-                self.ledger.close(entry, config_id, node)
+                self.ledger.close(serial, config_id, node)
                 raise
             instance = Instance(node, config)
-            self._entries[id(instance)] = entry
+            self._serials[id(instance)] = serial
             return instance
 
         def disconnect(instance: Instance) -> None:
@@ -145,7 +148,7 @@ class Cluster:
             config_id = (
                 instance.config["id"] if isinstance(instance.config, dict) else instance.config
             )
-            self.ledger.close(self._entries[id(instance)], config_id, instance.node)
+            self.ledger.close(self._serials[id(instance)], config_id, instance.node)
 
         options = dict(self._kwargs)
         options.update(kwargs)

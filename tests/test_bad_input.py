@@ -109,7 +109,7 @@ def test_bad_get_config_keeps_the_last_good_config(redis_url: str, service: str,
         wait_until(lambda: len(errors) >= 2, 5)
         assert sorted(manager.instances) == [1, 2]
         assert cluster.ledger.create_count() == 2
-        assert all(e[2] is None for es in cluster.ledger.intervals.values() for e in es)
+        assert all(iv.end is None for iv in cluster.ledger.intervals())
         state["value"] = [{"id": 1}, {"id": 3}]
         manager.refresh()
         wait_until(lambda: sorted(manager.instances) == [1, 3], 5)

@@ -20,8 +20,8 @@ import attrs
 import pytest
 
 from dim import ConfigError, Event, EventType, Manager
-from dim.chaos import ChaosProxy
 from dim.testing import RedisServer, wait_until
+from tools.chaos.proxy import ChaosProxy
 
 from .helpers import FAST, ROOT, Cluster, Ledger, dim_env
 
@@ -117,8 +117,8 @@ def test_create_raising_a_base_exception_once_is_retried(
         status = cluster.managers[0].status()
         assert status.configs[0].claimed_by == runner
         # one failed interval (closed) and exactly one running instance of config 0
-        open_intervals = [e for e in cluster.ledger.intervals[0] if e[2] is None]
-        assert [e[0] for e in open_intervals] == [runner]
+        open_intervals = [iv for iv in cluster.ledger.intervals(0) if iv.end is None]
+        assert [iv.node for iv in open_intervals] == [runner]
     finally:
         cluster.stop()
 

@@ -1,4 +1,4 @@
-"""The chaos harness (dim.chaos): its checker on hand-made ledgers, and a short seeded run.
+"""The chaos harness (tools.chaos): its checker on hand-made ledgers, and a short seeded run.
 
 The checker tests prove it can fail: a ledger with an overlap (on two nodes, or on one),
 one with a coverage gap, one with a token that went down or stayed the same, one with a
@@ -18,26 +18,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
-from dim.chaos import (
-    FAULTS,
-    GROUPS,
-    Bounds,
-    ChaosOptions,
-    ChaosRun,
-    LedgerView,
-    check,
-    format_report,
-    read_records,
-    write_control,
-)
 from dim.testing import wait_until
+from tools.chaos.checker import check
+from tools.chaos.control import write_control
+from tools.chaos.harness import ChaosOptions
+from tools.chaos.ledger import LedgerView, read_records
+from tools.chaos.model import FAULTS, GROUPS, Bounds
+from tools.chaos.processes import node_argv, node_env
+from tools.chaos.runner import ChaosRun, format_report
 
 # real processes, servers or faults: run on one interpreter (tox: py311)
 pytestmark = pytest.mark.slow
@@ -390,12 +384,12 @@ def test_node_control_file_base_exceptions(tmp_path: Path, redis_url: str, servi
     log = tmp_path / "node.log"
     with open(log, "wb") as out:  # not a pipe: the node logs a lot, and must never block
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dim.chaos", "node", "--redis", redis_url, "--service",
+            node_argv("--redis", redis_url, "--service",
              service, "--configs", "3", "--ledger", str(ledger), "--control", str(control),
              "--hb", "0.1", "--ttl", "0.6", "--config-interval", "0.2", "--create-timeout",
              "1", "--disconnect-timeout", "1", "--healthcheck-interval", "0.2",
-             "--config-timeout", "1", "--failure-cooldown", "0.5"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+             "--config-timeout", "1", "--failure-cooldown", "0.5"),
+            cwd=ROOT, env=node_env(), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
 
@@ -434,11 +428,11 @@ def test_node_control_file(tmp_path: Path, redis_url: str, service: str) -> None
     control = tmp_path / "control.json"
     write_control(control, create_fail={"ids": [1], "pids": None})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dim.chaos", "node", "--redis", redis_url, "--service",
+        node_argv("--redis", redis_url, "--service",
          service, "--configs", "3", "--ledger", str(ledger), "--control", str(control),
          # a fresh Redis opens a reset window of create_lease: keep it short
-         "--create-timeout", "1", "--disconnect-timeout", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--create-timeout", "1", "--disconnect-timeout", "1"),
+        cwd=ROOT, env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
 

@@ -133,7 +133,7 @@ def stop_cleanly(cluster: Cluster) -> None:
     cluster.stop()
     assert all(m.node_id is None for m in cluster.managers)
     assert cluster.ledger.create_count() > 0
-    assert len(cluster.ledger.disconnects) == cluster.ledger.create_count()
+    assert cluster.ledger.disconnect_count() == cluster.ledger.create_count()
     assert cluster.ledger.overlaps() == []
 
 

@@ -3,9 +3,9 @@
 Each instance's interval runs from the moment ``create`` is called to the moment its
 ``disconnect`` RETURNS; two intervals of one config that intersect are an overlap,
 whether they belong to two nodes or to one. The node processes are real
-(``python -m dim.chaos node``), their ``create``/``disconnect``/``healthcheck`` slowed
-down or hung through the control file (:func:`dim.chaos.write_control`); node A
-reaches Redis through a :class:`~dim.chaos.ChaosProxy` that can stall it, node B
+(``python -m tools.chaos node``), their ``create``/``disconnect``/``healthcheck`` slowed
+down or hung through the control file (:func:`tools.chaos.control.write_control`); node A
+reaches Redis through a :class:`~tools.chaos.proxy.ChaosProxy` that can stall it, node B
 directly. Every check reads the nodes' ledgers only.
 
 Timing: heartbeat 0.1 s, node_ttl = leader_ttl = 0.6 s, so a node that cannot renew
@@ -27,15 +27,11 @@ from typing import Any, Callable, Optional
 import pytest
 import redis
 
-from dim.chaos import (
-    ChaosProxy,
-    Interval,
-    LedgerView,
-    NodeProcs,
-    overlaps,
-    write_control,
-)
 from dim.testing import RedisServer, wait_until
+from tools.chaos.control import write_control
+from tools.chaos.ledger import Interval, LedgerView, overlaps
+from tools.chaos.processes import NodeProcs
+from tools.chaos.proxy import ChaosProxy
 
 # real processes, servers or faults: run on one interpreter (tox: py311)
 pytestmark = pytest.mark.slow

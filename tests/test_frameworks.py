@@ -493,6 +493,10 @@ except ConfigError as exc:
 # -- signals and atexit ---------------------------------------------------------------------
 
 
+# A plain program, not the shared node program (``python -m tools.chaos node``): these
+# tests prove what dim does at exit in a program that installs no signal handler of its
+# own and never calls stop() (the node program handles SIGTERM and stops its managers
+# itself); its lines are the examples' text ledger that ``_ledger`` reads.
 _NODE_SCRIPT = """
 import os
 import signal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from dim import EventType, Manager, StateError
 from dim.keys import Keys
 from dim.testing import wait_until
+from tools.chaos.ledger import Interval
 
 from .helpers import FAST, Cluster, Ledger
 
@@ -20,13 +22,15 @@ def max_simultaneous_gaps(ledger: Ledger, since: float = 0.0) -> tuple[int, int]
     """(configs moved after ``since``, the most of them running nowhere at one moment)."""
     edges = []
     moved = 0
-    with ledger.lock:
-        for entries in ledger.intervals.values():
-            ordered = sorted(entries, key=lambda e: e[1])
-            for a, b in zip(ordered, ordered[1:]):
-                if a[0] != b[0] and a[2] is not None and b[1] > since:
-                    moved += 1
-                    edges += [(a[2], 1), (b[1], -1)]
+    by_config: dict[Any, list[Interval]] = defaultdict(list)
+    for iv in ledger.intervals():
+        by_config[iv.cid].append(iv)
+    for intervals in by_config.values():
+        ordered = sorted(intervals, key=lambda iv: iv.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.node != b.node and a.end is not None and b.start > since:
+                moved += 1
+                edges += [(a.end, 1), (b.start, -1)]
     level = peak = 0
     for _, step in sorted(edges):
         level += step

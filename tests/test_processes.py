@@ -1,6 +1,6 @@
-"""Fault tests with one dim node per OS process (``python -m dim.chaos node``).
+"""Fault tests with one dim node per OS process (``python -m tools.chaos node``).
 
-The ledger, the node processes and the proxy live in :mod:`dim.chaos`, shared with the
+The ledger, the node processes and the proxy live in :mod:`tools.chaos`, shared with the
 chaos harness. Each node appends its instance lifecycle to a shared JSON-lines ledger;
 the checks below rebuild, per config, the interval from ``create`` to ``disconnect`` of
 every instance, and look for two instances of one config alive at the same time. Faults
@@ -20,18 +20,12 @@ from typing import Any, Optional
 import pytest
 import redis
 
-from dim.chaos import (
-    ChaosProxy,
-    Interval,
-    LedgerView,
-    NodeProcs,
-    leftovers,
-    overlaps,
-    token_regressions,
-)
 from dim.plan import Change
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
+from tools.chaos.ledger import Interval, LedgerView, overlaps, token_regressions
+from tools.chaos.processes import NodeProcs, leftovers
+from tools.chaos.proxy import ChaosProxy
 
 # real processes, servers or faults: run on one interpreter (tox: py311)
 pytestmark = pytest.mark.slow

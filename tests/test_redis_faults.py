@@ -1,7 +1,7 @@
-"""Redis itself misbehaving under real node processes (``python -m dim.chaos node``).
+"""Redis itself misbehaving under real node processes (``python -m tools.chaos node``).
 
 Each test runs its own redis-server(s) on free ports and real node processes that write
-their instance lifecycle to a ledger (:mod:`dim.chaos`); an overlap is two create..
+their instance lifecycle to a ledger (:mod:`tools.chaos`); an overlap is two create..
 disconnect intervals of one config that intersect. Faults are real: Redis killed with
 SIGKILL and started again from a real RDB file it wrote earlier; a master killed and a
 real replica that missed its last writes promoted (``REPLICAOF NO ONE``); Redis
@@ -19,14 +19,10 @@ from typing import Any, Callable, Optional
 import pytest
 import redis
 
-from dim.chaos import (
-    ChaosProxy,
-    Interval,
-    NodeProcs,
-    overlaps,
-    token_regressions,
-)
 from dim.testing import RedisServer, wait_until
+from tools.chaos.ledger import Interval, overlaps, token_regressions
+from tools.chaos.processes import NodeProcs
+from tools.chaos.proxy import ChaosProxy
 
 # real processes, servers or faults: run on one interpreter (tox: py311)
 pytestmark = pytest.mark.slow
