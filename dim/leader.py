@@ -404,6 +404,7 @@ class LeaderLoop(Loop["Node"]):
         )
         wrong = change.entries()
         if not wrong:
+            self._forget_unwritten_moves()
             return
         log.warning(
             "leader %s: Redis disagrees with the placement on %d entries (a lost write?); "
@@ -420,7 +421,14 @@ class LeaderLoop(Loop["Node"]):
             self._dirty = True
             return
         self._written_version = version
+        self._forget_unwritten_moves()
         node.reconciler.wake(read=True)
+
+    def _forget_unwritten_moves(self) -> None:
+        """Redis holds this leader's placement now: a paced move it does not contain (its
+        write failed, or the repair took it back) is not in flight, and must not hold
+        the other moves back for ever."""
+        self._moving = {c: t for c, t in self._moving.items() if self._assignment.get(c) == t}
 
     def _rebalance(
         self,
@@ -477,12 +485,14 @@ class LeaderLoop(Loop["Node"]):
                 "membership still changing" if not quiet else "max_concurrent_moves",
             )
         self._deferred = step.held_back > 0
+        # the moves started now are in flight from here on, whatever the write's reply
+        # says: a write whose reply is lost may have gone through
+        self._moving = step.moving
         if grace and not new and not old:
             # nothing claimed yet: publish nothing until the grace ends, so no node
             # believes it is settled while configs are held back
             return
         if not force and self._wrote and not change:
-            self._moving = step.moving
             self._live = live
             self._dirty = False
             self._compared = configs
@@ -533,7 +543,6 @@ class LeaderLoop(Loop["Node"]):
         # heartbeat (that delay was most of a graceful join or leave)
         node.reconciler.wake(read=True)
         moved, placed = step.moved, step.placed
-        self._moving = step.moving
         self._wrote = True
         if unplaced != self._unplaced:
             if unplaced:

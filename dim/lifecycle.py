@@ -23,7 +23,7 @@ from dim.errors import CallTimeout
 from dim.events import Event, EventType
 from dim.instances import Cancelled, InstanceCalls
 from dim.messages import Message
-from dim.slots import Slot, State
+from dim.slots import Slot, State, TransitionError
 from dim.table import SlotTable
 from dim.usercode import Runners, block_signals
 
@@ -76,6 +76,18 @@ class Lifecycle:
     def _guard(self, task: Callable[..., None], *args: Any) -> None:
         try:
             task(*args)
+        except TransitionError as exc:
+            # a bug in dim: rather than strand the slot (in CREATING, its claim renewed
+            # forever, the config running nowhere), let it and its claim go; the
+            # reconciler claims the config anew. Only creating slots get here: no
+            # instance of theirs exists.
+            log.error("node %s: %s; letting the slot go", self.node.node_id, exc)
+            self.node.emit(
+                Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
+            )
+            slot = args[0] if args and isinstance(args[0], Slot) else None
+            if slot is not None and slot.instance is None:
+                self.finish(slot)
         except BaseException as exc:  # a worker thread must survive anything
             if self.node.stop_event.is_set() and isinstance(
                 exc, (redis.RedisError, OSError, ValueError)

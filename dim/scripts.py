@@ -17,7 +17,8 @@ from importlib import resources
 
 
 def _read(name: str) -> str:
-    return resources.files("dim").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    lua = resources.files("dim").joinpath("lua")
+    return lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 def _script(name: str, *, checked: bool = True, prelude: bool = True) -> str:

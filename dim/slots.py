@@ -4,14 +4,18 @@ Pure: no Redis, no threads of its own, no clock (times are passed in). The recon
 (:mod:`dim.reconciler`) owns the table of slots and makes every transition under its
 lock, through the methods below; each checks that the transition is one of these:
 
-``CLAIMING``: assigned here, no claim yet (another node holds it, a reset window is
-open, or a cool-down after failures runs).
+``CLAIMING``
+    assigned here, no claim yet (another node holds it, a reset window is
+    open, or a cool-down after failures runs).
+
     * -> ``CREATING`` (:meth:`Slot.claimed`): the claim script gave a fresh token; the
       claim lives ``Settings.create_lease``.
     * -> gone: no longer assigned here.
 
-``CREATING``: claim held; ``create`` attempts run on a worker. An attempt starts only
-while the claim is sure to outlive it and the disconnect of what it returns.
+``CREATING``
+    claim held; ``create`` attempts run on a worker. An attempt starts only
+    while the claim is sure to outlive it and the disconnect of what it returns.
+
     * -> ``RUNNING`` (:meth:`Slot.created`): ``create`` returned in time, the slot is
       still wanted, the node is not fenced and the claim not lost.
     * -> gone: cancelled (moved away, removed, fenced, closing, claim lost); whatever
@@ -20,13 +24,17 @@ while the claim is sure to outlive it and the disconnect of what it returns.
       times; the claim is released and the config handed to another node for
       ``failure_cooldown``.
 
-``RUNNING``: claim held, instance up.
+``RUNNING``
+    claim held, instance up.
+
     * -> ``STOPPING`` (:meth:`Slot.take_stop`): moved away or removed; claim lost
       (``LEASE_LOST``); unhealthy or its config changed (to be recreated); fenced;
       closing.
 
-``STOPPING``: its ``disconnect`` is queued or running; the claim stays held, and renewed,
-until it has returned (or overrun ``disconnect_timeout``, which is reported).
+``STOPPING``
+    its ``disconnect`` is queued or running; the claim stays held, and renewed,
+    until it has returned (or overrun ``disconnect_timeout``, which is reported).
+
     * -> ``CREATING`` (:meth:`Slot.recreating`): recreated in place, only once the
       disconnect has returned (:meth:`Slot.stopped`); the claim then gets a new, larger
       token (each incarnation has its own).

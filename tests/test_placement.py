@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+import redis
 
 from dim import EventType, Manager, StateError
 from dim.keys import Keys
@@ -360,5 +361,50 @@ def test_a_new_leader_clears_what_the_old_one_reported_unplaced(
         first.stop()
         wait_until(lambda: sorted(cluster.placement()) == [1], 10, message="1 not placed")
         wait_until(lambda: redis_client.hkeys(unplaced) == [], 10, message="stale report")
+    finally:
+        cluster.stop()
+
+
+def test_a_write_whose_reply_was_lost_keeps_its_moves_in_flight(
+    redis_url: str, service: str
+) -> None:
+    """max_concurrent_moves: a leader write that went through but whose reply was lost
+    (the leader saw a Redis error) still counts its moves as in flight, so the next plan
+    does not start more moves than the limit while they are under way."""
+    settings = FAST.replace(max_concurrent_moves=1)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
+    try:
+        (first,) = cluster.add(1)
+        cluster.wait_settled()
+        node = first._node  # type: ignore[attr-defined]
+        leader = first._parts[1]  # type: ignore[attr-defined]
+        store = node.store
+        real_write = store.leader_write
+        lost: list[Any] = []
+        in_flight: list[dict[str, str]] = []
+
+        def reply_lost(*args: Any, **kwargs: Any) -> Any:
+            result = real_write(*args, **kwargs)
+            change = args[1]
+            if not lost and any(n != first.node_id for n in change.assign.values()):
+                lost.append(change)
+                in_flight.append(dict(leader._moving))  # what the next plan will count
+                raise redis.ConnectionError("the reply was lost")
+            return result
+
+        store.leader_write = reply_lost
+        cluster.add(1)
+        wait_until(lambda: lost, 10, message="no move was written")
+        (moved,) = [c for c, n in lost[0].assign.items() if n != first.node_id]
+        assert moved in in_flight[0]  # the next plan counts it until it arrives
+        # the move is taken back (the leader repairs Redis to its own copy) or arrives;
+        # either way the paced moves go on until the placement is balanced
+        wait_until(
+            lambda: sorted(cluster.counts()) == [4, 4],
+            30,
+            message=f"the paced moves stalled: {cluster.placement()}",
+        )
+        cluster.wait_settled()
+        assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()

@@ -469,3 +469,49 @@ def test_a_hanging_placement_rule_does_not_hang_the_leader(
             stopper.join(15)
         first.stop()
         second.stop()
+
+
+def test_a_transition_error_in_a_task_lets_the_slot_go_and_the_config_runs_again(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong transition (a bug, here provoked by a retoken that hands back the same
+    token) inside a worker task does not strand the slot in CREATING with its claim
+    renewed forever: the task lets the slot and its claim go, and the config is claimed
+    and created again."""
+    sick = {0}
+    gens = itertools.count(1)
+
+    def create(config: Any) -> dict[str, int]:
+        return {"config": config, "gen": next(gens)}
+
+    def healthcheck(instance: Any) -> bool:
+        if instance["config"] in sick:
+            sick.discard(instance["config"])
+            return False  # recreate it in place: the retoken path
+        return True
+
+    manager, unhealthy = _checked_manager(redis_url, service, create, healthcheck)
+    try:
+        node = manager._node  # type: ignore[attr-defined]
+        assert node is not None
+        store = node.store
+        real_retoken = store.retoken
+        broken: list[int] = []
+
+        def same_token(node_id: str, ckey: str, token: int, ttl: float) -> int:
+            if not broken:
+                broken.append(token)
+                return token  # not larger: Slot.retokened raises TransitionError
+            return real_retoken(node_id, ckey, token, ttl)
+
+        monkeypatch.setattr(store, "retoken", same_token)
+        wait_until(lambda: unhealthy and broken, 10, message="no recreate was attempted")
+        wait_until(
+            lambda: manager.instances.get(0, {}).get("gen", 0) > 2,
+            10,
+            message="config 0 never ran again after the failed transition",
+        )
+        assert manager.lease(0) is not None and manager.lease(0).token > broken[0]  # type: ignore[union-attr]
+        assert sorted(manager.instances) == [0, 1]
+    finally:
+        manager.stop()

@@ -40,7 +40,6 @@ local reset = redis.call('GET', reset_key)
 if reset and reset ~= known_reset then return refused(-2, 'ok') end
 local now_ms = math.floor(now / 1000)
 local change = cjson.decode(change_json)
-local prefix = prefix
 for ckey, node in pairs(change['assign'] or {}) do
   redis.call('HSET', assignment_key, ckey, node)
 end
