@@ -23,6 +23,7 @@ from dim.errors import CallTimeout
 from dim.events import Event, EventType
 from dim.instances import Cancelled, InstanceCalls
 from dim.messages import Message
+from dim.renewal import covers
 from dim.slots import Slot, State, TransitionError
 from dim.table import SlotTable
 from dim.usercode import Runners, block_signals
@@ -227,7 +228,7 @@ class Lifecycle:
             while True:
                 if cancel.is_set() or node.fenced or slot.lost or node.stop_event.is_set():
                     return False
-                if node.clock() + need <= slot.lease_until:
+                if covers(slot.lease_until, node.clock(), need):
                     return True
                 # the next heartbeat renews this claim for a whole create_lease
                 self.table.changed.wait(s.heartbeat_interval)

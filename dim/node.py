@@ -22,6 +22,7 @@ from dim.events import Dispatcher, Event, EventType
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.protocol import ClaimStatus, owner, parse_owner
+from dim.renewal import Renewal
 from dim.roles import LeaderRole, ReconcilerRole, Runnable
 from dim.settings import Settings
 from dim.store import Store
@@ -73,9 +74,9 @@ class Node:
         self.started_at = time.time()
         self.stop_event = threading.Event()
         self.leaving = False  # writer: Manager.stop (a graceful stop began)
-        # writer: heartbeat. Monotonic time at which the last successful heartbeat was
-        # *sent*: every claim it renewed lives until at least this plus node_ttl
-        self.last_renew = clock()
+        # writer: heartbeat. When the last successful heartbeat was *sent*: every claim
+        # it renewed lives until at least then plus its TTL (dim.renewal)
+        self.renewal = Renewal(settings.heartbeat_interval, settings.renew_deadline, clock())
         self.fenced = False  # writer: reconciler (fence, unfence), under the table's lock
         self.redis_ok = True  # writer: heartbeat
         # writer: Manager.start (the assignment version when this node joined)
@@ -209,7 +210,7 @@ class Heartbeat(Loop["Node"]):
             return
         if result.gone:
             return  # this node has left: nothing was renewed, nothing to resume
-        node.last_renew = sent
+        node.renewal.renewed(sent)
         if not node.redis_ok:
             node.redis_ok = True
             log.warning("node %s reached Redis again", node.node_id)
@@ -262,7 +263,7 @@ class Heartbeat(Loop["Node"]):
     def tick(self) -> float:
         node = self.node
         now, self._now = self._now, False
-        due = node.last_renew + node.settings.heartbeat_interval - node.clock()
+        due = node.renewal.heartbeat_in(node.clock())
         if not now and due > 0.001:
             return due  # start() or a woken beat just renewed everything
         try:
@@ -290,7 +291,7 @@ class FenceWatchdog(Loop["Node"]):
 
     def tick(self) -> float:
         node = self.node
-        remaining = node.last_renew + node.settings.renew_deadline - node.clock()
+        remaining = node.renewal.fence_in(node.clock())
         if remaining > 0:
             return remaining
         if not node.fenced:

@@ -19,6 +19,7 @@ from dim.instances import InstanceCalls, UserCallbacks
 from dim.lifecycle import Lifecycle
 from dim.loop import Loop
 from dim.protocol import ClaimRefused, ClaimStatus, ConfigPlace
+from dim.renewal import held_until
 from dim.slots import Slot, State
 from dim.table import SlotTable
 
@@ -149,7 +150,7 @@ class Reconciler(Loop["Node"]):
                 token, ttl = sent[ckey]
                 slot = self.table.slots.get(ckey)
                 if slot is not None and slot.token == token:
-                    slot.lease_until = max(slot.lease_until, at + ttl)
+                    slot.lease_until = held_until(slot.lease_until, at, ttl)
             self.table.changed.notify_all()
 
     def lease_lost(self, ckey: str, token: int, status: int) -> None:

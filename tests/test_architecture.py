@@ -12,7 +12,18 @@ PACKAGE = Path(dim.__file__).parent
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 #: The pure core: no Redis, no threads, no clock of its own (docs/architecture.rst).
-PURE = {"balance", "flow", "shares", "plan", "slots", "era", "protocol", "configs", "keys"}
+PURE = {
+    "balance",
+    "flow",
+    "shares",
+    "plan",
+    "slots",
+    "era",
+    "protocol",
+    "renewal",
+    "configs",
+    "keys",
+}
 
 
 def module_name(path: Path) -> str:
