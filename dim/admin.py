@@ -37,7 +37,7 @@ from redis.retry import Retry
 from dim.configs import decode as decode_config
 from dim.connection import safe_url
 from dim.errors import ConfigError, StateError
-from dim.keys import check_service
+from dim.keys import require_service
 from dim.messages import Kind, Message
 from dim.protocol import draining
 from dim.status import ClusterStatus, NodeStatus, read_status
@@ -126,7 +126,7 @@ class Admin:
         makes a client that fails fast (see :func:`connect`) and closes it in
         :meth:`close`; or a ``redis.Redis`` / ``redis.cluster.RedisCluster`` client,
         which it uses as is and leaves open.
-    :param service: the service name the managers use.
+    :param service: the service name the managers use (required).
     :param socket_timeout: for a client made from a URL: how long one Redis call may
         take.
     :raises ConfigError: a bad URL, client or service name.
@@ -146,11 +146,11 @@ class Admin:
     def __init__(
         self,
         redis: Union[str, Client] = "redis://localhost:6379/0",
-        service: str = "default",
+        service: Optional[str] = None,
         *,
         socket_timeout: float = 5.0,
     ) -> None:
-        self.service = check_service(service)
+        self.service = require_service(service)
         if isinstance(redis, str):
             if _scheme(redis) not in ("redis", "rediss", "unix"):
                 raise ConfigError(

@@ -27,6 +27,20 @@ def check_service(service: object) -> str:
     return service
 
 
+def require_service(service: object) -> str:
+    """:func:`check_service`, and a clear error when there is none: the name has no
+    default, because two applications that left it out would join one cluster on a
+    shared Redis and run each other's configs."""
+    if service is None:
+        raise ConfigError(
+            "service is required: it names the cluster this process joins (every process "
+            "of one service shares its configs); give each application its own, e.g. "
+            "service='feeds'",
+            service,
+        )
+    return check_service(service)
+
+
 def check_node_name(name: object) -> str:
     """Return ``name`` if it is a usable static node name, else raise ConfigError."""
     if not isinstance(name, str) or not _SERVICE_RE.match(name):

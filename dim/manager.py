@@ -24,7 +24,7 @@ from dim.errors import ConfigError, ForkedError, RedisUnavailableError, StateErr
 from dim.events import Dispatcher, Event, EventType, Listener
 from dim.health import HealthLoop
 from dim.instances import UserCallbacks
-from dim.keys import check_node_name, check_service
+from dim.keys import check_node_name, require_service
 from dim.leader import LeaderLoop
 from dim.listener import HintListener
 from dim.messages import Kind, Message
@@ -83,7 +83,8 @@ class Manager:
         ``redis.cluster.RedisCluster`` (see :doc:`cluster`). A client you pass is used as
         is: give it a ``socket_timeout`` shorter than ``heartbeat_interval`` so a stalled
         server cannot hold up dim's loops.
-    :param service: the cluster's name; managers with different names never interact.
+    :param service: the cluster's name (required); managers with different names never
+        interact.
     :param settings: timing and retry :class:`Settings`.
     :param key: reads the id of a config (default: ``config["id"]``, or the bare value).
     :param weight: this node's share relative to others (default 1.0).
@@ -110,7 +111,7 @@ class Manager:
         disconnect: Optional[Callable[[Any], Any]] = None,
         *,
         redis: Union[str, redis.Redis, RedisCluster] = "redis://localhost:6379/0",
-        service: str = "default",
+        service: Optional[str] = None,
         settings: Optional[Settings] = None,
         key: Optional[KeyFunc] = None,
         weight: float = 1.0,
@@ -150,7 +151,7 @@ class Manager:
             or weight <= 0
         ):
             raise ConfigError(f"weight must be a positive number, got {weight!r}", weight)
-        self.service = check_service(service)
+        self.service = require_service(service)
         self._node_name = None if node_name is None else check_node_name(node_name)
         self._tags = check_tags(tags)
         self._capacity = check_capacity(capacity)

@@ -268,15 +268,16 @@ def test_rebalance_without_a_leader_raises_state_error(admin: Admin, service: st
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"redis": 42}, "redis must be a URL"),
-        ({"redis": "http://localhost:6379"}, "must start with redis://"),
-        ({"redis": "redis://:secret@localhost:99999/0"}, "invalid Redis URL"),
+        ({"redis": 42, "service": "x"}, "redis must be a URL"),
+        ({"redis": "http://localhost:6379", "service": "x"}, "must start with redis://"),
+        ({"redis": "redis://:secret@localhost:99999/0", "service": "x"}, "invalid Redis URL"),
         ({"service": "two words"}, "service must be"),
+        ({"redis": "redis://localhost:6379/0"}, "service is required"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs: dict[str, Any], message: str) -> None:
-    """A bad URL, client or service name fails when the admin is built, naming it (and
-    never showing a password)."""
+    """A bad URL, client or service name, or none, fails when the admin is built, naming
+    it (and never showing a password)."""
     with pytest.raises(ConfigError, match=message) as caught:
         Admin(**kwargs)
     assert "secret" not in str(caught.value)

@@ -30,6 +30,7 @@ def test_constructor_rejects_bad_arguments(redis_url: str) -> None:
         ),
         ({"redis": "http://h:1"}, "http://h:1"),
         ({"service": "a b"}, "'a b'"),
+        ({"service": None}, "service is required: it names the cluster this process joins"),
         ({"settings": {"node_ttl": 1}}, "settings must be a dim.Settings"),
         ({"weight": 0}, "weight must be a positive number, got 0"),
         ({"weight": float("inf")}, "inf"),

@@ -184,9 +184,9 @@ def test_the_configs_of_a_static_node_move_when_its_grace_ends(
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x{y}", 3, "z" * 101])
-def test_bad_node_name_is_refused(redis_url: str, bad: Any) -> None:
+def test_bad_node_name_is_refused(redis_url: str, service: str, bad: Any) -> None:
     with pytest.raises(ValueError, match="node_name must be 1-100 characters"):
-        Manager(get_config=list, create=id, redis=redis_url, node_name=bad)
+        Manager(get_config=list, create=id, redis=redis_url, service=service, node_name=bad)
 
 
 def test_a_new_leader_keeps_the_grace_of_a_static_leader_that_restarts(
@@ -323,7 +323,7 @@ def test_bad_placement_arguments_are_refused(
     redis_url: str, kwargs: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        Manager(get_config=list, create=id, redis=redis_url, **kwargs)
+        Manager(get_config=list, create=id, redis=redis_url, service="x", **kwargs)
 
 
 def test_a_bad_requirement_keeps_the_last_good_config(redis_url: str, service: str) -> None:
