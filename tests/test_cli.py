@@ -25,7 +25,16 @@ from dim.testing import RedisServer, free_port, wait_until
 
 from .helpers import ROOT, dim_env, run_dim
 
-FAST = Settings(heartbeat_interval=0.05, node_ttl=0.6, leader_ttl=0.6)
+# create_timeout and disconnect_timeout keep the reset window short (2.2 s, 15.2 s with
+# their defaults): a new service waits it out when the session server is younger than
+# the window, as it is when this module runs first (alone, or first on an xdist worker)
+FAST = Settings(
+    heartbeat_interval=0.05,
+    node_ttl=0.6,
+    leader_ttl=0.6,
+    create_timeout=1.0,
+    disconnect_timeout=1.0,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
