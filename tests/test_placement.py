@@ -55,25 +55,16 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
         redis_url, service, [{"id": i} for i in range(24)], settings=settings, create=slow_create
     )
     try:
-        # Paced moves go two at a time, and between two batches every node runs what it
-        # is assigned so far: settled, not yet balanced. So each wait is for both.
+        # paced moves go two at a time, and the cluster is settled between two batches:
+        # each wait is for the end (wait_balanced)
         cluster.add(2)
-        wait_until(
-            lambda: cluster.settled() and cluster.counts() == [12, 12],
-            30,
-            0.02,
-            f"not settled and balanced on 2 nodes: {cluster.placement()}",
-        )
+        cluster.wait_balanced(timeout=30)
         # the first node may place all 24 before the second joins, and then 12 move:
         # count only the moves the last two joins cause
         settled = time.monotonic()
         cluster.add(2)
-        wait_until(
-            lambda: cluster.settled() and cluster.counts() == [6, 6, 6, 6],
-            30,
-            0.02,
-            f"not settled and balanced on 4 nodes: {cluster.placement()}",
-        )
+        cluster.wait_balanced(timeout=30)
+        assert cluster.counts() == [6, 6, 6, 6]
         moved, peak = max_simultaneous_gaps(cluster.ledger, since=settled)
         assert moved == 12
         assert peak <= 4, f"{peak} configs were running nowhere at once"

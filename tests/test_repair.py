@@ -33,7 +33,7 @@ def test_a_lost_desired_entry_is_repaired(
     keys = Keys(service)
     try:
         cluster.add(2)
-        cluster.wait_settled()
+        cluster.wait_balanced()
         placed = owners(cluster)
         victim, node = 0, placed[0]
         # what a lost write leaves: the config in neither the assignment nor the share
@@ -63,7 +63,7 @@ def test_a_stale_desired_entry_is_ignored_and_removed(
     keys = Keys(service)
     try:
         a, b = cluster.add(2)
-        cluster.wait_settled()
+        cluster.wait_balanced()
         placed = owners(cluster)
         theirs = next(cid for cid, node in placed.items() if node == a.node_id)
         assert b.node_id is not None
@@ -95,7 +95,7 @@ def test_a_lost_assignment_entry_is_repaired(
     keys = Keys(service)
     try:
         a, b = cluster.add(2)
-        cluster.wait_settled()
+        cluster.wait_balanced()
         placed = owners(cluster)
         theirs = next(cid for cid, node in placed.items() if node == a.node_id)
         assert b.node_id is not None and a.node_id is not None

@@ -174,7 +174,7 @@ def test_sentinel_failover(sentinel_setup: dict[str, Any], service: str, how: st
     cluster = SentinelCluster(sentinel, service, configs)
     try:
         cluster.add(3)
-        cluster.wait_settled(TIMEOUT)
+        cluster.wait_balanced(TIMEOUT)
         assert cluster.counts() == [3, 3, 3]
         assert sentinel.discover_master(MASTER) == ("127.0.0.1", master.port)
         created = cluster.ledger.create_count()
