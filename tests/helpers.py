@@ -198,6 +198,27 @@ class Cluster:
             message=f"cluster did not settle: {self.placement()}",
         )
 
+    def balanced(self) -> bool:
+        """Settled, with the configs spread evenly: the counts differ by at most one."""
+        counts = self.counts()
+        return bool(counts) and max(counts) - min(counts) <= 1 and self.settled()
+
+    def wait_balanced(self, timeout: float = 15.0) -> None:
+        """Wait until :meth:`balanced`: after several nodes start together, or paced moves.
+
+        A new service on a server up for longer than its reset window starts at once, so
+        the first node may place every config before the others join; until the leader's
+        next rebalance the cluster is settled (each config once, each node running what
+        it is assigned) but not spread. So are the pauses between two batches of paced
+        moves. Only for clusters whose fair shares are equal (no weights, rules, drains).
+        """
+        wait_until(
+            self.balanced,
+            timeout,
+            interval=0.02,
+            message=f"cluster did not settle evenly: {self.placement()}",
+        )
+
     def counts(self) -> list[int]:
         return sorted(len(m.instances) for m in self.running())
 

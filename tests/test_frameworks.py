@@ -37,15 +37,17 @@ ROOT = Path(__file__).resolve().parent.parent
 FLASK_APP = ROOT / "examples" / "flask_app"
 DJANGO_APP = ROOT / "examples" / "django_app"
 
-# Roomy enough that a loaded machine does not make workers fence themselves; a new
-# service waits one node_ttl before placing configs, and a killed worker's claims expire
-# after one node_ttl.
+# Roomy enough that a loaded machine does not make workers fence themselves. A new
+# service waits its reset window before placing configs, and a SIGKILLed worker's claims
+# expire after its lease: create_timeout and disconnect_timeout make these 4.7 s and 4 s
+# (with their defaults, 10 s and 5 s, they would be 15.7 s and 7 s).
 TIMINGS = {
     "heartbeat_interval": 0.2,
     "node_ttl": 2.0,
     "leader_ttl": 2.0,
     "config_interval": 0.5,
-    "disconnect_timeout": 5.0,
+    "create_timeout": 2.0,
+    "disconnect_timeout": 2.0,
     "connect_timeout": 5.0,
 }
 DEADLINE = 40.0  # for conditions that take seconds when all is well

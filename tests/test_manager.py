@@ -25,7 +25,7 @@ def cluster(redis_url: str, service: str):
 def test_even_spread(cluster: Cluster) -> None:
     """12 configs over 3 nodes run exactly once each, 4 per node."""
     cluster.add(3)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     assert cluster.counts() == [4, 4, 4]
     assert cluster.ledger.overlaps() == []
 
@@ -33,7 +33,7 @@ def test_even_spread(cluster: Cluster) -> None:
 def test_uneven_spread_differs_by_at_most_one(cluster: Cluster) -> None:
     """12 configs over 5 nodes: counts differ by at most one."""
     cluster.add(5)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     counts = cluster.counts()
     assert sum(counts) == 12 and max(counts) - min(counts) <= 1
 
@@ -41,7 +41,7 @@ def test_uneven_spread_differs_by_at_most_one(cluster: Cluster) -> None:
 def test_join_moves_only_the_minimum(cluster: Cluster) -> None:
     """A third node joining takes exactly its fair share (4) and nothing else moves."""
     cluster.add(2)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     before = cluster.ledger.create_count()
     (new,) = cluster.add(1)
     cluster.wait_settled()
@@ -54,7 +54,7 @@ def test_join_moves_only_the_minimum(cluster: Cluster) -> None:
 def test_graceful_leave_moves_only_its_instances(cluster: Cluster) -> None:
     """A node leaving gracefully: only its 4 configs are recreated elsewhere."""
     cluster.add(3)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     before = cluster.ledger.create_count()
     leaving = cluster.managers[1]
     leaving.stop()
@@ -100,11 +100,12 @@ def test_config_add_remove_and_change(cluster: Cluster) -> None:
     def instances() -> dict[Any, Any]:
         return {k: v for m in cluster.running() for k, v in m.instances.items()}
 
-    wait_until(
-        lambda: instances().get(1) and instances()[1].config["url"] == "wss://changed",
-        10,
-        message="changed config not recreated",
-    )
+    def recreated() -> bool:
+        # one read: the instance may go between two (it is stopped, then created again)
+        instance = instances().get(1)
+        return instance is not None and instance.config["url"] == "wss://changed"
+
+    wait_until(recreated, 10, message="changed config not recreated")
     cluster.wait_settled()
     assert 0 not in instances() and "new" in instances()
     assert instances()[1].config["url"] == "wss://changed"

@@ -60,13 +60,15 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
         redis_url, service, [{"id": i} for i in range(24)], settings=settings, create=slow_create
     )
     try:
+        # paced moves go two at a time, and the cluster is settled between two batches:
+        # each wait is for the end (wait_balanced)
         cluster.add(2)
-        cluster.wait_settled()
+        cluster.wait_balanced(timeout=30)
         # the first node may place all 24 before the second joins, and then 12 move:
         # count only the moves the last two joins cause
         settled = time.monotonic()
         cluster.add(2)
-        cluster.wait_settled(timeout=30)
+        cluster.wait_balanced(timeout=30)
         assert cluster.counts() == [6, 6, 6, 6]
         moved, peak = max_simultaneous_gaps(cluster.ledger, since=settled)
         assert moved == 12

@@ -140,7 +140,7 @@ def test_helper_forms_a_three_master_cluster(
 def test_managers_spread_configs_and_run_each_once(cluster: Cluster) -> None:
     """Two managers on a RedisCluster client run 8 configs exactly once, 4 each."""
     cluster.add(2)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     assert cluster.counts() == [4, 4]
     assert cluster.ledger.overlaps() == []
 
@@ -185,7 +185,7 @@ def test_status_reads_the_cluster(cluster: Cluster, client: RedisCluster, servic
     """status() works from a running manager and from one that never started, and the
     passed client stays open."""
     cluster.add(2)
-    cluster.wait_settled()
+    cluster.wait_balanced()
     running = cluster.managers[0].status()
     assert running.leader in {m.node_id for m in cluster.managers}
     assert {n.node_id for n in running.nodes} == {m.node_id for m in cluster.managers}
