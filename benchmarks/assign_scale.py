@@ -43,8 +43,8 @@ from _harness import ROOT
 
 from dim.balance import assign, moves
 
-FULL_SIZES = [(1_000, 10), (10_000, 100), (100_000, 1_000)]
-QUICK_SIZES = [(200, 4), (2_000, 20)]
+FULL_SIZES = [(1_000, 10), (10_000, 100), (20_000, 1_000), (100_000, 1_000)]
+QUICK_SIZES = [(200, 4), (1_000, 4), (2_000, 20)]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
@@ -178,6 +178,30 @@ def run_size(
     return rows
 
 
+def growth_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each scenario and node count, how the median time grows with the configs
+    between consecutive sizes, measured in this one run (not quadratic: well under the
+    square of the size ratio)."""
+    out = []
+    keyed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        keyed.setdefault((row["scenario"], row["nodes"]), []).append(row)
+    for (scenario, nodes), group in keyed.items():
+        group.sort(key=lambda r: r["configs"])
+        for small, large in zip(group, group[1:]):
+            out.append(
+                {
+                    "scenario": scenario,
+                    "nodes": nodes,
+                    "from_configs": small["configs"],
+                    "to_configs": large["configs"],
+                    "size_ratio": large["configs"] / small["configs"],
+                    "time_ratio": large["median_s"] / small["median_s"],
+                }
+            )
+    return out
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Print the rows as an aligned text table."""
     width = max([8] + [len(row["scenario"]) for row in rows])
@@ -231,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.tag_groups:
             rows.extend(run_size(n_configs, n_nodes, repeats, args.tag_groups))
     print_table(rows)
+    growth = growth_rows(rows)
+    for row in growth:
+        print(
+            f"{row['scenario']}: {row['from_configs']} -> {row['to_configs']} configs on "
+            f"{row['nodes']} nodes (x{row['size_ratio']:.1f}): time x{row['time_ratio']:.1f} "
+            f"(linear x{row['size_ratio']:.1f}, quadratic x{row['size_ratio'] ** 2:.0f})"
+        )
 
     output.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -241,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "rows": rows,
+        "growth": growth,
     }
     output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {output}")

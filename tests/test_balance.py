@@ -7,14 +7,12 @@ sort-based closed form for equal weights.  No Redis is involved.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
 import os
 import random
 import subprocess
 import sys
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -516,46 +514,17 @@ def test_duplicate_configs_placed_once() -> None:
 # --- scale --------------------------------------------------------------------------
 
 
-def _timed(function: Callable[[], object], repeats: int = 3) -> float:
-    """Return the best wall time of ``repeats`` calls, with the GC paused for stability."""
-    best = math.inf
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            best = min(best, time.perf_counter() - started)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return best
-
-
 def test_scale_100k_configs_1k_nodes() -> None:
-    """100,000 configs over 1,000 nodes: balanced from scratch and after a join, quickly."""
+    """100,000 configs over 1,000 nodes: balanced from scratch and after a join, with the
+    fewest moves (how fast: ``benchmarks/assign_scale.py``)."""
     nodes = {f"node-{i}": 1.0 for i in range(1000)}
     configs = [f"tenant/{i}/worker" for i in range(100_000)]
-    started = time.perf_counter()
     first = assign(nodes, configs, {})
     joined = {**nodes, "node-new": 1.0}
     second = assign(joined, configs, first)
-    elapsed = time.perf_counter() - started
     assert_balanced(nodes, configs, first)
     assert_balanced(joined, configs, second)
     assert moves(first, second) == reference_min_moves_equal(joined, configs, first)
-    # The target is < 0.5 s per call; 10 s for both leaves room for a very loaded machine.
-    assert elapsed < 10.0
-
-
-def test_scale_is_not_quadratic() -> None:
-    """Five times the configs takes well under 15 times as long (quadratic would be ~25)."""
-    nodes = {f"node-{i}": 1.0 for i in range(1000)}
-    small = [f"cfg-{i}" for i in range(20_000)]
-    large = [f"cfg-{i}" for i in range(100_000)]
-    small_time = _timed(lambda: assign(nodes, small, {}))
-    large_time = _timed(lambda: assign(nodes, large, {}))
-    assert large_time / small_time < 15, (small_time, large_time)
 
 
 # --- eligibility, capacity and priority: references ---------------------------------
@@ -1138,10 +1107,8 @@ def test_scale_three_tag_groups() -> None:
         return {c: groups[i % 3] for i, c in enumerate(configs) if i % 4 != 3}
 
     joined = {**nodes, "node-new": 1.0}
-    started = time.perf_counter()
     first = assign_detailed(nodes, configs, {}, eligible=eligibility(nodes))
     second = assign_detailed(joined, configs, first.assignment, eligible=eligibility(joined))
-    elapsed = time.perf_counter() - started
     for live, placement in ((nodes, first), (joined, second)):
         eligible = eligibility(live)
         assert placement.unplaced == {}
@@ -1152,6 +1119,3 @@ def test_scale_three_tag_groups() -> None:
         # Untagged configs fill in, so the groups balance out to one level.
         assert max(counts.values()) - min(counts[n] for n in live) <= 1
     assert moves(first.assignment, second.assignment) <= 100
-    # The target is well under a second per call; 20 s for both leaves room for a very
-    # loaded machine.
-    assert elapsed < 20.0

@@ -35,3 +35,6 @@ def test_assign_scale_quick(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert {r["scenario"] for r in rows} >= {"scratch", "join", "leave"}
     assert all(r["moves"] == r["minimum_moves"] for r in rows)
+    growth = json.loads(out.read_text())["growth"]
+    assert {(g["from_configs"], g["to_configs"], g["nodes"]) for g in growth} == {(200, 1000, 4)}
+    assert "time x" in result.stdout
