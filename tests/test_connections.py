@@ -10,6 +10,7 @@ refused.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -521,16 +522,18 @@ def test_wrong_password_fails_start_at_once(
 @pytest.mark.parametrize(
     ("without", "keys", "needle"),
     [
+        # the server's own words, as Redis and Valkey put them
         (
             "ping",
             "~dim:*",
-            "lacks a permission dim needs (NOPERM this user has no permissions "
-            "to run the 'ping' command)",
+            r"lacks a permission dim needs \(NOPERM (this user|User partial) has no "
+            r"permissions to run the 'ping' command\)",
         ),
-        ("evalsha", "~dim:*", "no permissions to run the 'evalsha' command"),
-        ("script|load", "~dim:*", "no permissions to run the 'script|load' command"),
-        ("", "~other:*", "no permissions to access one of the keys"),
-        ("set", "~dim:*", "can't run this command"),  # called from a script
+        ("evalsha", "~dim:*", r"no permissions to run the 'evalsha' command"),
+        ("script|load", "~dim:*", r"no permissions to run the 'script\|load' command"),
+        ("", "~other:*", r"(?i)no permissions to access (one of the keys|a key)"),
+        # called from a script
+        ("set", "~dim:*", r"can't run this command|no permissions to run the 'set' command"),
     ],
     ids=["no-ping", "no-evalsha", "no-script-load", "no-dim-keys", "no-set-in-lua"],
 )
@@ -543,4 +546,4 @@ def test_missing_permission_fails_start_at_once(
     message, took = failed_start(user_url(server, "partial"))
     assert took < 5, "a missing permission is not worth retrying"
     assert f"redis://partial:***@127.0.0.1:{server.port}/0" in message
-    assert needle in message and PASSWORD not in message
+    assert re.search(needle, message) and PASSWORD not in message, message
