@@ -529,6 +529,7 @@ class LeaderLoop(Loop["Node"]):
                 node.node_id,
                 "Redis reset" if version == WriteRefused.RESET else "late request",
             )
+            self._forget_unwritten_moves()  # nothing was written: none of them started
             self._dirty = True
             self._read = True
             return

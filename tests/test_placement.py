@@ -13,6 +13,7 @@ import redis
 
 from dim import EventType, Manager, StateError
 from dim.keys import Keys
+from dim.protocol import WriteRefused
 from dim.testing import wait_until
 from tools.chaos.ledger import Interval
 
@@ -407,6 +408,38 @@ def test_a_write_whose_reply_was_lost_keeps_its_moves_in_flight(
             message=f"the paced moves stalled: {cluster.placement()}",
         )
         cluster.wait_settled()
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_refused_write_does_not_leave_its_moves_in_flight(redis_url: str, service: str) -> None:
+    """max_concurrent_moves: a leader write refused as late (nothing written) started no
+    move, so the moves it carried do not hold the others back: pacing goes on."""
+    settings = FAST.replace(max_concurrent_moves=1)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
+    try:
+        (first,) = cluster.add(1)
+        cluster.wait_settled()
+        store = first._node.store  # type: ignore[attr-defined]
+        real_write = store.leader_write
+        refused: list[Any] = []
+
+        def late(*args: Any, **kwargs: Any) -> Any:
+            change = args[1]
+            if not refused and any(n != first.node_id for n in change.assign.values()):
+                refused.append(change)
+                return WriteRefused.LATE, []  # the script did nothing
+            return real_write(*args, **kwargs)
+
+        store.leader_write = late
+        cluster.add(1)
+        wait_until(lambda: refused, 10, message="no move was attempted")
+        wait_until(
+            lambda: sorted(cluster.counts()) == [4, 4],
+            30,
+            message=f"the paced moves stalled: {cluster.placement()}",
+        )
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
