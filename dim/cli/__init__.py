@@ -26,6 +26,7 @@ from dim.cli.commands import (
     DEFAULT_REDIS_URL,
     REDIS_URL_ENV,
     SERVICE_ENV,
+    AdminFactory,
     CommandError,
     UsageError,
     connect,
@@ -40,6 +41,7 @@ __all__ = [
     "DEMO_SETTINGS",
     "REDIS_URL_ENV",
     "SERVICE_ENV",
+    "AdminFactory",
     "CommandError",
     "UsageError",
     "build_parser",
@@ -50,10 +52,19 @@ __all__ = [
 ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``dim`` command; returns the exit code (the console script exits with it)."""
+def main(
+    argv: Optional[Sequence[str]] = None,
+    *,
+    prog: str = "dim",
+    admin: Optional[AdminFactory] = None,
+) -> int:
+    """Run the ``dim`` command; returns the exit code (the console script exits with it).
+
+    ``prog`` and ``admin`` embed the command in an application (``manage.py dim``,
+    ``flask dim``): see :func:`~dim.cli.parser.build_parser`.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    parser = build_parser()
+    parser = build_parser(prog=prog, admin=admin)
     args = parser.parse_args(argv)
     prog: str = args.parser.prog
     try:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 import redis
@@ -28,13 +28,17 @@ from dim import admin as admin_api
 from dim import redis_errors
 from dim.admin import Admin
 from dim.cli.formatting import config_rows, format_configs, format_move, format_status
-from dim.connection import safe_url
+from dim.connection import describe, safe_url
 from dim.errors import ConfigError, DimError, StateError
 from dim.status import ClusterStatus
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_URL_ENV = "DIM_REDIS_URL"
 SERVICE_ENV = "DIM_SERVICE"
+
+
+#: Makes the Admin of a command embedded in an application (see ``build_parser``).
+AdminFactory = Callable[[], Admin]
 
 
 class UsageError(DimError, ValueError):
@@ -77,11 +81,18 @@ def _service(args: argparse.Namespace) -> str:
 @contextmanager
 def operating(args: argparse.Namespace) -> Iterator[Admin]:
     """An :class:`Admin` on ``--redis`` and ``--service``, closed on the way out; the
-    errors of what runs inside become the command's (see the module docstring)."""
-    service = _service(args)
-    url: str = args.redis
+    errors of what runs inside become the command's (see the module docstring).
+
+    An embedded command (``args.admin_factory``) gets its Admin from the application.
+    """
+    factory: Optional[AdminFactory] = getattr(args, "admin_factory", None)
     try:
-        admin = Admin(url, service)
+        if factory is not None:
+            admin = factory()
+            url = describe(admin.client)
+        else:
+            url = args.redis
+            admin = Admin(url, _service(args))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     try:

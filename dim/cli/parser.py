@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional
 from urllib.parse import urlsplit
 
 from dim.cli.commands import (
     DEFAULT_REDIS_URL,
     REDIS_URL_ENV,
     SERVICE_ENV,
+    AdminFactory,
     cmd_config,
     cmd_drain,
     cmd_pause,
@@ -78,15 +79,31 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand (defaults read from the environment now)."""
+def build_parser(
+    *, prog: str = "dim", admin: Optional[AdminFactory] = None
+) -> argparse.ArgumentParser:
+    """The parser of every subcommand (defaults read from the environment now).
+
+    :param prog: the command's name in usage and errors (``manage.py dim``, ``flask dim``).
+    :param admin: makes the :class:`~dim.admin.Admin` every subcommand uses, for a command
+        embedded in an application that knows its Redis and service (the Django and
+        Flask integrations): the subcommands then take no ``--redis``/``--service``, and
+        ``demo`` is left out.
+    """
     default_url = os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
     default_service = os.environ.get(SERVICE_ENV) or None
+    epilog = "Exit codes: 0 ok, 1 runtime failure, 2 bad arguments."
+    if admin is None:
+        epilog = (
+            f"Environment: {REDIS_URL_ENV} (default --redis), {SERVICE_ENV} (default "
+            f"--service). {epilog}"
+        )
     parser = _Parser(
-        prog="dim",
-        description="Look at a dim cluster, or run a demo of one.",
-        epilog=f"Environment: {REDIS_URL_ENV} (default --redis), {SERVICE_ENV} (default "
-        "--service). Exit codes: 0 ok, 1 runtime failure, 2 bad arguments.",
+        prog=prog,
+        description="Look at a dim cluster, or run a demo of one."
+        if admin is None
+        else "Look at and steer this application's dim cluster.",
+        epilog=epilog,
     )
     from dim import __version__
 
@@ -99,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def target(sub: argparse.ArgumentParser) -> None:
+        if admin is not None:
+            sub.set_defaults(admin_factory=admin)
+            return
+        sub.set_defaults(admin_factory=None)
         sub.add_argument(
             "--redis",
             type=_redis_url,
@@ -195,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drain.set_defaults(func=cmd_drain, parser=drain)
 
+    if admin is not None:
+        return parser
     demo = commands.add_parser(
         "demo",
         help="run a scripted demo cluster of node processes",
