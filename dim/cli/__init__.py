@@ -66,16 +66,16 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     parser = build_parser(prog=prog, admin=admin)
     args = parser.parse_args(argv)
-    prog: str = args.parser.prog
+    command: str = args.parser.prog
     try:
         code: int = args.func(args)
     except UsageError as exc:
         args.parser.error(str(exc))
     except CommandError as exc:
-        _error(f"{prog}: {exc}")
+        _error(f"{command}: {exc}")
         return 1
     except KeyboardInterrupt:
-        _error(f"{prog}: interrupted")
+        _error(f"{command}: interrupted")
         return 130
     except BrokenPipeError:
         # The reader went away (`dim status | head`): no traceback, and no second
