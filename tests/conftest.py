@@ -10,15 +10,74 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
+import subprocess
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 import redis
 
-from dim.testing import RedisServer
+from dim.testing import RedisServer, find_redis_server
+
+
+@functools.cache
+def server_lacks_tls() -> str:
+    """Why the test server binary cannot serve TLS ("" when it can).
+
+    A binary built without TLS says so at once when asked for a TLS port; one with TLS
+    gets further (and stops at the missing certificate).
+    """
+    try:
+        binary = find_redis_server()
+        out = subprocess.run(
+            [binary, "--port", "0", "--tls-port", "1", "--save", ""],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        return ""  # the tests themselves report what is wrong with the server
+    if "Failed finding TLS support" in out.stdout + out.stderr:
+        return f"{binary} was built without TLS"
+    return ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the TLS tests (those using the ``pki`` fixture) when the server binary
+    has no TLS (the embedded Valkey), as the report header says once. CI runs them on
+    a redis-server that has TLS."""
+    reason = server_lacks_tls() if any("pki" in _fixtures(i) for i in items) else ""
+    if not reason:
+        return
+    kept = [i for i in items if "pki" not in _fixtures(i)]
+    left_out = [i for i in items if "pki" in _fixtures(i)]
+    config.hook.pytest_deselected(items=left_out)
+    items[:] = kept
+
+
+def _fixtures(item: pytest.Item) -> list[str]:
+    return list(getattr(item, "fixturenames", ()))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which server binary the tests start (Redis or the embedded Valkey), said once."""
+    try:
+        binary = find_redis_server()
+    except RuntimeError as exc:
+        return f"dim test servers: none found ({exc})"
+    try:
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        version = f"--version failed: {exc}"
+    tls = server_lacks_tls()
+    tls = f"; {tls}: the TLS tests are left out (deselected)" if tls else ""
+    return f"dim test servers: {binary} ({version}){tls}"
 
 
 @pytest.fixture(scope="session")

