@@ -11,12 +11,16 @@ the repository) use the same helpers as the test suite.  The main pieces are:
 * :class:`RedisClusterServers` runs a throw-away Redis Cluster of masters on loopback,
   joined without ``redis-cli``.
 * :func:`wait_until` polls a condition with a deadline instead of sleeping blindly.
+* :func:`fast_settings`: short heartbeats and leases for tests.
+* :mod:`dim.testing.pytest_plugin`: the ``dim_redis``, ``dim_service`` and
+  ``dim_settings`` fixtures, loaded by pytest wherever dim is installed.
 """
 
 from __future__ import annotations
 
 from dim.testing._cluster import CLUSTER_SLOTS, RedisClusterServers
 from dim.testing._server import RedisServer
+from dim.testing._settings import fast_settings
 from dim.testing._support import (
     EMBEDDED_INSTALL_HINT,
     REDIS_SERVER_ENV,
@@ -33,6 +37,7 @@ __all__ = [
     "RedisClusterServers",
     "RedisServer",
     "TLSFiles",
+    "fast_settings",
     "find_redis_server",
     "free_port",
     "wait_until",
