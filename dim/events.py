@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import attrs
 
+from dim.logs import fields
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,10 @@ class EventType(str, Enum):
     # the configs no live node may take changed (tags, capacity): data["unplaced"] maps
     # each such config id to the reason; empty once every config has a place again
     CONFIGS_UNPLACED = "configs_unplaced"
+    # the leader counted the cluster (every config_interval, and when it takes over):
+    # data holds the epoch and the counts of dim.plan.Census (nodes, configs, running,
+    # not_running, unplaceable, pending_handoff)
+    CLUSTER_COUNTED = "cluster_counted"
 
 
 @attrs.frozen
@@ -98,6 +104,12 @@ class Dispatcher:
             event.node_id,
             event.config_id,
             event.error,
+            extra=fields(
+                event.node_id,
+                config=event.config_id,
+                token=event.token,
+                epoch=event.data.get("epoch"),
+            ),
         )
         self._queue.put(event)
 
