@@ -95,6 +95,11 @@ class Dispatcher:
         with self._lock:
             self._listeners = [(f, t) for f, t in self._listeners if f is not listener]
 
+    def wants(self, kind: EventType) -> bool:
+        """Whether some listener hears events of this kind (is it worth making one?)."""
+        with self._lock:
+            return any(types is None or kind in types for _, types in self._listeners)
+
     def emit(self, event: Event) -> None:
         level = logging.WARNING if event.error is not None else logging.DEBUG
         log.log(

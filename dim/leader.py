@@ -167,14 +167,15 @@ class LeaderLoop(Loop["Node"]):
         return delay
 
     def _count_cluster(self) -> None:
-        """Count the cluster for the metrics (``CLUSTER_COUNTED``): this leader's placement,
-        and what the live nodes last reported running (one read, every config_interval)."""
+        """Count the cluster for CLUSTER_COUNTED's listeners (the metrics): the placement,
+        and what the live nodes last reported running (one read every config_interval)."""
         node = self.node
-        running = node.store.running(self._current_view().live())
-        counts = plan.census(self._written, self._assignment, self._unplaced, running)
+        if node.dispatcher.wants(EventType.CLUSTER_COUNTED):
+            running = node.store.running(self._current_view().live())
+            counts = plan.census(self._written, self._assignment, self._unplaced, running)
+            data = {"epoch": self._epoch, **counts.as_data()}
+            node.emit(Event(EventType.CLUSTER_COUNTED, node.node_id, data=data))
         self._count = False
-        data = {"epoch": self._epoch, **counts.as_data()}
-        node.emit(Event(EventType.CLUSTER_COUNTED, node.node_id, data=data))
 
     def _learn(self, node_id: str, info: Mapping[str, Optional[str]]) -> None:
         """Remember a node's weight, static name, tags and capacity (from its description)."""

@@ -12,8 +12,10 @@ from typing import Any
 
 import attrs
 import pytest
+import redis
 
 from dim import Event, EventType
+from dim.keys import Keys
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster
@@ -84,6 +86,75 @@ def test_the_leader_counts_the_cluster(redis_url: str, service: str) -> None:
             assert 1 <= data["nodes"] <= 2
     finally:
         cluster.stop()
+
+
+class Monitor:
+    """The commands a Redis server runs for one service's keys, from MONITOR, on a thread
+    of its own until :meth:`close`."""
+
+    def __init__(self, url: str, service: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._service = service
+        self._stop = f"stop-monitor-{service}"
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, str]] = []  # (client type, command)
+        self._monitor = self._client.monitor().__enter__()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            command = self._monitor.next_command()
+            if self._stop in command["command"]:
+                return
+            if self._service in command["command"]:
+                with self._lock:
+                    self._seen.append((command["client_type"], command["command"]))
+
+    def commands(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._seen)
+
+    def close(self) -> None:
+        self._client.echo(self._stop)
+        self._thread.join(10)
+        self._monitor.__exit__()
+        self._client.close()
+
+
+def test_the_leader_counts_only_for_a_listener(redis_url: str, service: str) -> None:
+    """With no listener for CLUSTER_COUNTED the leader reads nothing to count the cluster
+    (an idle leader stays at one round trip per heartbeat); once one listens, the leader
+    reads the live nodes' health and sends counts."""
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(3)], settings=STEADY)
+    polls: list[float] = []
+    configs = cluster.get_config
+
+    def get_config() -> list[Any]:
+        polls.append(1)
+        return configs()
+
+    cluster.get_config = get_config  # type: ignore[method-assign]
+    monitor = Monitor(redis_url, service)
+    try:
+        (a,) = cluster.add(1)
+        cluster.wait_settled()
+        seen = len(polls)
+        wait_until(lambda: len(polls) >= seen + 3, 15, interval=0.02)  # 3 config_intervals
+
+        def health_reads() -> list[str]:
+            return [c for kind, c in monitor.commands() if kind != "lua" and c.startswith("HGET ")]
+
+        assert health_reads() == []
+        events = Events()
+        a.add_listener(events, EventType.CLUSTER_COUNTED)
+        wait_until(lambda: events.of(EventType.CLUSTER_COUNTED), 15, interval=0.02)
+        assert events.of(EventType.CLUSTER_COUNTED)[0].data["running"] == 3
+        reads = wait_until(health_reads, 15, interval=0.02)
+        assert reads[0] == f"HGET {Keys(service).node(a.node_id or '?')} health"
+    finally:
+        cluster.stop()
+        monitor.close()
 
 
 def test_log_records_carry_node_config_and_epoch(
