@@ -29,7 +29,10 @@ from dim.plan import (
     Written,
     census,
     claims_to_read,
+    differ,
     plan,
+    repair,
+    shares,
 )
 
 
@@ -375,3 +378,25 @@ def test_census_counts_what_runs_from_what_the_nodes_report() -> None:
         "unplaceable": 0,
         "pending_handoff": 0,
     }
+
+
+def test_repair_writes_back_only_what_redis_lost() -> None:
+    """The repair's change set puts back the assignment entries and desired-set members
+    Redis lost, takes out what it holds beyond the leader's copy, and is empty when the
+    two agree; the config comparison sees any change of content or count."""
+    mine = {"a": "n1", "b": "n1", "c": "n2"}
+    expected = shares(mine, ["n1", "n2", "n3"])
+    assert expected == {"n1": {"a", "b"}, "n2": {"c"}, "n3": set()}
+    agreed = repair(mine, expected, dict(mine), {"n1": {"a", "b"}, "n2": {"c"}})
+    assert not agreed
+    lost = repair(
+        mine, expected, {"a": "n1", "c": "n3", "z": "n2"}, {"n1": {"a"}, "n2": {"c", "z"}}
+    )
+    assert lost.assign == {"b": "n1", "c": "n2"} and lost.unassign == ["z"]
+    assert lost.add == {"n1": ["b"]} and lost.rem == {"n2": ["z"]}
+    assert lost.entries() == 5
+    stored = configs(2)
+    written = {c: cfg.json for c, cfg in stored.items()}
+    assert not differ(stored, written)
+    assert differ(configs(3), written)
+    assert differ(stored, {**written, next(iter(written)): '{"id": 0, "x": 1}'})
