@@ -7,6 +7,8 @@ Redis. See :class:`Manager`.
 
 from __future__ import annotations
 
+import logging
+
 from dim.errors import (
     CallbackError,
     CallTimeout,
@@ -25,6 +27,10 @@ from dim.slots import Lease
 from dim.status import ClusterStatus, ConfigStatus, NodeStatus
 
 __version__ = "0.1.0"
+
+# a library adds no handler of its own, but this one keeps dim's records away from
+# logging's last-resort handler (stderr) in a program that configures no logging
+logging.getLogger("dim").addHandler(logging.NullHandler())
 
 __all__ = [
     "CallTimeout",

@@ -13,6 +13,7 @@ import threading
 
 import redis
 
+from dim.logs import NodeLog
 from dim.messages import Message
 from dim.store import Store
 
@@ -22,6 +23,7 @@ log = logging.getLogger("dim.reconciler")
 class ClaimBook:
     def __init__(self, node_id: str, store: Store) -> None:
         self._node_id = node_id
+        self._log = NodeLog(log, node_id)
         self._store = store
         self.lock = threading.RLock()
         self._mutex = threading.Lock()
@@ -66,7 +68,7 @@ class ClaimBook:
             self._store.release(node_id, tokens, Message.released(node_id, tokens))
         except redis.RedisError as exc:
             # the claims lapse by TTL since nobody renews them any more
-            log.warning(
+            self._log.warning(
                 "node %s could not release %d claims (they will expire): %r",
                 node_id,
                 len(tokens),

@@ -16,6 +16,7 @@ from dim.configs import Config, KeyFunc, Parsed, decode, parse
 from dim.constraints import Rules
 from dim.errors import CallTimeout, ConfigError
 from dim.events import Event, EventType
+from dim.logs import NodeLog
 from dim.settings import Settings
 from dim.usercode import Call, Runners
 
@@ -36,6 +37,7 @@ class ConfigSource:
         rules: Optional[Rules] = None,
     ) -> None:
         self._node_id = node_id
+        self._log = NodeLog(log, node_id)
         self._settings = settings
         self._clock = clock
         self._emit = emit
@@ -93,7 +95,7 @@ class ConfigSource:
             self._loading = None
             if self._overdue:
                 self._overdue = False
-                log.warning(
+                self._log.warning(
                     "get_config returned after %.1fs, over config_timeout: its result is not used",
                     self._clock() - started,
                 )
@@ -150,7 +152,7 @@ class ConfigSource:
         if not call.done.is_set():
             overdue = self._clock() - started > self._settings.config_timeout
             if overdue and not call.abandoned and call.abandon():
-                log.error(
+                self._log.error(
                     "placement rules over the stored configs did not return within %gs: "
                     "placing without them until they do",
                     self._settings.config_timeout,
@@ -161,10 +163,10 @@ class ConfigSource:
         try:
             required, priority, errors = call.outcome("placement rules")
         except Exception as exc:
-            log.error("placement rules failed on the stored configs: %s", exc)
+            self._log.error("placement rules failed on the stored configs: %s", exc)
             required, priority, errors = {}, {}, {}
         for error in errors.values():
-            log.error("placement rule failed on a stored config: %s", error)
+            self._log.error("placement rule failed on a stored config: %s", error)
         self.required, self.priority = required, priority
         self._rules_for = configs
 
@@ -173,7 +175,7 @@ class ConfigSource:
             wrapped = ConfigError(f"get_config failed: {error!r}", error)
             wrapped.__cause__ = error
             error = wrapped
-        log.error(
+        self._log.error(
             "node %s: %s; keeping the last good config (%d configs)",
             self._node_id,
             error,
@@ -204,7 +206,7 @@ class ConfigSource:
                 priority[ckey] = self.priority[ckey]
         errors = [*parsed.errors, *rule_errors.values()]
         for error in errors[:20]:
-            log.error("node %s: %s", self._node_id, error)
+            self._log.error("node %s: %s", self._node_id, error)
             self._emit(
                 Event(
                     EventType.CONFIG_ERROR,
@@ -214,12 +216,12 @@ class ConfigSource:
                 )
             )
         if len(errors) > 20:
-            log.error("node %s: %d more bad configs", self._node_id, len(errors) - 20)
+            self._log.error("node %s: %d more bad configs", self._node_id, len(errors) - 20)
         if errors:
-            log.warning(
+            self._log.warning(
                 "%d bad configs left out (%d keep their last good version)", len(errors), len(kept)
             )
         if self.good is not None and list(configs) != list(self.good):
-            log.info("config changed: %d configs (was %d)", len(configs), len(self.good))
+            self._log.info("config changed: %d configs (was %d)", len(configs), len(self.good))
         self.good = configs
         self._rules_for, self.required, self.priority = configs, required, priority

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import attrs
 
+from dim.logs import fields
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,10 @@ class EventType(str, Enum):
     # the configs no live node may take changed (tags, capacity): data["unplaced"] maps
     # each such config id to the reason; empty once every config has a place again
     CONFIGS_UNPLACED = "configs_unplaced"
+    # the leader counted the cluster (every config_interval, and when it takes over):
+    # data holds the epoch and the counts of dim.plan.Census (nodes, configs, running,
+    # not_running, unplaceable, pending_handoff)
+    CLUSTER_COUNTED = "cluster_counted"
 
 
 @attrs.frozen
@@ -89,6 +95,11 @@ class Dispatcher:
         with self._lock:
             self._listeners = [(f, t) for f, t in self._listeners if f is not listener]
 
+    def wants(self, kind: EventType) -> bool:
+        """Whether some listener hears events of this kind (is it worth making one?)."""
+        with self._lock:
+            return any(types is None or kind in types for _, types in self._listeners)
+
     def emit(self, event: Event) -> None:
         level = logging.WARNING if event.error is not None else logging.DEBUG
         log.log(
@@ -98,6 +109,12 @@ class Dispatcher:
             event.node_id,
             event.config_id,
             event.error,
+            extra=fields(
+                event.node_id,
+                config=event.config_id,
+                token=event.token,
+                epoch=event.data.get("epoch"),
+            ),
         )
         self._queue.put(event)
 

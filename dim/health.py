@@ -18,6 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from dim.errors import CallbackError, DimError
+from dim.logs import NodeLog, fields
 from dim.loop import Every, Loop
 from dim.usercode import block_signals
 
@@ -37,6 +38,7 @@ class HealthLoop(Loop["Node"]):
 
     def __init__(self, node: Node, healthcheck: Callable[[Any], Any]) -> None:
         super().__init__(node)
+        self._log = NodeLog(log, node.node_id)
         self._healthcheck = healthcheck
         self._every = Every(node.settings.healthcheck_interval, node.clock)
         # checks still running from an earlier round (hung): claim key -> (token,
@@ -105,10 +107,11 @@ class HealthLoop(Loop["Node"]):
                         skipped.add(index)
                     if slot.ckey not in self._warned:
                         self._warned.add(slot.ckey)
-                        log.warning(
+                        self._log.warning(
                             "healthcheck of config %r hangs (on an earlier instance): its "
                             "instance is not checked until that call returns",
                             slot.config.id,
+                            extra=fields(config=slot.config.id, token=slot.token),
                         )
                 continue
             self._warned.discard(slot.ckey)
@@ -146,7 +149,12 @@ class HealthLoop(Loop["Node"]):
             if error is None:
                 self._mark_healthy(slot, instance)
             else:
-                log.warning("instance of config %r is unhealthy: %r", slot.config.id, error)
+                self._log.warning(
+                    "instance of config %r is unhealthy: %r",
+                    slot.config.id,
+                    error,
+                    extra=fields(config=slot.config.id, token=slot.token),
+                )
                 node.reconciler.unhealthy(slot, instance, error)
 
     def _mark_healthy(self, slot: Slot, instance: Any) -> None:

@@ -19,6 +19,7 @@ import tenacity
 from dim.configs import Config
 from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
+from dim.logs import NodeLog, fields
 from dim.settings import Settings
 from dim.usercode import Runners
 
@@ -47,6 +48,7 @@ class InstanceCalls:
         callbacks: UserCallbacks,
     ) -> None:
         self._node_id = node_id
+        self._log = NodeLog(log, node_id)
         self._settings = settings
         self._emit = emit
         self.callbacks = callbacks
@@ -77,12 +79,13 @@ class InstanceCalls:
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            log.warning(
+            self._log.warning(
                 "create of config %r failed (attempt %d of %d): %r",
                 config_id,
                 state.attempt_number,
                 s.create_attempts,
                 error,
+                extra=fields(config=config_id, token=token()),
             )
             self._emit(
                 Event(
@@ -121,20 +124,26 @@ class InstanceCalls:
                 )
             except CallTimeout as exc:
                 error = exc
-                log.error(
+                self._log.error(
                     "disconnect of config %r did not return within %gs: its claim is let go "
                     "while the instance may still run; only its fencing token (%s) protects "
                     "from it now",
                     config.id,
                     s.disconnect_timeout,
                     token,
+                    extra=fields(config=config.id, token=token),
                 )
                 self._emit(
                     Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc)
                 )
             except Exception as exc:
                 error = exc
-                log.warning("disconnect of config %r raised: %r", config.id, exc)
+                self._log.warning(
+                    "disconnect of config %r raised: %r",
+                    config.id,
+                    exc,
+                    extra=fields(config=config.id, token=token),
+                )
         self._emit(
             Event(EventType.INSTANCE_DISCONNECTED, self._node_id, config.id, token, error=error)
         )
@@ -142,10 +151,11 @@ class InstanceCalls:
     def _dispose_late(self, config: Config, instance: Any) -> None:
         if instance is None:
             return
-        log.warning(
+        self._log.warning(
             "create of config %r returned after its timeout; disconnecting the late instance "
             "(its claim may be gone: only the fencing token protects from it)",
             config.id,
+            extra=fields(config=config.id),
         )
         self.disconnect(config, instance, None)
 

@@ -32,6 +32,7 @@ from dim.configsource import ConfigSource
 from dim.constraints import Rules, parse_capacity, parse_tags, parse_weight
 from dim.errors import ConfigError
 from dim.events import Event, EventType
+from dim.logs import NodeLog
 from dim.loop import Every, Loop
 from dim.protocol import View, WriteRefused, parse_owner
 
@@ -60,6 +61,7 @@ class LeaderLoop(Loop["Node"]):
             node.node_id, node.settings, node.clock, node.emit, get_config, key, rules
         )
         self._lock = threading.RLock()
+        self._log = NodeLog(log, node.node_id, lambda: self._epoch or None)
         self.alive_at = node.clock()
         self._every = Every(node.settings.config_interval, node.clock)
         self._epoch = 0
@@ -98,6 +100,7 @@ class LeaderLoop(Loop["Node"]):
         self._seen_live: Optional[dict[str, float]] = None  # membership at the last tick
         self._quiet_since = 0.0  # when the membership last changed
         self._burst_since: Optional[float] = None  # first change of the current burst
+        self._count = True  # count the cluster at the next tick (CLUSTER_COUNTED)
 
     def wake(self) -> None:
         """Look now, at a freshly read membership (a hint said it changed)."""
@@ -138,6 +141,7 @@ class LeaderLoop(Loop["Node"]):
             self._dirty = True  # a periodic full re-plan catches any hint that was lost
             self._repair = True  # and any write Redis lost
             self._configs.request_refresh()
+            self._count = True
         if not node.is_leader or node.leaving:
             if self._epoch:
                 self._epoch = 0
@@ -145,6 +149,8 @@ class LeaderLoop(Loop["Node"]):
             return interval
         with self._lock:
             self._lead(exclude=None)
+            if self._count and self._epoch == node.epoch and (self._wrote or self._written):
+                self._count_cluster()
         self.alive_at = node.clock()
         # the leader's heartbeat wakes it every interval with a fresh view; this is a
         # fallback for when heartbeats fail
@@ -159,6 +165,17 @@ class LeaderLoop(Loop["Node"]):
         if self._absent:
             delay = min(delay, max(min(self._absent.values()) - node.clock(), 0.0))
         return delay
+
+    def _count_cluster(self) -> None:
+        """Count the cluster for CLUSTER_COUNTED's listeners (the metrics): the placement,
+        and what the live nodes last reported running (one read every config_interval)."""
+        node = self.node
+        if node.dispatcher.wants(EventType.CLUSTER_COUNTED):
+            running = node.store.running(self._current_view().live())
+            counts = plan.census(self._written, self._assignment, self._unplaced, running)
+            data = {"epoch": self._epoch, **counts.as_data()}
+            node.emit(Event(EventType.CLUSTER_COUNTED, node.node_id, data=data))
+        self._count = False
 
     def _learn(self, node_id: str, info: Mapping[str, Optional[str]]) -> None:
         """Remember a node's weight, static name, tags and capacity (from its description)."""
@@ -191,7 +208,9 @@ class LeaderLoop(Loop["Node"]):
             if node_id in self._static and node_id not in self._absent:
                 since = recorded.get(node_id, view.now_ms)
                 left = grace - max(0, view.now_ms - since) / 1000
-                log.info("static node %s is gone: its configs wait %.3gs for it", node_id, left)
+                self._log.info(
+                    "static node %s is gone: its configs wait %.3gs for it", node_id, left
+                )
                 self._absent[node_id] = now + left
                 self._absent_since[node_id] = since
                 self._dirty = True
@@ -222,7 +241,9 @@ class LeaderLoop(Loop["Node"]):
         leader places them instead, a moment later. It waits for no user code."""
         node = self.node
         if not self._lock.acquire(timeout=max(1.0, 2 * node.settings.heartbeat_interval)):
-            log.warning("leader %s is busy: no final rebalance before it leaves", node.node_id)
+            self._log.warning(
+                "leader %s is busy: no final rebalance before it leaves", node.node_id
+            )
             return
         try:
             if node.is_leader and self._epoch == node.epoch:
@@ -259,7 +280,9 @@ class LeaderLoop(Loop["Node"]):
         if view.paused != self._paused:
             self._paused = view.paused
             self._dirty = True  # resumed: re-plan everything at once
-            log.warning("rebalancing is %s by an operator", "paused" if view.paused else "resumed")
+            self._log.warning(
+                "rebalancing is %s by an operator", "paused" if view.paused else "resumed"
+            )
         if self._paused:
             return  # hold everything where it is; instances still heal where they run
         live_ids = view.live()
@@ -271,7 +294,7 @@ class LeaderLoop(Loop["Node"]):
         if draining and len(draining) < len(live_ids):
             live_ids = [n for n in live_ids if n not in draining]
         elif draining:
-            log.warning("every live node is being drained: ignoring the drain")
+            self._log.warning("every live node is being drained: ignoring the drain")
             draining = set()
         self._draining = draining
         unknown = [n for n in live_ids if n not in self._weights]
@@ -298,7 +321,7 @@ class LeaderLoop(Loop["Node"]):
             self._dirty = True  # moves wait for room or for quiet: look again
         changed_members = live != self._live or bool(dead)
         # compare contents only when get_config produced a new result (O(configs))
-        fresh_configs = configs is not self._compared and self._configs_differ(configs)
+        fresh_configs = configs is not self._compared and plan.differ(configs, self._written)
         if self._dirty or changed_members or fresh_configs:
             self._rebalance(configs, live, dead, view, exclude, force=changed_members)
         else:
@@ -328,11 +351,6 @@ class LeaderLoop(Loop["Node"]):
             self._view = (node.clock(), view)
         return view
 
-    def _configs_differ(self, configs: dict[str, Config]) -> bool:
-        if len(configs) != len(self._written):
-            return True
-        return any(self._written.get(c) != cfg.json for c, cfg in configs.items())
-
     def _load_state(self, value: str, epoch: int) -> None:
         """Forget the cache and read the placement back from Redis."""
         node = self.node
@@ -356,7 +374,7 @@ class LeaderLoop(Loop["Node"]):
             # still running an instance takes its claim back; until the window ends the
             # placement follows the claims, and configs nobody claims wait
             self._grace_until = era.reset_until
-            log.warning(
+            self._log.warning(
                 "leader %s: placing only what nodes claim back for %.1fs (Redis reset)",
                 node.node_id,
                 era.reset_until - node.clock(),
@@ -372,9 +390,7 @@ class LeaderLoop(Loop["Node"]):
         store = node.store
         self._repair = False
         nodes = sorted(set(live) | set(self._assignment.values()))
-        expected: dict[str, set[str]] = {n: set() for n in nodes}
-        for ckey, target in self._assignment.items():
-            expected[target].add(ckey)
+        expected = plan.shares(self._assignment, nodes)
         if not self._repair_full:
             stored, size, counts = store.repair_counts(nodes)
             # every write of ours bumps the version in the same step: another version
@@ -388,25 +404,12 @@ class LeaderLoop(Loop["Node"]):
                 return
         self._repair_full = False
         assignment, desired = store.repair_read(nodes)
-        add: dict[str, list[str]] = {}
-        rem: dict[str, list[str]] = {}
-        for target in nodes:
-            have, want = desired.get(target, set()), expected[target]
-            if want - have:
-                add[target] = sorted(want - have)
-            if have - want:
-                rem[target] = sorted(have - want)
-        change = plan.Change(
-            assign={c: n for c, n in self._assignment.items() if assignment.get(c) != n},
-            unassign=sorted(c for c in assignment if c not in self._assignment),
-            add=add,
-            rem=rem,
-        )
+        change = plan.repair(self._assignment, expected, assignment, desired)
         wrong = change.entries()
         if not wrong:
             self._forget_unwritten_moves()
             return
-        log.warning(
+        self._log.warning(
             "leader %s: Redis disagrees with the placement on %d entries (a lost write?); "
             "repairing",
             node.node_id,
@@ -479,7 +482,7 @@ class LeaderLoop(Loop["Node"]):
         new, unplaced, change = step.assignment, step.unplaced, step.change
         old = self._assignment
         if step.held_back and not self._deferred:
-            log.info(
+            self._log.info(
                 "holding back %d moves (%s)",
                 step.held_back,
                 "membership still changing" if not quiet else "max_concurrent_moves",
@@ -513,7 +516,7 @@ class LeaderLoop(Loop["Node"]):
             self._repair = self._repair_full = True
             raise
         if version == WriteRefused.DEPOSED:
-            log.warning(
+            self._log.warning(
                 "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch
             )
             if node.leader_value == self._value:
@@ -524,7 +527,7 @@ class LeaderLoop(Loop["Node"]):
         if version < 0:
             # a reset window we had not heard of (the reply told us: the next tick
             # reloads), or a request that arrived too late: nothing was written
-            log.warning(
+            self._log.warning(
                 "node %s: leader write refused (%s)",
                 node.node_id,
                 "Redis reset" if version == WriteRefused.RESET else "late request",
@@ -536,7 +539,7 @@ class LeaderLoop(Loop["Node"]):
         if kept:
             # nodes that came back between our read and this write keep their entries;
             # look at the membership again (their desired sets are repaired later)
-            log.info("nodes %s came back before the write: re-planning", kept)
+            self._log.info("nodes %s came back before the write: re-planning", kept)
             self._read = True
             self._repair = self._repair_full = True
         self._written_version = version
@@ -547,11 +550,11 @@ class LeaderLoop(Loop["Node"]):
         self._wrote = True
         if unplaced != self._unplaced:
             if unplaced:
-                log.warning(
+                self._log.warning(
                     "%d configs cannot be placed: %s", len(unplaced), plan.summary(unplaced)
                 )
             else:
-                log.info("every config has a place again")
+                self._log.info("every config has a place again")
             node.emit(
                 Event(
                     EventType.CONFIGS_UNPLACED,
@@ -568,7 +571,7 @@ class LeaderLoop(Loop["Node"]):
         self._written = {c: cfg.json for c, cfg in configs.items()}
         self._live = live
         self._dirty = False
-        log.info(
+        self._log.info(
             "rebalance v%d: %d configs on %d nodes (%d moved, %d placed, %d removed, "
             "%d nodes dropped)%s",
             version,

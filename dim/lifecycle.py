@@ -22,6 +22,7 @@ from dim.claims import ClaimBook
 from dim.errors import CallTimeout
 from dim.events import Event, EventType
 from dim.instances import Cancelled, InstanceCalls
+from dim.logs import NodeLog, fields
 from dim.messages import Message
 from dim.renewal import covers
 from dim.slots import Slot, State, TransitionError
@@ -45,6 +46,7 @@ class Lifecycle:
         gave_up: Callable[[], None],
     ) -> None:
         self.node = node
+        self._log = NodeLog(log, node.node_id)
         self.table = table
         self.calls = calls
         self.claims = claims
@@ -82,7 +84,7 @@ class Lifecycle:
             # forever, the config running nowhere), let it and its claim go; the
             # reconciler claims the config anew. Only creating slots get here: no
             # instance of theirs exists.
-            log.error("node %s: %s; letting the slot go", self.node.node_id, exc)
+            self._log.error("node %s: %s; letting the slot go", self.node.node_id, exc)
             self.node.emit(
                 Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
             )
@@ -94,9 +96,11 @@ class Lifecycle:
                 exc, (redis.RedisError, OSError, ValueError)
             ):
                 # stop() closed the connections under a task it no longer waits for
-                log.debug("node %s: %s ended by stop(): %r", self.node.node_id, task.__name__, exc)
+                self._log.debug(
+                    "node %s: %s ended by stop(): %r", self.node.node_id, task.__name__, exc
+                )
                 return
-            log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
+            self._log.exception("node %s: worker task %s raised", self.node.node_id, task.__name__)
             self.node.emit(
                 Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
             )
@@ -145,7 +149,7 @@ class Lifecycle:
                 and slot.create_for != token
             ]
         if retry:
-            log.error(
+            self._log.error(
                 "node %s could not start a thread to create %r (%r); trying again",
                 self.node.node_id,
                 [slot.config.id for slot, _ in retry],
@@ -160,7 +164,7 @@ class Lifecycle:
             error = self._unstarted_error
             retry = [s for s in slots if self.table.slots.get(s.ckey) is s and s.take_stop()]
         if retry:
-            log.error(
+            self._log.error(
                 "node %s could not start a thread to disconnect %r (%r); trying again",
                 self.node.node_id,
                 [s.config.id for s in retry],
@@ -206,8 +210,12 @@ class Lifecycle:
             try:
                 token = node.store.retoken(node.node_id, slot.ckey, slot.token, s.create_lease)
             except redis.RedisError as exc:
-                log.warning(
-                    "node %s could not renew the token of %r: %r", node.node_id, slot.config.id, exc
+                self._log.warning(
+                    "node %s could not renew the token of %r: %r",
+                    node.node_id,
+                    slot.config.id,
+                    exc,
+                    extra=fields(config=slot.config.id, token=slot.token),
                 )
                 token = -1
             with self.table.lock:
@@ -280,7 +288,13 @@ class Lifecycle:
             if keep:
                 slot.created(instance)
         if keep:
-            log.debug("node %s created %r (token %s)", node.node_id, slot.config.id, slot.token)
+            self._log.debug(
+                "node %s created %r (token %s)",
+                node.node_id,
+                slot.config.id,
+                slot.token,
+                extra=fields(config=slot.config.id, token=slot.token),
+            )
             node.emit(Event(EventType.INSTANCE_CREATED, node.node_id, slot.config.id, slot.token))
             return
         # moved away, fenced or stopping while we created: undo, then let go of the claim
@@ -300,13 +314,14 @@ class Lifecycle:
         if not current:
             self.finish(slot)
             return
-        log.error(
+        self._log.error(
             "node %s gives up creating config %r after %d attempts: %r; handing it over for %.0fs",
             node.node_id,
             slot.config.id,
             node.settings.create_attempts,
             exc,
             node.settings.failure_cooldown,
+            extra=fields(config=slot.config.id, token=slot.token),
         )
         node.emit(
             Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token, error=exc)

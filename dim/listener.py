@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import redis
 
 from dim.errors import MessageError
+from dim.logs import NodeLog
 from dim.loop import Loop
 from dim.messages import Kind, Message, decode
 
@@ -30,6 +31,7 @@ class HintListener(Loop["Node"]):
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
+        self._log = NodeLog(log, node.node_id)
         self._pubsub: Optional[PubSub] = None
         self.dropped = 0
 
@@ -62,7 +64,7 @@ class HintListener(Loop["Node"]):
             try:
                 pubsub.close()
             except Exception:  # closing a broken connection may raise; nothing to keep
-                log.debug("closing pub/sub connection failed", exc_info=True)
+                self._log.debug("closing pub/sub connection failed", exc_info=True)
 
     def handle(self, data: Any) -> Optional[Message]:
         """Act on one raw payload; returns the decoded message, or None if dropped."""
@@ -71,7 +73,7 @@ class HintListener(Loop["Node"]):
             message = decode(data)
         except MessageError as exc:
             self.dropped += 1
-            log.warning("dropping pub/sub message on %s: %s", node.store.keys.events, exc)
+            self._log.warning("dropping pub/sub message on %s: %s", node.store.keys.events, exc)
             return None
         if message.node == node.node_id:
             return message

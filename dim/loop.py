@@ -9,6 +9,7 @@ from typing import Callable, Generic, Optional, TypeVar
 import redis
 
 from dim.events import Event, EventType
+from dim.logs import fields
 from dim.roles import Host
 from dim.usercode import block_signals
 
@@ -109,9 +110,20 @@ class Loop(Generic[H]):
                     self.node.settings.heartbeat_interval, 0.01 * 2 ** min(self.failures, 10)
                 )
                 if isinstance(exc, redis.RedisError):
-                    log.warning("%s: Redis error (retrying in %.2fs): %r", self.role, delay, exc)
+                    log.warning(
+                        "%s: Redis error (retrying in %.2fs): %r",
+                        self.role,
+                        delay,
+                        exc,
+                        extra=fields(self.node.node_id),
+                    )
                 else:
-                    log.exception("%s loop raised (retrying in %.2fs)", self.role, delay)
+                    log.exception(
+                        "%s loop raised (retrying in %.2fs)",
+                        self.role,
+                        delay,
+                        extra=fields(self.node.node_id),
+                    )
                     self.node.emit(
                         Event(
                             EventType.LOOP_ERROR,

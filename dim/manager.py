@@ -27,6 +27,7 @@ from dim.instances import UserCallbacks
 from dim.keys import check_node_name, require_service
 from dim.leader import LeaderLoop
 from dim.listener import HintListener
+from dim.logs import fields
 from dim.messages import Kind, Message
 from dim.node import Node
 from dim.reconciler import Reconciler
@@ -237,7 +238,9 @@ class Manager:
                 loop.start()
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
-            log.info("node %s joined service %r", node.node_id, self.service)
+            log.info(
+                "node %s joined service %r", node.node_id, self.service, extra=fields(node.node_id)
+            )
             return self
 
     def _first_beat(self, node: Node) -> None:
@@ -310,7 +313,11 @@ class Manager:
             try:
                 leader.final_rebalance()
             except Exception:
-                log.warning("final rebalance before stepping down failed", exc_info=True)
+                log.warning(
+                    "final rebalance before stepping down failed",
+                    exc_info=True,
+                    extra=fields(node.node_id),
+                )
         # under claims_lock: no heartbeat is in flight, and every later one renews
         # claims only (no membership, no leadership)
         with node.reconciler.claims_lock:
@@ -321,13 +328,19 @@ class Manager:
                 log.warning(
                     "node id %s belongs to another process by now: its membership stays",
                     node.node_id,
+                    extra=fields(node.node_id),
                 )
             if leader_value is not None:
                 store.resign(leader_value, Message(Kind.LEADER_LEFT, node.node_id))
             store.publish(Message(Kind.LEFT, node.node_id))
         except redis.RedisError as exc:
             # the cluster notices by TTL instead; the claims are still released below
-            log.warning("node %s could not announce that it leaves: %r", node.node_id, exc)
+            log.warning(
+                "node %s could not announce that it leaves: %r",
+                node.node_id,
+                exc,
+                extra=fields(node.node_id),
+            )
         node.set_leader(None)
         reconciler.close(wait)
         node.stop_event.set()
@@ -342,7 +355,12 @@ class Manager:
             # a tombstone outlives any request of ours still queued in a stalled server
             store.forget(node.node_id, tombstone=max(60.0, 10 * s.node_ttl), session=node.session)
         except redis.RedisError as exc:
-            log.warning("node %s could not clear its traces (they expire): %r", node.node_id, exc)
+            log.warning(
+                "node %s could not clear its traces (they expire): %r",
+                node.node_id,
+                exc,
+                extra=fields(node.node_id),
+            )
         if isinstance(node.listener, HintListener):
             node.listener.close()
         self._dispatcher.stop(timeout=1.0)
@@ -350,7 +368,7 @@ class Manager:
         self._close_client(self._client)
         self._client = None
         _live_managers.discard(self)
-        log.info("node %s left service %r", node.node_id, self.service)
+        log.info("node %s left service %r", node.node_id, self.service, extra=fields(node.node_id))
 
     def __enter__(self) -> Manager:
         return self.start()

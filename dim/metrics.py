@@ -1,38 +1,38 @@
 """Prometheus metrics for one manager (the ``dim-manager[prometheus]`` extra).
 
-:class:`PrometheusMetrics` is a collector for ``prometheus_client``: it listens to the
-manager's events (:meth:`dim.Manager.add_listener`) and counts them, and reads the two
-gauges (instances running here, leadership) from the manager at scrape time, so a
-scrape never touches Redis and answers even while Redis is down. Every sample carries
-the labels ``service`` (the manager's service) and ``node`` (its node id, new for every
-start). The metric table is in ``docs/metrics.rst``.
+:class:`PrometheusMetrics` keeps ``prometheus_client``'s own metric classes (counters,
+gauges, histograms) up to date from the manager's events (:meth:`dim.Manager.add_listener`)
+and state, so they work in ``prometheus_client``'s multiprocess mode as in a single
+process: under gunicorn, each worker's manager writes its values to the shared
+directory and one scrape of any worker adds them up. A scrape never touches Redis.
 
-The metrics belong to the process that runs the manager: they are not written to
-``prometheus_client``'s multiprocess files.
+Every sample carries the label ``dim_service`` (a name that does not collide with the
+``service`` target label a Prometheus ServiceMonitor adds); the node id, new for every
+start, is a label only when asked for (``node_label=True``). The processes of a service
+each export what runs in them; the one that leads also exports the cluster's counts
+(``CLUSTER_COUNTED``). The metric table is in ``docs/metrics.rst``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
 try:
-    from prometheus_client.metrics_core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-        Metric,
-    )
+    from prometheus_client import Counter, Gauge, Histogram
+    from prometheus_client.metrics import MetricWrapperBase
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import REGISTRY, CollectorRegistry
 except ImportError as exc:
     raise ImportError(
         f"dim.metrics needs prometheus_client ({exc}): pip install 'dim-manager[prometheus]'"
     ) from exc
 
+from dim import __version__
 from dim.errors import ConfigError, ForkedError
 from dim.events import Event, EventType
 from dim.manager import Manager
@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Counters: name (after the namespace, before ``_total``) -> help.
 COUNTERS: dict[str, str] = {
-    "leadership_gained": "Elections this node won.",
-    "leadership_lost": "Leaderships this node lost: deposed, fenced, or handed over on stop.",
+    "leadership_gained": "Elections won here (summed over the processes: the leader changes).",
+    "leadership_lost": "Leaderships lost here: deposed, fenced, or handed over on stop.",
     "instances_created": "Instances create() returned here.",
     "instances_disconnected": (
         "Instances stopped here (moved away, unhealthy, changed, fenced, or on stop)."
@@ -52,9 +52,9 @@ COUNTERS: dict[str, str] = {
     "instances_unhealthy": "Health checks that failed, raised or timed out here.",
     "create_failures": "Calls of create() here that raised, returned None or timed out.",
     "instance_failures": (
-        "Configs this node gave up after create_attempts failed calls (handed over)."
+        "Configs given up here after create_attempts failed calls (handed over)."
     ),
-    "rebalances": "Assignments this node wrote as the leader.",
+    "rebalances": "Assignments written here as the leader.",
     "rebalance_moved": "Configs the leader's writes moved from one live node to another.",
     "rebalance_placed": (
         "Configs the leader's writes placed with no live previous node (new configs, or "
@@ -65,7 +65,7 @@ COUNTERS: dict[str, str] = {
         "with no node left to run them)."
     ),
     "leases_lost": "Claims found taken by another node (the instance was stopped at once).",
-    "fenced": "Times this node stopped all its instances because it could not renew in time.",
+    "fenced": "Times this process stopped all its instances because it could not renew in time.",
     "redis_lost": "Heartbeats that failed after one that succeeded.",
     "redis_restored": "Heartbeats that succeeded after one that failed.",
     "config_errors": (
@@ -76,7 +76,7 @@ COUNTERS: dict[str, str] = {
         "the instance may still run (only its fencing token protects from it)."
     ),
     "redis_resets": (
-        "Times this node learned that Redis lost or rewound data (a restart, a failover, "
+        "Times this process learned that Redis lost or rewound data (a restart, a failover, "
         "a clock step): no new claims for the reset window."
     ),
     "loop_errors": "Errors raised in a background loop or worker task.",
@@ -128,42 +128,62 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     ),
 }
 
+#: Gauges of this process: name -> help (summed over the live processes of a host).
+GAUGES: dict[str, str] = {
+    "instances": "Instances running in this process now (the manager's instances).",
+    "leader": "1 if this process leads its service now, else 0.",
+}
+
+#: The cluster's counts, exported by the process that leads (``CLUSTER_COUNTED``; the
+#: fields of :class:`dim.plan.Census`): name -> (census field, help).
+CLUSTER_GAUGES: dict[str, tuple[str, str]] = {
+    "nodes": ("nodes", "Live nodes of the service, as its leader counts them."),
+    "configs": ("configs", "Configs of the service (placed or not), from its leader."),
+    "configs_running": (
+        "running",
+        "Configs whose instance runs on a live node, from the counts the nodes report.",
+    ),
+    "configs_not_running": (
+        "not_running",
+        "Configs whose instance runs nowhere (no place, create failing or in progress, "
+        "node gone, handoff): alert when above 0 for long.",
+    ),
+    "configs_unplaceable": (
+        "unplaceable",
+        "Configs no live node may take (required tags, capacity).",
+    ),
+    "configs_pending_handoff": (
+        "pending_handoff",
+        "Instances that nodes still have to start to run what they are assigned.",
+    ),
+}
+
 _NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_LABELS = ("service", "node")
+SERVICE_LABEL = "dim_service"
+NODE_LABEL = "node"
 
 
-class _Histogram:
-    """Bucket counts and a sum, kept by the collector (never in multiprocess files)."""
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        index = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[index] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
-            running += count
-            out.append(("+Inf" if bound == math.inf else repr(float(bound)), float(running)))
-        return out
+def _multiprocess() -> bool:
+    """prometheus_client's multiprocess mode (its own test): values live in files."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
 
 
 class PrometheusMetrics:
     """Exposes one manager's state and events as Prometheus metrics.
 
-    Registers itself with ``registry`` (``prometheus_client``'s default registry unless
-    told otherwise; ``None`` registers nothing, for a caller that registers it) and
-    subscribes to the manager's events. Build it before :meth:`dim.Manager.start`, so it
-    hears the first election; it may be built at any time, counting from then on. It
-    follows the manager across a stop and a start: the new node gets new series (its
-    counters start at zero) and the old node's series stay, frozen, until :meth:`close`.
+    Builds ``prometheus_client`` counters, gauges and histograms, registers itself (a
+    collector of them) with ``registry`` (``prometheus_client``'s default registry
+    unless told otherwise; ``None`` registers nothing, for a caller that registers it),
+    and subscribes to the manager's events. Build it before :meth:`dim.Manager.start`,
+    so it hears the first election; built later, it counts from then on. It follows the
+    manager across a stop and a start: the series stay the same (unless ``node_label``),
+    and the counters go on counting.
 
-    Two collectors with the same ``namespace`` cannot share a registry (their names
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (``prometheus_client``'s multiprocess mode)
+    every value is written to that directory, and a ``MultiProcessCollector`` adds up
+    the live processes: build one per worker, after the fork (``docs/metrics.rst``).
+
+    Two instances with the same ``namespace`` cannot share a registry (their names
     clash): give each manager of a process its own namespace or registry.
 
     Example::
@@ -182,6 +202,9 @@ class PrometheusMetrics:
     :param manager: the manager to observe.
     :param registry: where to register (default: ``prometheus_client.REGISTRY``).
     :param namespace: the prefix of every metric name.
+    :param node_label: label every sample with the node id too (``node``). A manager
+        gets a new node id at every start, so each start makes new series: only for a
+        node with a static name (``node_name``), or when you want that.
     :raises ConfigError: ``namespace`` is not a valid metric name prefix.
     :raises ValueError: the registry already holds metrics with these names.
     """
@@ -191,6 +214,8 @@ class PrometheusMetrics:
         manager: Manager,
         registry: Optional[CollectorRegistry] = REGISTRY,
         namespace: str = "dim",
+        *,
+        node_label: bool = False,
     ) -> None:
         if not isinstance(manager, Manager):
             raise ConfigError(f"manager must be a dim.Manager, got {manager!r}", manager)
@@ -200,14 +225,46 @@ class PrometheusMetrics:
             )
         self.manager = manager
         self.namespace = namespace
+        self.node_label = bool(node_label)
         self._registry = registry
         self._lock = threading.Lock()
         self._closed = False
-        self._nodes: list[str] = []  # every node heard from, in order
-        self._counts: dict[tuple[str, str], float] = {}  # (counter name, node) -> count
-        self._histograms: dict[tuple[str, str], _Histogram] = {}  # (name, node) -> data
+        labels = (SERVICE_LABEL, NODE_LABEL) if self.node_label else (SERVICE_LABEL,)
+        ns = namespace
+        # livesum: the processes of a host add up, and a dead one drops out
+        # (multiprocess.mark_process_dead); livemax for the cluster's counts, which only
+        # the leading process has (an old leader's last count never adds to it)
+        self._gauges = {
+            name: Gauge(f"{ns}_{name}", doc, labels, registry=None, multiprocess_mode="livesum")
+            for name, doc in GAUGES.items()
+        }
+        self._cluster = {
+            name: Gauge(f"{ns}_{name}", doc, labels, registry=None, multiprocess_mode="livemax")
+            for name, (_, doc) in CLUSTER_GAUGES.items()
+        }
+        self._counters = {
+            name: Counter(f"{ns}_{name}", doc, labels, registry=None)
+            for name, doc in COUNTERS.items()
+        }
+        self._histograms = {
+            name: Histogram(f"{ns}_{name}", doc, labels, buckets=bounds, registry=None)
+            for name, (doc, bounds) in HISTOGRAMS.items()
+        }
+        self._build_info = Gauge(
+            f"{ns}_build_info",
+            "Always 1: the version of dim this process runs.",
+            ("version",),
+            registry=None,
+            multiprocess_mode="livemax",
+        )
+        self._build_info.labels(__version__).set(1)
+        self._known: set[tuple[str, ...]] = set()  # label values with series so far
+        self._gauged: Optional[tuple[str, ...]] = None  # labels of the process gauges
+        self._counted: Optional[tuple[str, ...]] = None  # ... of the cluster's counts
         self._gained_at: dict[str, float] = {}  # node -> when it won, until its first write
         self._lost_at: dict[str, float] = {}  # node -> when Redis was lost, until restored
+        with self._lock:
+            self._refresh()
         # one bound method, kept: remove_listener compares by identity
         self._listener = self._on_event
         # registered first: if the names clash, no listener is left behind
@@ -216,20 +273,24 @@ class PrometheusMetrics:
         manager.add_listener(self._listener)
 
     def __repr__(self) -> str:
-        with self._lock:
-            nodes = len(self._nodes)
         state = "closed" if self._closed else "open"
         return (
             f"<PrometheusMetrics service={self.manager.service!r} "
-            f"namespace={self.namespace!r} nodes={nodes} {state}>"
+            f"namespace={self.namespace!r} series={len(self._known)} {state}>"
         )
 
     def close(self) -> None:
-        """Stop listening and unregister from the registry; safe to call twice."""
+        """Stop listening, unregister from the registry, and take this process's gauges
+        out of the sums (they read 0 in multiprocess mode); safe to call twice."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self._gauged is not None:
+                self._drop(self._gauges.values(), self._gauged)
+            if self._counted is not None:
+                self._drop(self._cluster.values(), self._counted)
+            self._gauged = self._counted = None
         self.manager.remove_listener(self._listener)
         if self._registry is not None:
             try:
@@ -240,20 +301,22 @@ class PrometheusMetrics:
     # -- the listener (dim's event thread) ----------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        node = event.node_id
         with self._lock:
-            if node not in self._nodes:
-                self._nodes.append(node)
+            if self._closed:
+                return
+            node = event.node_id
+            labels = self._labels(node)
+            self._series(labels)
             for name in EVENT_COUNTERS.get(event.type, ()):
-                self._add(name, node, 1)
+                self._counters[name].labels(*labels).inc()
             if event.type is EventType.REBALANCE_APPLIED:
                 for key, name in REBALANCE_COUNTS.items():
                     value = event.data.get(key)
                     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                        self._add(name, node, value)
+                        self._counters[name].labels(*labels).inc(value)
                 started = self._gained_at.pop(node, None)
                 if started is not None:
-                    self._observe("leader_takeover_seconds", node, event.time - started)
+                    self._observe("leader_takeover_seconds", labels, event.time - started)
             elif event.type is EventType.LEADERSHIP_GAINED:
                 self._gained_at[node] = event.time
             elif event.type is EventType.LEADERSHIP_LOST:
@@ -263,69 +326,73 @@ class PrometheusMetrics:
             elif event.type is EventType.REDIS_RESTORED:
                 started = self._lost_at.pop(node, None)
                 if started is not None:
-                    self._observe("redis_outage_seconds", node, event.time - started)
+                    self._observe("redis_outage_seconds", labels, event.time - started)
+            # every change of what runs here or of the leadership is followed by an
+            # event: reading the manager now keeps the gauges true between scrapes
+            # (in multiprocess mode nobody reads them at scrape time)
+            current = self._refresh()
+            if event.type is EventType.CLUSTER_COUNTED and current == (node, True):
+                self._count(labels, event.data)
 
-    def _add(self, name: str, node: str, amount: float) -> None:
-        self._counts[name, node] = self._counts.get((name, node), 0.0) + amount
+    def _labels(self, node: str) -> tuple[str, ...]:
+        service = self.manager.service
+        return (service, node) if self.node_label else (service,)
 
-    def _observe(self, name: str, node: str, seconds: float) -> None:
+    def _series(self, labels: tuple[str, ...]) -> None:
+        """Every counter and histogram has a series from the start (at zero until an
+        event), so rate() and increase() see the first increment."""
+        if labels in self._known:
+            return
+        self._known.add(labels)
+        for counter in self._counters.values():
+            counter.labels(*labels)
+        for histogram in self._histograms.values():
+            histogram.labels(*labels)
+
+    def _observe(self, name: str, labels: tuple[str, ...], seconds: float) -> None:
         if seconds < 0:
             log.debug("%s: the wall clock stepped back; %.3f s not recorded", name, seconds)
             return
-        histogram = self._histograms.get((name, node))
-        if histogram is None:
-            histogram = self._histograms[name, node] = _Histogram(HISTOGRAMS[name][1])
-        histogram.observe(seconds)
+        self._histograms[name].labels(*labels).observe(seconds)
 
-    # -- the collector (the scraping thread) ----------------------------------------------
+    def _count(self, labels: tuple[str, ...], data: dict[str, object]) -> None:
+        for name, (field, _) in CLUSTER_GAUGES.items():
+            value = data.get(field)
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._cluster[name].labels(*labels).set(value)
+        self._counted = labels
 
-    def describe(self) -> Iterator[Metric]:
-        """The metric families without samples (lets the registry check the names)."""
-        return iter(self._build(with_samples=False))
+    def _drop(self, gauges: Iterable[Gauge], labels: tuple[str, ...]) -> None:
+        """Take gauges out: removed, or set to 0 where they cannot be (multiprocess
+        files keep every series; 0 adds nothing to a sum nor to a max)."""
+        for gauge in gauges:
+            if _multiprocess():
+                gauge.labels(*labels).set(0)
+            else:
+                gauge.remove(*labels)
 
-    def collect(self) -> Iterator[Metric]:
-        """The metric families with their samples, read now."""
-        return iter(self._build(with_samples=True))
-
-    def _build(self, with_samples: bool) -> list[Metric]:
-        ns, service = self.namespace, self.manager.service
-        instances = GaugeMetricFamily(
-            f"{ns}_instances",
-            "Instances running in this process now (the manager's instances).",
-            labels=_LABELS,
-        )
-        leader = GaugeMetricFamily(
-            f"{ns}_leader", "1 if this process leads its service now, else 0.", labels=_LABELS
-        )
-        counters = {
-            name: CounterMetricFamily(f"{ns}_{name}", doc, labels=_LABELS)
-            for name, doc in COUNTERS.items()
-        }
-        histograms = {
-            name: HistogramMetricFamily(f"{ns}_{name}", doc, labels=_LABELS)
-            for name, (doc, _) in HISTOGRAMS.items()
-        }
-        families: list[Metric] = [instances, leader, *counters.values(), *histograms.values()]
-        if not with_samples:
-            return families
+    def _refresh(self) -> Optional[tuple[str, bool]]:
+        """Set the process gauges from the manager; drop the cluster's counts of a
+        process that no longer leads. Returns (node id, leads) of a running manager."""
         current = self._current()
-        if current is not None:
-            node, running, leads = current
-            instances.add_metric([service, node], running)
-            leader.add_metric([service, node], 1.0 if leads else 0.0)
-        with self._lock:
-            nodes = list(self._nodes)
-            if current is not None and current[0] not in nodes:
-                nodes.append(current[0])
-            # every node has every series from the start (zero until an event), so
-            # rate() and increase() see the first increment
-            for node in nodes:
-                for name, counter in counters.items():
-                    counter.add_metric([service, node], self._counts.get((name, node), 0.0))
-                for name, family in histograms.items():
-                    data = self._histograms.get((name, node)) or _Histogram(HISTOGRAMS[name][1])
-                    family.add_metric([service, node], data.buckets(), data.total)
-        return families
+        node, running, leads = current if current is not None else (None, 0, False)
+        labels: Optional[tuple[str, ...]] = None
+        if node is not None:
+            labels = self._labels(node)
+        elif not self.node_label:
+            labels = (self.manager.service,)  # a stopped manager: the same series, at 0
+        if self._gauged is not None and self._gauged != labels:
+            self._drop(self._gauges.values(), self._gauged)
+            self._gauged = None
+        if labels is not None:
+            self._series(labels)
+            self._gauges["instances"].labels(*labels).set(running)
+            self._gauges["leader"].labels(*labels).set(1 if leads else 0)
+            self._gauged = labels
+        if self._counted is not None and (not leads or self._counted != labels):
+            self._drop(self._cluster.values(), self._counted)
+            self._counted = None
+        return (node, leads) if node is not None else None
 
     def _current(self) -> Optional[tuple[str, int, bool]]:
         """(node id, instances running, leads) of the running manager, else None."""
@@ -341,3 +408,25 @@ class PrometheusMetrics:
         if manager.node_id != node:
             return None  # stopped (or restarted) while we read: report it next time
         return node, running, leads
+
+    # -- the collector (the scraping thread) ----------------------------------------------
+
+    def _metrics(self) -> list[MetricWrapperBase]:
+        return [
+            *self._gauges.values(),
+            *self._cluster.values(),
+            *self._counters.values(),
+            *self._histograms.values(),
+            self._build_info,
+        ]
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples (lets the registry check the names)."""
+        return iter([m for metric in self._metrics() for m in metric.describe()])
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families with their samples; the process gauges read now."""
+        with self._lock:
+            if not self._closed:
+                self._refresh()
+        return iter([m for metric in self._metrics() for m in metric.collect()])

@@ -19,6 +19,7 @@ import redis
 
 from dim.constraints import format_tags
 from dim.events import Dispatcher, Event, EventType
+from dim.logs import NodeLog, fields
 from dim.loop import Loop
 from dim.messages import Kind, Message
 from dim.protocol import ClaimStatus, owner, parse_owner
@@ -92,6 +93,7 @@ class Node:
         self.heartbeat = Heartbeat(self)
         self.watchdog = FenceWatchdog(self)
         self._lock = threading.Lock()
+        self._log = NodeLog(log, self.node_id, lambda: self.epoch if self.is_leader else None)
 
     def __repr__(self) -> str:
         return f"<Node {self.node_id} leader={self.is_leader} fenced={self.fenced}>"
@@ -132,10 +134,16 @@ class Node:
             if value is not None:
                 self.epoch = parse_owner(value)[1]  # type: ignore[index]
         if old is not None:
-            log.info("node %s lost leadership (%s)", self.node_id, old)
+            lost = parse_owner(old)
+            self._log.info(
+                "node %s lost leadership (%s)",
+                self.node_id,
+                old,
+                extra=fields(epoch=lost[1] if lost else None),
+            )
             self.emit(Event(EventType.LEADERSHIP_LOST, self.node_id, data={"leader": old}))
         if value is not None:
-            log.info("node %s is the leader (epoch %d)", self.node_id, self.epoch)
+            self._log.info("node %s is the leader (epoch %d)", self.node_id, self.epoch)
             self.emit(Event(EventType.LEADERSHIP_GAINED, self.node_id, data={"epoch": self.epoch}))
             self.leader.wake()
 
@@ -160,6 +168,7 @@ class Heartbeat(Loop["Node"]):
         self._now = False
         self._reset_seen = ""
         self._stale = 0  # stale replies in a row
+        self._log = NodeLog(log, node.node_id)
 
     def beat(self) -> None:
         """One heartbeat; raises redis errors to the caller."""
@@ -203,7 +212,7 @@ class Heartbeat(Loop["Node"]):
         was_taken, node.name_taken = node.name_taken, result.taken
         if result.taken:
             if not was_taken:
-                log.error(
+                self._log.error(
                     "node id %s belongs to another live process: this one renews nothing",
                     node.node_id,
                 )
@@ -213,7 +222,7 @@ class Heartbeat(Loop["Node"]):
         node.renewal.renewed(sent)
         if not node.redis_ok:
             node.redis_ok = True
-            log.warning("node %s reached Redis again", node.node_id)
+            self._log.warning("node %s reached Redis again", node.node_id)
             node.emit(Event(EventType.REDIS_RESTORED, node.node_id))
         node.reconciler.renewed(claims, result.claims, sent)
         self._note_reset(result.header.reset_id)
@@ -223,7 +232,7 @@ class Heartbeat(Loop["Node"]):
             if status in (ClaimStatus.LOST, ClaimStatus.RELEASED):
                 node.reconciler.lease_lost(ckey, claims[ckey][0], status)
             elif status == ClaimStatus.TAKEN_BACK:
-                log.warning(
+                self._log.warning(
                     "claim %r was missing in Redis; node %s took it back", ckey, node.node_id
                 )
         if node.fenced:
@@ -244,7 +253,7 @@ class Heartbeat(Loop["Node"]):
             return
         self._reset_seen = reset_id
         era = node.store.era
-        log.warning(
+        self._log.warning(
             "node %s: Redis lost or rewound data (%s): no new claims for %.1fs while every "
             "node takes its claims back",
             node.node_id,
@@ -272,7 +281,7 @@ class Heartbeat(Loop["Node"]):
             node = self.node
             if node.redis_ok:
                 node.redis_ok = False
-                log.warning("node %s cannot reach Redis: %r", node.node_id, exc)
+                self._log.warning("node %s cannot reach Redis: %r", node.node_id, exc)
                 node.emit(Event(EventType.REDIS_LOST, node.node_id, error=exc))
             # retry sooner than a full interval: every renewal counts toward the fence
             return node.settings.heartbeat_interval / 2

@@ -10,11 +10,12 @@ Reading order: :func:`split_failures` (which nodes a config must avoid, which fa
 records expired), :func:`place` (the balanced placement, through :mod:`dim.balance`),
 :func:`pace` (moves held back by ``max_concurrent_moves`` or ``rebalance_delay``), then
 :func:`change_set` (what to write so that Redis holds the new placement).
+:func:`census` counts the cluster for the metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Optional
 
 import attrs
@@ -340,6 +341,50 @@ def change_set(
     )
 
 
+def differ(configs: Mapping[str, Config], written: Mapping[str, str]) -> bool:
+    """Whether ``configs`` differ from the configs' JSON the leader wrote."""
+    if len(configs) != len(written):
+        return True
+    return any(written.get(c) != cfg.json for c, cfg in configs.items())
+
+
+def shares(assignment: Mapping[str, str], nodes: Sequence[str]) -> dict[str, set[str]]:
+    """Each of ``nodes`` -> the configs ``assignment`` gives it (what its desired set
+    should hold)."""
+    out: dict[str, set[str]] = {n: set() for n in nodes}
+    for ckey, target in assignment.items():
+        out.setdefault(target, set()).add(ckey)
+    return out
+
+
+def repair(
+    assignment: Mapping[str, str],
+    expected: Mapping[str, set[str]],
+    stored: Mapping[str, str],
+    desired: Mapping[str, set[str]],
+) -> Change:
+    """What to write so that Redis holds the leader's placement again: the assignment
+    entries and the desired sets (of the nodes of ``expected``) that differ.
+
+    :param assignment: the leader's placement; ``expected``: its :func:`shares`.
+    :param stored: the assignment as Redis holds it; ``desired``: the desired sets.
+    """
+    add: dict[str, list[str]] = {}
+    rem: dict[str, list[str]] = {}
+    for target, want in expected.items():
+        have = desired.get(target, set())
+        if want - have:
+            add[target] = sorted(want - have)
+        if have - want:
+            rem[target] = sorted(have - want)
+    return Change(
+        assign={c: n for c, n in assignment.items() if stored.get(c) != n},
+        unassign=sorted(c for c in stored if c not in assignment),
+        add=add,
+        rem=rem,
+    )
+
+
 def plan(
     wanted: Wanted,
     members: Members,
@@ -397,3 +442,62 @@ def summary(unplaced: Mapping[str, str]) -> str:
     for reason in unplaced.values():
         counts[reason] = counts.get(reason, 0) + 1
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
+@attrs.frozen
+class Census:
+    """The cluster as its leader counts it (``CLUSTER_COUNTED``, the metrics).
+
+    :ivar nodes: live members (draining ones included).
+    :ivar configs: the configs the leader placed or found no place for.
+    :ivar running: configs whose instance runs, from what the live nodes report with
+        their heartbeats (never more than ``configs``).
+    :ivar not_running: configs whose instance runs nowhere (``configs - running``):
+        unplaceable ones, creates that fail or are still in progress, the share of a
+        node that died, an instance between its old and its new owner.
+    :ivar unplaceable: configs no live node may take (required tags, capacity).
+    :ivar pending_handoff: instances that nodes still have to start to run what they
+        are assigned: for each node, what it is assigned beyond what it runs (a node
+        that is gone runs nothing).
+    """
+
+    nodes: int
+    configs: int
+    running: int
+    not_running: int
+    unplaceable: int
+    pending_handoff: int
+
+    def as_data(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+def census(
+    configs: Collection[str],
+    assignment: Mapping[str, str],
+    unplaced: Mapping[str, str],
+    running: Mapping[str, int],
+) -> Census:
+    """Count the cluster from the leader's placement and each live node's running count.
+
+    Counts, not names: a node that starts a config it was given while it still runs one
+    that moves away shows no handoff until it stops the old one.
+
+    :param configs: the configs the leader knows.
+    :param assignment: config -> node, as the leader wrote it.
+    :param unplaced: config -> why it has no place.
+    :param running: each live node -> the instances it reported running.
+    """
+    assigned: dict[str, int] = {}
+    for ckey, target in assignment.items():
+        if ckey in configs:
+            assigned[target] = assigned.get(target, 0) + 1
+    up = min(len(configs), sum(running.values()))
+    return Census(
+        nodes=len(running),
+        configs=len(configs),
+        running=up,
+        not_running=len(configs) - up,
+        unplaceable=sum(1 for c in unplaced if c in configs),
+        pending_handoff=sum(max(0, n - running.get(node, 0)) for node, n in assigned.items()),
+    )

@@ -193,6 +193,14 @@ def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
     return node, int(number)
 
 
+def parse_health(value: Optional[str]) -> tuple[int, int]:
+    """A node's ``'<running> <unhealthy>'`` health field; (0, 0) if missing or malformed."""
+    parts = (value or "").split()
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return 0, 0
+
+
 def tombstone(node: str, session: str) -> str:
     """A member of the left zset: this process of that node has left."""
     return f"{node} {session}"

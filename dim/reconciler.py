@@ -17,6 +17,7 @@ from dim.configs import Config, decode
 from dim.events import Event, EventType
 from dim.instances import InstanceCalls, UserCallbacks
 from dim.lifecycle import Lifecycle
+from dim.logs import NodeLog, fields
 from dim.loop import Loop
 from dim.protocol import ClaimRefused, ClaimStatus, ConfigPlace
 from dim.renewal import held_until
@@ -36,6 +37,7 @@ class Reconciler(Loop["Node"]):
 
     def __init__(self, node: Node, callbacks: UserCallbacks) -> None:
         super().__init__(node)
+        self._log = NodeLog(log, node.node_id)
         self.calls = InstanceCalls(node.node_id, node.settings, node.emit, callbacks)
         self.table = SlotTable()
         self.claims = ClaimBook(node.node_id, node.store)
@@ -163,11 +165,12 @@ class Reconciler(Loop["Node"]):
                 return
             self._begin_stop(slot, lost=True)
         # the stop runs already: a log handler that blocks cannot hold it up
-        log.warning(
+        self._log.warning(
             "node %s lost its claim of %r (%s); stopping it",
             self.node.node_id,
             slot.config.id,
             "gone" if status == ClaimStatus.RELEASED else "held by another node",
+            extra=fields(config=slot.config.id, token=token),
         )
         self.node.emit(Event(EventType.LEASE_LOST, self.node.node_id, slot.config.id, token))
         self.wake(read=True)
@@ -212,7 +215,7 @@ class Reconciler(Loop["Node"]):
             self._need_read = True
         for slot in victims:
             self.lifecycle.spawn_stop(slot)
-        log.warning(
+        self._log.warning(
             "node %s could not renew its claims for %.2fs: stopping %d instances",
             node.node_id,
             node.settings.renew_deadline,
@@ -225,7 +228,7 @@ class Reconciler(Loop["Node"]):
     def unfence(self) -> None:
         with self.table.lock:
             self.node.fenced = False
-        log.warning("node %s renewed again; resuming", self.node.node_id)
+        self._log.warning("node %s renewed again; resuming", self.node.node_id)
         self.wake(read=True)
 
     # -- the loop -----------------------------------------------------------------------
@@ -296,7 +299,11 @@ class Reconciler(Loop["Node"]):
                     else:
                         self._begin_stop(slot)
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
-                    log.info("config %r changed; recreating its instance", want.id)
+                    self._log.info(
+                        "config %r changed; recreating its instance",
+                        want.id,
+                        extra=fields(config=want.id, token=slot.token),
+                    )
                     self._begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
@@ -424,7 +431,7 @@ class Reconciler(Loop["Node"]):
         with self.table.lock:
             left = list(self.table.slots.values())
         if left:
-            log.warning(
+            self._log.warning(
                 "node %s stopped with %d instances still busy: %s",
                 node.node_id,
                 len(left),

@@ -9,7 +9,7 @@ import attrs
 
 from dim.configs import decode
 from dim.constraints import parse_capacity, parse_tags, parse_weight
-from dim.protocol import draining, parse_owner, paused
+from dim.protocol import draining, parse_health, parse_owner, paused
 from dim.store import Store
 
 
@@ -152,7 +152,7 @@ def read_status(store: Store) -> ClusterStatus:
                 assigned=assigned_count.get(node_id, 0),
                 running=running_count.get(node_id, 0),
                 draining=node_id in drained,
-                unhealthy=_unhealthy(info.get("health")),
+                unhealthy=parse_health(info.get("health"))[1],
                 tags=tuple(sorted(parse_tags(info.get("tags")))),
                 capacity=parse_capacity(info.get("capacity")),
             )
@@ -166,13 +166,6 @@ def read_status(store: Store) -> ClusterStatus:
         configs=configs,
         paused=paused(control),
     )
-
-
-def _unhealthy(health: Optional[str]) -> int:
-    """The unhealthy count from a node's ``'<running> <unhealthy>'`` health field."""
-    parts = (health or "").split()
-    value = _int(parts[1]) if len(parts) == 2 else None
-    return value if value is not None and value >= 0 else 0
 
 
 def _int(value: Optional[str]) -> Optional[int]:

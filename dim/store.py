@@ -400,6 +400,17 @@ class Store:
             for node_id, reply in zip(node_ids, replies)
         }
 
+    def running(self, node_ids: list[str]) -> dict[str, int]:
+        """Each node -> the instances it reported running with its last heartbeat (the
+        health field of its description; 0 if it has none)."""
+        if not node_ids:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for node_id in node_ids:
+                pipe.hget(self.keys.node(node_id), "health")
+            replies = pipe.execute()
+        return {n: protocol.parse_health(text(r))[0] for n, r in zip(node_ids, replies)}
+
     def assignment(self) -> dict[str, str]:
         raw = self.client.hgetall(self.keys.assignment)
         return {str(text(c)): str(text(n)) for c, n in raw.items()}

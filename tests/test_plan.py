@@ -20,14 +20,19 @@ from dim.configs import Config, parse
 from dim.plan import (
     NO_LIVE_NODE,
     WAITS_FOR_CAPACITY,
+    Census,
     Change,
     Members,
     Pacing,
     Plan,
     Wanted,
     Written,
+    census,
     claims_to_read,
+    differ,
     plan,
+    repair,
+    shares,
 )
 
 
@@ -345,3 +350,53 @@ def test_paced_moves_never_exceed_the_limit_and_end_balanced(limit: int) -> None
             break
     assert sorted(len(s) for s in by_node(written.assignment).values()) == [5, 5, 5, 5]
     assert total == 15  # paced, and still the fewest moves
+
+
+def test_census_counts_what_runs_from_what_the_nodes_report() -> None:
+    """Running is what the live nodes report (at most the configs); the rest runs nowhere;
+    a node that runs fewer than it is assigned owes the difference (a handoff)."""
+    wanted = ["a", "b", "c", "d", "e", "f"]
+    assignment = {"a": "n1", "b": "n1", "c": "n2", "d": "n2", "e": "gone"}
+    unplaced = {"f": "needs tags gpu"}
+    # n1 still runs c (moving to n2) besides its own two; n2 has started one of its two
+    counted = census(wanted, assignment, unplaced, {"n1": 3, "n2": 1, "n3": 0})
+    assert counted == Census(
+        nodes=3, configs=6, running=4, not_running=2, unplaceable=1, pending_handoff=2
+    )
+    # a config dropped by get_config may still run for a moment: never more than configs
+    assert census(["a"], {"a": "n1"}, {}, {"n1": 2}) == Census(1, 1, 1, 0, 0, 0)
+    assert census([], {}, {}, {}) == Census(0, 0, 0, 0, 0, 0)
+    # what the leader wrote for configs it no longer has is not counted
+    assert census(["a"], {"a": "n1", "z": "n1"}, {"z": "no live node"}, {"n1": 0}) == Census(
+        1, 1, 0, 1, 0, 1
+    )
+    assert census(["a"], {"a": "n1"}, {}, {"n1": 1}).as_data() == {
+        "nodes": 1,
+        "configs": 1,
+        "running": 1,
+        "not_running": 0,
+        "unplaceable": 0,
+        "pending_handoff": 0,
+    }
+
+
+def test_repair_writes_back_only_what_redis_lost() -> None:
+    """The repair's change set puts back the assignment entries and desired-set members
+    Redis lost, takes out what it holds beyond the leader's copy, and is empty when the
+    two agree; the config comparison sees any change of content or count."""
+    mine = {"a": "n1", "b": "n1", "c": "n2"}
+    expected = shares(mine, ["n1", "n2", "n3"])
+    assert expected == {"n1": {"a", "b"}, "n2": {"c"}, "n3": set()}
+    agreed = repair(mine, expected, dict(mine), {"n1": {"a", "b"}, "n2": {"c"}})
+    assert not agreed
+    lost = repair(
+        mine, expected, {"a": "n1", "c": "n3", "z": "n2"}, {"n1": {"a"}, "n2": {"c", "z"}}
+    )
+    assert lost.assign == {"b": "n1", "c": "n2"} and lost.unassign == ["z"]
+    assert lost.add == {"n1": ["b"]} and lost.rem == {"n2": ["z"]}
+    assert lost.entries() == 5
+    stored = configs(2)
+    written = {c: cfg.json for c, cfg in stored.items()}
+    assert not differ(stored, written)
+    assert differ(configs(3), written)
+    assert differ(stored, {**written, next(iter(written)): '{"id": 0, "x": 1}'})
