@@ -1,16 +1,18 @@
-"""Operate a cluster from outside it: status, pause, resume, drain and rebalance.
+"""Operate a cluster from outside it: status, deploy checks, pause, resume, drain and
+rebalance.
 
 :class:`Admin` is what the ``dim`` command's operator subcommands call; use it from a
 deploy script, a runbook or a test. It joins nothing and runs no thread: each method is
 one or a few plain Redis calls, made when you call it.
 
-Reads (:meth:`Admin.status`, :meth:`Admin.configs`, :meth:`Admin.wait_drained`) need only
-the read-only ACL of :doc:`connecting`; :meth:`Admin.pause`, :meth:`Admin.resume`,
-:meth:`Admin.drain`, :meth:`Admin.undrain` and :meth:`Admin.rebalance` need the operator
-ACL. Each write goes to the control hash (or the events channel) and wakes the leader
-with a ``control`` hint; the leader acts on its next plan, so a call returns before the
-cluster has changed: wait for the outcome with :meth:`Admin.wait_drained` or by polling
-:meth:`Admin.status`.
+Reads (:meth:`Admin.status`, :meth:`Admin.configs`, :meth:`Admin.problems`,
+:meth:`Admin.wait_drained`, :meth:`Admin.wait_settled`) need only the read-only ACL of
+:doc:`connecting`; :meth:`Admin.pause`, :meth:`Admin.resume`, :meth:`Admin.drain`,
+:meth:`Admin.undrain` and :meth:`Admin.rebalance` need the operator ACL. Each write goes
+to the control hash (or the events channel) and wakes the leader with a ``control``
+hint; the leader acts on its next plan, so a call returns before the cluster has
+changed: wait for the outcome with :meth:`Admin.wait_drained`,
+:meth:`Admin.wait_settled` or by polling :meth:`Admin.status`.
 
 Errors from redis-py (an unreachable server, a refused login, a missing permission) pass
 through unchanged, as they do from :meth:`dim.Manager.status`: the call is a plain
@@ -24,7 +26,7 @@ import socket
 import threading
 import time
 from types import TracebackType
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 import attrs
@@ -255,15 +257,30 @@ class Admin:
 
         Rebalancing that is paused holds a drain, so this returns False then.
         """
-        deadline = time.monotonic() + timeout
-        pause = threading.Event()  # never set: the poll interval
-        while True:
-            if self._drained(node_id, self.status()):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            pause.wait(min(interval, remaining))
+        return self._wait(lambda status: self._drained(node_id, status), timeout, interval)
+
+    def problems(self, min_nodes: int = 0) -> list[str]:
+        """Why the cluster is not settled now, one line each (empty: it is); see
+        :meth:`ClusterStatus.problems <dim.ClusterStatus.problems>` for the rule."""
+        return self.status().problems(min_nodes)
+
+    def wait_settled(
+        self, timeout: float, *, min_nodes: int = 0, interval: float = POLL_INTERVAL
+    ) -> bool:
+        """Block until the cluster is settled: a leader, at least ``min_nodes`` live
+        nodes, and every config running where it is assigned (see
+        :meth:`ClusterStatus.problems <dim.ClusterStatus.problems>`); False if it is not
+        after ``timeout`` seconds (:meth:`problems` says why).
+
+        A deploy script calls it between two restarts::
+
+            with Admin(url, "feeds") as admin:
+                for host in hosts:
+                    restart(host)
+                    if not admin.wait_settled(120, min_nodes=len(hosts)):
+                        raise SystemExit(f"not settled: {admin.problems(len(hosts))}")
+        """
+        return self._wait(lambda status: not status.problems(min_nodes), timeout, interval)
 
     # -- writes (the operator ACL) --------------------------------------------------------
 
@@ -316,6 +333,19 @@ class Admin:
         return status
 
     # -- internals ------------------------------------------------------------------------
+
+    def _wait(self, done: Callable[[ClusterStatus], bool], timeout: float, interval: float) -> bool:
+        """Read the status every ``interval`` until ``done`` says so (True) or ``timeout``
+        seconds have passed (False); always reads at least once."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()  # never set: the poll interval
+        while True:
+            if done(self.status()):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            pause.wait(min(interval, remaining))
 
     @staticmethod
     def _drained(node_id: str, status: ClusterStatus) -> bool:

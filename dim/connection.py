@@ -16,11 +16,34 @@ import tenacity
 from redis.cluster import RedisCluster
 
 from dim import redis_errors
-from dim.errors import RedisUnavailableError
+from dim.errors import ConfigError, RedisUnavailableError
 from dim.settings import Settings
 from dim.store import Client, redis_from
 
 log = logging.getLogger("dim.manager")
+
+
+#: The URL schemes dim connects with.
+SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_url(url: str) -> str:
+    """``url``, if dim can connect with it.
+
+    :raises ConfigError: an unknown scheme, or a URL redis-py cannot read (the message
+        hides its password).
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {safe_url(url)!r}: {exc}", url) from None
+    if parts.scheme not in SCHEMES:
+        raise ConfigError(
+            f"redis URL must start with redis://, rediss:// or unix://, got {safe_url(url)!r}",
+            url,
+        )
+    return url
 
 
 def safe_url(url: str) -> str:
