@@ -27,23 +27,21 @@ import threading
 import time
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
-from urllib.parse import urlsplit
 
 import attrs
-import redis
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dim.configs import decode as decode_config
-from dim.connection import safe_url
 from dim.errors import ConfigError, StateError
 from dim.keys import require_service
 from dim.messages import Kind, Message
 from dim.protocol import draining
 from dim.status import ClusterStatus, NodeStatus, read_status
 from dim.store import Client, Store
+from dim.urls import check_url, client_from_url, close_client, safe_url
 
 __all__ = ["Admin", "ConfigListing", "Move", "PublishedConfig", "connect", "moves_between"]
 
@@ -51,22 +49,27 @@ __all__ = ["Admin", "ConfigListing", "Move", "PublishedConfig", "connect", "move
 POLL_INTERVAL = 0.2
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0) -> Client:
     """A client for ``url`` that fails fast (two quick retries) when Redis is away.
 
-    This is the client :class:`Admin` makes from a URL: an operator's call should say
-    at once that Redis is unreachable rather than retry for long.
+    This is the client :class:`Admin` makes from a URL (any form of :doc:`connecting`):
+    an operator's call should say at once that Redis is unreachable rather than retry
+    for long. A Redis Cluster's client asks for the cluster's layout when it is made,
+    so it may raise :class:`redis.ConnectionError` already.
 
-    :raises ConfigError: redis-py cannot read the URL (the message hides its password).
+    :raises ConfigError: an unknown scheme, or a URL redis-py cannot read (the message
+        hides its password).
     """
     try:
-        return redis.Redis.from_url(
+        return client_from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
     except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"invalid Redis URL {safe_url(url)!r}: {exc}", url) from None
 
 
@@ -124,14 +127,17 @@ def moves_between(before: ClusterStatus, after: ClusterStatus) -> list[Move]:
 class Admin:
     """Look at and steer one service's cluster, from any process.
 
-    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``), from which the admin
-        makes a client that fails fast (see :func:`connect`) and closes it in
-        :meth:`close`; or a ``redis.Redis`` / ``redis.cluster.RedisCluster`` client,
-        which it uses as is and leaves open.
+    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
+        ``redis+cluster://``: see :doc:`connecting`), from which the admin makes a client
+        that fails fast (see :func:`connect`) and closes it in :meth:`close`; or a
+        ``redis.Redis`` / ``redis.cluster.RedisCluster`` client, which it uses as is and
+        leaves open.
     :param service: the service name the managers use (required).
     :param socket_timeout: for a client made from a URL: how long one Redis call may
         take.
     :raises ConfigError: a bad URL, client or service name.
+    :raises redis.ConnectionError: a ``redis+cluster://`` URL whose nodes do not answer
+        (a cluster's client reads the cluster's layout when it is made).
 
     Example::
 
@@ -154,12 +160,7 @@ class Admin:
     ) -> None:
         self.service = require_service(service)
         if isinstance(redis, str):
-            if _scheme(redis) not in ("redis", "rediss", "unix"):
-                raise ConfigError(
-                    f"redis URL must start with redis://, rediss:// or unix://, got "
-                    f"{safe_url(redis)!r}",
-                    redis,
-                )
+            check_url(redis)
             self._owned = True
             client: Client = connect(redis, timeout=socket_timeout)
         elif isinstance(redis, (Redis, RedisCluster)):
@@ -193,7 +194,7 @@ class Admin:
         """Close the client made from a URL (a client passed in stays open); safe to call
         twice."""
         if self._owned:
-            self.client.close()
+            close_client(self.client)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -355,10 +356,3 @@ class Admin:
     def _hint(self) -> Message:
         """The ``control`` hint that wakes the leader after an operator's write."""
         return Message(Kind.CONTROL, f"admin-{socket.gethostname()}-{os.getpid()}")
-
-
-def _scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme
-    except ValueError:
-        return ""

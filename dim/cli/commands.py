@@ -38,6 +38,7 @@ from dim.cli.target import (
 from dim.connection import describe, safe_url
 from dim.errors import ConfigError, DimError, StateError
 from dim.status import ClusterStatus
+from dim.store import Client
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -75,7 +76,7 @@ class CommandError(DimError, RuntimeError):
 # -- Redis access ---------------------------------------------------------------------------
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0) -> Client:
     """A client for ``url`` that fails fast (two quick retries) when Redis is away."""
     try:
         return admin_api.connect(url, timeout)
@@ -112,6 +113,7 @@ def operating(args: argparse.Namespace) -> Iterator[Admin]:
     An embedded command (``args.admin_factory``) gets its Admin from the application.
     """
     factory: Optional[AdminFactory] = getattr(args, "admin_factory", None)
+    url = "the application's Redis"
     try:
         if factory is not None:
             admin = factory()
@@ -121,6 +123,8 @@ def operating(args: argparse.Namespace) -> Iterator[Admin]:
             admin = Admin(url, resolve_service(args))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    except redis.RedisError as exc:  # a cluster's client reads the layout when made
+        raise CommandError(describe_redis_error(exc, url)) from None
     try:
         yield admin
     except redis.RedisError as exc:

@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import attrs
 
-from dim.connection import check_url
 from dim.errors import ConfigError
 from dim.keys import check_service
+from dim.urls import check_url, url_with
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_URL_ENV = "DIM_REDIS_URL"
@@ -37,6 +37,12 @@ def _redis_url(text: str) -> str:
 
 def _service(text: str) -> str:
     return check_service(text)
+
+
+def _file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise ConfigError(f"no such file: {text!r}", text)
+    return text
 
 
 @attrs.frozen
@@ -64,7 +70,8 @@ OPTIONS = (
         "--redis",
         REDIS_URL_ENV,
         "URL",
-        f"the Redis URL (default {DEFAULT_REDIS_URL})",
+        "the Redis URL: redis[s]://, unix://, redis[s]+sentinel:// or redis[s]+cluster:// "
+        f"(default {DEFAULT_REDIS_URL})",
         _redis_url,
     ),
     Option(
@@ -74,7 +81,54 @@ OPTIONS = (
         "the service name (required)",
         _service,
     ),
+    Option("--username", "DIM_REDIS_USERNAME", "USER", "the ACL user (instead of the URL's)"),
+    Option(
+        "--password",
+        "DIM_REDIS_PASSWORD",
+        "PASSWORD",
+        "the password (instead of the URL's); on the command line, other users may see it "
+        "in ps: prefer the variable",
+    ),
+    Option(
+        "--tls-ca",
+        "DIM_REDIS_TLS_CA",
+        "FILE",
+        "the CA certificate(s) to trust, PEM (ssl_ca_certs; needs rediss://)",
+        _file,
+    ),
+    Option(
+        "--tls-cert",
+        "DIM_REDIS_TLS_CERT",
+        "FILE",
+        "a client certificate, PEM (ssl_certfile)",
+        _file,
+    ),
+    Option("--tls-key", "DIM_REDIS_TLS_KEY", "FILE", "its private key, PEM (ssl_keyfile)", _file),
+    Option(
+        "--sentinel-username",
+        "DIM_SENTINEL_USERNAME",
+        "USER",
+        "the sentinels' own ACL user (redis+sentinel://)",
+    ),
+    Option(
+        "--sentinel-password",
+        "DIM_SENTINEL_PASSWORD",
+        "PASSWORD",
+        "the sentinels' own password (redis+sentinel://; prefer the variable)",
+    ),
 )
+
+#: The options :func:`resolve_url` folds into the URL, by the name ``url_with`` gives
+#: them.
+URL_OPTIONS = {
+    "--username": "username",
+    "--password": "password",
+    "--tls-ca": "tls_ca",
+    "--tls-cert": "tls_cert",
+    "--tls-key": "tls_key",
+    "--sentinel-username": "sentinel_username",
+    "--sentinel-password": "sentinel_password",
+}
 
 
 def add_options(
@@ -143,7 +197,9 @@ def _option(flag: str) -> Option:
 
 
 def resolve_url(args: argparse.Namespace, *, default: Optional[str] = DEFAULT_REDIS_URL) -> str:
-    """The URL the command connects to, with every connection option folded in.
+    """The URL the command connects to, with every other connection option folded in
+    (:func:`dim.urls.url_with`): a password from ``$DIM_REDIS_PASSWORD`` never shows on
+    the command line, and messages print the URL without it.
 
     :raises TargetError: an environment variable is not valid, or the options do not
         go together.
@@ -151,7 +207,12 @@ def resolve_url(args: argparse.Namespace, *, default: Optional[str] = DEFAULT_RE
     url = value(args, _option("--redis")) or default
     if url is None:
         raise TargetError("--redis is required", None)
-    return url
+    given = {name: value(args, _option(flag)) for flag, name in URL_OPTIONS.items()}
+    try:
+        return url_with(url, **given)
+    except ConfigError as exc:
+        flags = ", ".join(f for f, name in URL_OPTIONS.items() if given[name] is not None)
+        raise TargetError(f"{flags}: {exc}", None) from None
 
 
 def resolve_service(args: argparse.Namespace) -> str:
