@@ -278,8 +278,11 @@ def port_closed(port: int) -> bool:
 
 
 def test_demo_runs_its_script_and_cleans_up() -> None:
-    """The scripted demo (stdin closed) settles after each step, exits 0, leaves nothing behind."""
-    demo = DemoRun(["--nodes", "2", "--configs", "4", "--seconds", "25"])
+    """The scripted demo (stdin closed) settles after each step, exits 0, leaves nothing
+    behind; the connection variables of the shell (a login for another Redis) do not
+    reach its private Redis."""
+    shell = dim_env(DIM_REDIS_USERNAME="someone", DIM_REDIS_PASSWORD="elsewhere")
+    demo = DemoRun(["--nodes", "2", "--configs", "4", "--seconds", "25"], env=shell)
     try:
         code = demo.wait(60)
         out = demo.stdout

@@ -33,7 +33,7 @@ from dim.cli.commands import (
     signals_set,
 )
 from dim.cli.formatting import format_status
-from dim.cli.target import resolve_service
+from dim.cli.target import OPTIONS, resolve_service
 from dim.connection import safe_url
 from dim.errors import DimError
 from dim.keys import Keys
@@ -223,7 +223,10 @@ class Demo:
         self._count = 0
         self._read_failing = False
         self._step = ""  # "step 2/3: " while a scripted step prints its caption
-        self._env = dict(os.environ)
+        # the URL already holds every connection option; the shell's would apply to
+        # another Redis than the private one
+        connection = {option.env for option in OPTIONS}
+        self._env = {k: v for k, v in os.environ.items() if k not in connection}
         self._env[REDIS_URL_ENV] = url  # not on the command line: it may hold a password
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(dim.__file__)))
         self._env["PYTHONPATH"] = os.pathsep.join(
