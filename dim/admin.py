@@ -1,16 +1,18 @@
-"""Operate a cluster from outside it: status, pause, resume, drain and rebalance.
+"""Operate a cluster from outside it: status, deploy checks, pause, resume, drain and
+rebalance.
 
 :class:`Admin` is what the ``dim`` command's operator subcommands call; use it from a
 deploy script, a runbook or a test. It joins nothing and runs no thread: each method is
 one or a few plain Redis calls, made when you call it.
 
-Reads (:meth:`Admin.status`, :meth:`Admin.configs`, :meth:`Admin.wait_drained`) need only
-the read-only ACL of :doc:`connecting`; :meth:`Admin.pause`, :meth:`Admin.resume`,
-:meth:`Admin.drain`, :meth:`Admin.undrain` and :meth:`Admin.rebalance` need the operator
-ACL. Each write goes to the control hash (or the events channel) and wakes the leader
-with a ``control`` hint; the leader acts on its next plan, so a call returns before the
-cluster has changed: wait for the outcome with :meth:`Admin.wait_drained` or by polling
-:meth:`Admin.status`.
+Reads (:meth:`Admin.status`, :meth:`Admin.configs`, :meth:`Admin.problems`,
+:meth:`Admin.wait_drained`, :meth:`Admin.wait_settled`) need only the read-only ACL of
+:doc:`connecting`; :meth:`Admin.pause`, :meth:`Admin.resume`, :meth:`Admin.drain`,
+:meth:`Admin.undrain` and :meth:`Admin.rebalance` need the operator ACL. Each write goes
+to the control hash (or the events channel) and wakes the leader with a ``control``
+hint; the leader acts on its next plan, so a call returns before the cluster has
+changed: wait for the outcome with :meth:`Admin.wait_drained`,
+:meth:`Admin.wait_settled` or by polling :meth:`Admin.status`.
 
 Errors from redis-py (an unreachable server, a refused login, a missing permission) pass
 through unchanged, as they do from :meth:`dim.Manager.status`: the call is a plain
@@ -24,24 +26,22 @@ import socket
 import threading
 import time
 from types import TracebackType
-from typing import Any, Optional, Union
-from urllib.parse import urlsplit
+from typing import Any, Callable, Optional, Union
 
 import attrs
-import redis
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dim.configs import decode as decode_config
-from dim.connection import safe_url
 from dim.errors import ConfigError, StateError
 from dim.keys import require_service
 from dim.messages import Kind, Message
 from dim.protocol import draining
 from dim.status import ClusterStatus, NodeStatus, read_status
 from dim.store import Client, Store
+from dim.urls import check_url, client_from_url, close_client, safe_url
 
 __all__ = ["Admin", "ConfigListing", "Move", "PublishedConfig", "connect", "moves_between"]
 
@@ -49,22 +49,27 @@ __all__ = ["Admin", "ConfigListing", "Move", "PublishedConfig", "connect", "move
 POLL_INTERVAL = 0.2
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0) -> Client:
     """A client for ``url`` that fails fast (two quick retries) when Redis is away.
 
-    This is the client :class:`Admin` makes from a URL: an operator's call should say
-    at once that Redis is unreachable rather than retry for long.
+    This is the client :class:`Admin` makes from a URL (any form of :doc:`connecting`):
+    an operator's call should say at once that Redis is unreachable rather than retry
+    for long. A Redis Cluster's client asks for the cluster's layout when it is made,
+    so it may raise :class:`redis.ConnectionError` already.
 
-    :raises ConfigError: redis-py cannot read the URL (the message hides its password).
+    :raises ConfigError: an unknown scheme, or a URL redis-py cannot read (the message
+        hides its password).
     """
     try:
-        return redis.Redis.from_url(
+        return client_from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
     except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"invalid Redis URL {safe_url(url)!r}: {exc}", url) from None
 
 
@@ -122,14 +127,17 @@ def moves_between(before: ClusterStatus, after: ClusterStatus) -> list[Move]:
 class Admin:
     """Look at and steer one service's cluster, from any process.
 
-    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``), from which the admin
-        makes a client that fails fast (see :func:`connect`) and closes it in
-        :meth:`close`; or a ``redis.Redis`` / ``redis.cluster.RedisCluster`` client,
-        which it uses as is and leaves open.
+    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
+        ``redis+cluster://``: see :doc:`connecting`), from which the admin makes a client
+        that fails fast (see :func:`connect`) and closes it in :meth:`close`; or a
+        ``redis.Redis`` / ``redis.cluster.RedisCluster`` client, which it uses as is and
+        leaves open.
     :param service: the service name the managers use (required).
     :param socket_timeout: for a client made from a URL: how long one Redis call may
         take.
     :raises ConfigError: a bad URL, client or service name.
+    :raises redis.ConnectionError: a ``redis+cluster://`` URL whose nodes do not answer
+        (a cluster's client reads the cluster's layout when it is made).
 
     Example::
 
@@ -152,12 +160,7 @@ class Admin:
     ) -> None:
         self.service = require_service(service)
         if isinstance(redis, str):
-            if _scheme(redis) not in ("redis", "rediss", "unix"):
-                raise ConfigError(
-                    f"redis URL must start with redis://, rediss:// or unix://, got "
-                    f"{safe_url(redis)!r}",
-                    redis,
-                )
+            check_url(redis)
             self._owned = True
             client: Client = connect(redis, timeout=socket_timeout)
         elif isinstance(redis, (Redis, RedisCluster)):
@@ -191,7 +194,7 @@ class Admin:
         """Close the client made from a URL (a client passed in stays open); safe to call
         twice."""
         if self._owned:
-            self.client.close()
+            close_client(self.client)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -255,15 +258,30 @@ class Admin:
 
         Rebalancing that is paused holds a drain, so this returns False then.
         """
-        deadline = time.monotonic() + timeout
-        pause = threading.Event()  # never set: the poll interval
-        while True:
-            if self._drained(node_id, self.status()):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            pause.wait(min(interval, remaining))
+        return self._wait(lambda status: self._drained(node_id, status), timeout, interval)
+
+    def problems(self, min_nodes: int = 0) -> list[str]:
+        """Why the cluster is not settled now, one line each (empty: it is); see
+        :meth:`ClusterStatus.problems <dim.ClusterStatus.problems>` for the rule."""
+        return self.status().problems(min_nodes)
+
+    def wait_settled(
+        self, timeout: float, *, min_nodes: int = 0, interval: float = POLL_INTERVAL
+    ) -> bool:
+        """Block until the cluster is settled: a leader, at least ``min_nodes`` live
+        nodes, and every config running where it is assigned (see
+        :meth:`ClusterStatus.problems <dim.ClusterStatus.problems>`); False if it is not
+        after ``timeout`` seconds (:meth:`problems` says why).
+
+        A deploy script calls it between two restarts::
+
+            with Admin(url, "feeds") as admin:
+                for host in hosts:
+                    restart(host)
+                    if not admin.wait_settled(120, min_nodes=len(hosts)):
+                        raise SystemExit(f"not settled: {admin.problems(len(hosts))}")
+        """
+        return self._wait(lambda status: not status.problems(min_nodes), timeout, interval)
 
     # -- writes (the operator ACL) --------------------------------------------------------
 
@@ -317,6 +335,19 @@ class Admin:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _wait(self, done: Callable[[ClusterStatus], bool], timeout: float, interval: float) -> bool:
+        """Read the status every ``interval`` until ``done`` says so (True) or ``timeout``
+        seconds have passed (False); always reads at least once."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()  # never set: the poll interval
+        while True:
+            if done(self.status()):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            pause.wait(min(interval, remaining))
+
     @staticmethod
     def _drained(node_id: str, status: ClusterStatus) -> bool:
         node: Optional[NodeStatus] = next((n for n in status.nodes if n.node_id == node_id), None)
@@ -325,10 +356,3 @@ class Admin:
     def _hint(self) -> Message:
         """The ``control`` hint that wakes the leader after an operator's write."""
         return Message(Kind.CONTROL, f"admin-{socket.gethostname()}-{os.getpid()}")
-
-
-def _scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme
-    except ValueError:
-        return ""

@@ -1,7 +1,8 @@
 """Connecting to Redis: a URL or the caller's client, checked, with clear errors.
 
 Used by :meth:`dim.Manager.start`; the ``dim`` command shares :func:`safe_url` and
-:mod:`dim.redis_errors`.
+:mod:`dim.redis_errors`. The URL forms themselves (Sentinel and Cluster included) are
+read by :mod:`dim.urls`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Optional, Union
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import tenacity
@@ -19,34 +20,20 @@ from dim import redis_errors
 from dim.errors import RedisUnavailableError
 from dim.settings import Settings
 from dim.store import Client, redis_from
+from dim.urls import SCHEMES, check_url, close_client, safe_url
+
+__all__ = [
+    "SCHEMES",
+    "check_eviction",
+    "check_url",
+    "close",
+    "connect",
+    "describe",
+    "safe_url",
+    "worth_retrying",
+]
 
 log = logging.getLogger("dim.manager")
-
-
-def safe_url(url: str) -> str:
-    """The URL without its secrets, for messages.
-
-    The password becomes ``***``, and so do the values of the query parameters that
-    redis-py reads as secrets (``password``, ``ssl_password``). Everything else stays,
-    so the message still names the user, host, port, database and TLS files.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is not None:
-        # rebuilt from the raw netloc: parts.port raises on a malformed port
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        parts = parts._replace(netloc=f"{user}:***@{hostport}")
-    if parts.query:
-        fields = parts.query.split("&")
-        for i, field in enumerate(fields):
-            name, sep, _ = field.partition("=")
-            if sep and name.lower() in ("password", "ssl_password"):
-                fields[i] = f"{name}=***"
-        parts = parts._replace(query="&".join(fields))
-    return urlunsplit(parts)
 
 
 def describe(target: Union[str, Client]) -> str:
@@ -80,7 +67,7 @@ def connect(target: Union[str, Client], settings: Settings) -> Client:
     cannot fix them.
     """
     where = describe(target)
-    if isinstance(target, str) and urlsplit(target).scheme == "rediss":
+    if isinstance(target, str) and urlsplit(target).scheme.startswith("rediss"):
         # redis-py would report a missing file as a connection failure, and retry it
         files = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
         for name, values in parse_qs(urlsplit(target).query).items():
@@ -89,37 +76,50 @@ def connect(target: Union[str, Client], settings: Settings) -> Client:
                     f"cannot connect to Redis at {where}: the file {values[-1]!r} "
                     f"given as {name} does not exist"
                 )
-    client = redis_from(target, settings.socket_timeout)
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(settings.connect_timeout),
         wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
         retry=tenacity.retry_if_exception(worth_retrying),
         reraise=True,
     )
+    made: list[Client] = []
+
+    def ping() -> None:
+        # a cluster's client asks for the cluster's layout when it is made: inside the
+        # retries, so that a cluster still starting is waited for like a server
+        if not made:
+            made.append(redis_from(target, settings.socket_timeout))
+        made[0].ping()
+
     try:
-        retrying(client.ping)
+        retrying(ping)
     except redis.RedisError as exc:
+        client = made[0] if made else None
         close(client, target)
         message = redis_errors.explain(
             exc,
             where,
-            has_password=bool(
-                client.connection_pool.connection_kwargs.get("password")
-                if isinstance(client, redis.Redis)
-                else client.nodes_manager.connection_kwargs.get("password")
-            ),
+            has_password=_has_password(client, target),
             acl_hint="grant the node ACL from dim's docs (Connecting)",
             unreachable=f"cannot reach Redis at {{where}} within {settings.connect_timeout:g} s",
         )
         raise RedisUnavailableError(message) from exc
-    return client
+    return made[0]
+
+
+def _has_password(client: Optional[Client], target: Union[str, Client]) -> bool:
+    if isinstance(client, redis.Redis):
+        return bool(client.connection_pool.connection_kwargs.get("password"))
+    if isinstance(client, RedisCluster):
+        return bool(client.nodes_manager.connection_kwargs.get("password"))
+    return isinstance(target, str) and urlsplit(target).password is not None
 
 
 def close(client: Optional[Client], target: Union[str, Client]) -> None:
     """Close a client dim made (never the caller's own)."""
     if client is not None and client is not target:
         try:
-            client.close()
+            close_client(client)
         except Exception:
             log.debug("closing the Redis client failed", exc_info=True)
 

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
-from urllib.parse import urlsplit
 
 import attrs
 import redis
@@ -80,7 +79,8 @@ class Manager:
     :param healthcheck: optional; raising or returning ``False`` marks the instance
         unhealthy (it is then disconnected and created again).
     :param disconnect: optional; stops an instance.
-    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``), a ``redis.Redis``, or a
+    :param redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``
+        or ``redis+cluster://``: see :doc:`connecting`), a ``redis.Redis``, or a
         ``redis.cluster.RedisCluster`` (see :doc:`cluster`). A client you pass is used as
         is: give it a ``socket_timeout`` shorter than ``heartbeat_interval`` so a stalled
         server cannot hold up dim's loops.
@@ -135,12 +135,8 @@ class Manager:
                 f"got {redis!r}",
                 redis,
             )
-        if isinstance(redis, str) and urlsplit(redis).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"redis URL must start with redis://, rediss:// or unix://, got "
-                f"{connection.safe_url(redis)!r}",
-                redis,
-            )
+        if isinstance(redis, str):
+            connection.check_url(redis)
         if settings is None:
             settings = Settings()
         if not isinstance(settings, Settings):

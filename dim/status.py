@@ -30,6 +30,9 @@ class NodeStatus:
     unhealthy: int = 0  # configs being recreated after a failed health check (last beat)
     tags: tuple[str, ...] = ()  # its labels (``Manager(tags=...)``)
     capacity: Optional[int] = None  # the most instances it runs (None: no limit)
+    # instances it runs, by its own count at its last heartbeat (None: not reported);
+    # fewer than ``running`` while some are being created (or their create fails)
+    instances: Optional[int] = None
 
 
 @attrs.frozen
@@ -86,6 +89,30 @@ class ClusterStatus:
         """Configs not (yet) running where they are assigned: handoffs in progress."""
         return [c.config_id for c in self.configs.values() if not c.settled]
 
+    @property
+    def settled(self) -> bool:
+        """No :meth:`problems` (with ``min_nodes`` 0)."""
+        return not self.problems()
+
+    def problems(self, min_nodes: int = 0) -> list[str]:
+        """Why the cluster is not settled, one line each; empty when it is.
+
+        Settled means: a leader, at least ``min_nodes`` live nodes, an assignment
+        published, and every published config running on the live node it is assigned
+        to. So each of these is a problem: no live node, no leader, a config that cannot
+        be placed (tags, capacity), one whose claim nobody holds, one held by a node that
+        is no longer live, a handoff in progress (held by one node, assigned to another),
+        and a node that holds claims for instances it has not started (being created, or
+        ``create`` failing). A pause is not a problem by itself; when something else is,
+        the last line says that rebalancing is paused.
+
+        Balance is not part of it: a node that just joined may run nothing until the
+        leader's next rebalance (``rebalance_delay``), and the cluster is settled
+        meanwhile. The node counts come from each node's last heartbeat, so a config
+        that has just started may count as not running for one ``heartbeat_interval``.
+        """
+        return _problems(self, min_nodes)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
@@ -100,8 +127,67 @@ class ClusterStatus:
             "not_running": self.not_running,
             "pending": self.pending,
             "unplaceable": {str(k): v for k, v in self.unplaceable.items()},
+            "problems": self.problems(),
             "local": [{"config_id": k, **v} for k, v in self.local.items()],
         }
+
+
+#: Configs named in one problem line; the rest are counted.
+MAX_NAMED = 10
+
+
+def _problems(status: ClusterStatus, min_nodes: int) -> list[str]:
+    found = []
+    live = {n.node_id for n in status.nodes}
+    if not live:
+        found.append("no live nodes")
+    elif status.leader is None:
+        found.append("no leader")
+    if live and len(live) < min_nodes:
+        found.append(f"{len(live)} live nodes, expected at least {min_nodes}")
+    if status.leader is not None and status.version is None:
+        found.append("the leader has not published an assignment yet")
+    unplaceable, nowhere, gone, handoffs = [], [], [], []
+    for c in status.configs.values():
+        if c.waiting:
+            unplaceable.append(f"{c.config_id} ({c.waiting})")
+        elif c.claimed_by is None:
+            nowhere.append(str(c.config_id))
+        elif c.claimed_by not in live:
+            gone.append(
+                f"{c.config_id} (held by {c.claimed_by}, assigned to {c.assigned_to or 'nobody'})"
+            )
+        elif c.claimed_by != c.assigned_to:
+            handoffs.append(
+                f"{c.config_id} (held by {c.claimed_by}, assigned to {c.assigned_to or 'nobody'})"
+            )
+    for items, one, many in (
+        (unplaceable, "config cannot be placed", "configs cannot be placed"),
+        (nowhere, "config runs nowhere", "configs run nowhere"),
+        (gone, "config is held by a node that is gone", "configs are held by nodes that are gone"),
+        (handoffs, "handoff pending", "handoffs pending"),
+    ):
+        if items:
+            found.append(f"{len(items)} {one if len(items) == 1 else many}: {_named(items)}")
+    for n in status.nodes:
+        # claims it holds for configs assigned to it; an instance it hands off is no
+        # longer counted as running by the node, and is a pending handoff above
+        held = sum(1 for c in status.configs.values() if c.claimed_by == n.node_id == c.assigned_to)
+        if n.instances is not None and n.instances < held:
+            found.append(
+                f"node {n.node_id} runs {n.instances} of the {held} instances it holds "
+                "claims for (being created, or create failing: see its log)"
+            )
+    if found and status.paused:
+        found.append("rebalancing is paused: nothing moves until 'dim resume'")
+    return found
+
+
+def _named(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_NAMED])
+    if len(items) > MAX_NAMED:
+        shown += f", ... ({len(items) - MAX_NAMED} more)"
+    return shown
 
 
 def read_status(store: Store) -> ClusterStatus:
@@ -153,6 +239,7 @@ def read_status(store: Store) -> ClusterStatus:
                 running=running_count.get(node_id, 0),
                 draining=node_id in drained,
                 unhealthy=parse_health(info.get("health"))[1],
+                instances=_instances(info.get("health")),
                 tags=tuple(sorted(parse_tags(info.get("tags")))),
                 capacity=parse_capacity(info.get("capacity")),
             )
@@ -166,6 +253,12 @@ def read_status(store: Store) -> ClusterStatus:
         configs=configs,
         paused=paused(control),
     )
+
+
+def _instances(health: Optional[str]) -> Optional[int]:
+    """The running count from a node's health field; None if it has none (yet)."""
+    parts = (health or "").split()
+    return parse_health(health)[0] if len(parts) == 2 and parts[0].isdigit() else None
 
 
 def _int(value: Optional[str]) -> Optional[int]:

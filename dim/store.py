@@ -22,6 +22,7 @@ from dim.keys import Keys
 from dim.messages import Message
 from dim.plan import Change
 from dim.protocol import Beat, ClaimStatus, ConfigPlace, View, parse_owner
+from dim.urls import client_from_url
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +526,8 @@ Client = Union[redis.Redis, RedisCluster]
 
 
 def redis_from(target: Union[str, Client], socket_timeout: float) -> Client:
-    """A client for a URL (with dim's timeouts), or the caller's own client as is."""
+    """A client for a URL (with dim's timeouts; any form :mod:`dim.urls` reads), or the
+    caller's own client as is."""
     if isinstance(target, (redis.Redis, RedisCluster)):
         return target
     # given, redis-py does not look its version up in the package metadata for every
@@ -538,7 +540,7 @@ def redis_from(target: Union[str, Client], socket_timeout: float) -> Client:
     except ImportError:
         if int(redis.__version__.split(".")[0]) >= 5:
             options["lib_version"] = redis.__version__
-    return redis.Redis.from_url(
+    return client_from_url(
         target,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,

@@ -108,6 +108,7 @@ class Cluster:
         settings: Settings = FAST,
         create: Optional[Callable[[str, Any], Any]] = None,
         healthcheck: Optional[Callable[[Any], Any]] = None,
+        disconnect: Optional[Callable[[str, Any], Any]] = None,
         **manager_kwargs: Any,
     ) -> None:
         self.redis_url = redis_url
@@ -117,6 +118,7 @@ class Cluster:
         self.ledger = Ledger()
         self.managers: list[Manager] = []
         self._create_hook = create
+        self._disconnect_hook = disconnect  # called (node, instance) before the record
         self._healthcheck = healthcheck
         self._kwargs = manager_kwargs
         self._serials: dict[int, int] = {}  # id(instance) -> its serial in the ledger
@@ -144,6 +146,8 @@ class Cluster:
             return instance
 
         def disconnect(instance: Instance) -> None:
+            if self._disconnect_hook is not None:
+                self._disconnect_hook(instance.node, instance)
             instance.closed = True
             config_id = (
                 instance.config["id"] if isinstance(instance.config, dict) else instance.config

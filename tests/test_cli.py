@@ -119,6 +119,25 @@ def test_status_json(redis_url: str, service: str, two_managers: list[Manager]) 
     assert data["not_running"] == [] and data["pending"] == []
 
 
+def test_deploy_checks_exit_codes(
+    redis_url: str, service: str, two_managers: list[Manager]
+) -> None:
+    """As a process: wait --settled exits 0 on a settled cluster, status --check exits 1
+    with one line per problem (here: too few nodes), options before the subcommand."""
+    result = run_dim("--redis", redis_url, "--service", service, "wait", "--settled")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout.startswith(f"service {service} is settled: 5 configs running on 2")
+    result = run_dim(
+        "--redis", redis_url, "--service", service, "status", "--check", "--min-nodes", "3"
+    )
+    assert result.returncode == 1
+    assert result.stderr == "dim status: not settled: 2 live nodes, expected at least 3\n"
+    empty = dim_env(DIM_REDIS_URL=redis_url, DIM_SERVICE=f"{service}-empty")
+    result = run_dim("status", "--check", env=empty)
+    assert result.returncode == 1
+    assert result.stderr == "dim status: not settled: no live nodes\n"
+
+
 def test_status_unreachable_redis() -> None:
     """status against a port with nothing listening: exit 1, one clear line, no traceback."""
     url = f"redis://127.0.0.1:{free_port()}/0"
@@ -259,8 +278,11 @@ def port_closed(port: int) -> bool:
 
 
 def test_demo_runs_its_script_and_cleans_up() -> None:
-    """The scripted demo (stdin closed) settles after each step, exits 0, leaves nothing behind."""
-    demo = DemoRun(["--nodes", "2", "--configs", "4", "--seconds", "25"])
+    """The scripted demo (stdin closed) settles after each step, exits 0, leaves nothing
+    behind; the connection variables of the shell (a login for another Redis) do not
+    reach its private Redis."""
+    shell = dim_env(DIM_REDIS_USERNAME="someone", DIM_REDIS_PASSWORD="elsewhere")
+    demo = DemoRun(["--nodes", "2", "--configs", "4", "--seconds", "25"], env=shell)
     try:
         code = demo.wait(60)
         out = demo.stdout

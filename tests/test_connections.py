@@ -29,7 +29,7 @@ from dim import Manager, RedisUnavailableError, Settings
 from dim.keys import Keys
 from dim.testing import RedisServer, TLSFiles, find_redis_server, free_port, wait_until
 
-from .helpers import FAST, Cluster, run_dim
+from .helpers import FAST, Cluster, dim_env, run_dim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -316,6 +316,99 @@ def test_dim_status_over_rediss(pki: PKI, tls_server: RedisServer, service: str)
     untrusted = f"rediss://127.0.0.1:{tls_server.port}/0?ssl_ca_certs={pki.other_ca}"
     line = one_line_error(run_dim("status", "--redis", untrusted, "--service", service))
     assert "TLS certificate" in line and "rejected" in line
+
+
+def test_dim_command_tls_options(
+    pki: PKI, redis_factory: Callable[..., RedisServer], service: str
+) -> None:
+    """--tls-ca, --tls-cert and --tls-key (or $DIM_REDIS_TLS_CA, _CERT, _KEY) add the
+    TLS files to a bare rediss:// URL, for a server that wants a client certificate."""
+    server = start_tls(redis_factory, pki.files(client_cert=True))
+    bare = f"rediss://127.0.0.1:{server.port}/0"
+    cluster = run_cluster(server.url, service, nodes=1, configs=2)
+    try:
+        result = run_dim(
+            "status",
+            "--check",
+            "--redis",
+            bare,
+            "--service",
+            service,
+            "--tls-ca",
+            pki.ca,
+            "--tls-cert",
+            pki.client_cert,
+            "--tls-key",
+            pki.client_key,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "2 published, 2 running" in result.stdout
+        env = dim_env(
+            DIM_REDIS_URL=bare,
+            DIM_SERVICE=service,
+            DIM_REDIS_TLS_CA=pki.ca,
+            DIM_REDIS_TLS_CERT=pki.client_cert,
+            DIM_REDIS_TLS_KEY=pki.client_key,
+        )
+        result = run_dim("wait", "--settled", "--timeout", "30", env=env)
+        assert result.returncode == 0, result.stderr
+        # the CA only: the server ends the session, which the one line explains
+        line = one_line_error(
+            run_dim("status", "--redis", bare, "--tls-ca", pki.ca, "--service", service)
+        )
+        assert "cannot reach Redis" in line and "ssl_certfile" in line
+    finally:
+        stop_cleanly(cluster)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--redis", "redis://127.0.0.1:1/0", "--tls-ca", "{ca}"], "TLS files need a URL with TLS"),
+        (["--redis", "rediss://127.0.0.1:1/0", "--tls-ca", "/no/such/ca.pem"], "no such file"),
+        (
+            ["--redis", "redis://127.0.0.1:1/0", "--sentinel-password", "x"],
+            "needs a redis+sentinel",
+        ),
+    ],
+)
+def test_dim_command_refuses_options_that_do_not_fit(
+    pki: PKI, args: list[str], message: str
+) -> None:
+    """TLS files for a URL without TLS, a TLS file that does not exist, a sentinel login
+    for one server: exit 2, one line."""
+    result = run_dim("status", "--service", "x", *(a.format(ca=pki.ca) for a in args))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line, line
+
+
+def test_dim_command_user_and_password_options(
+    acl_server: tuple[RedisServer, redis.Redis], service: str
+) -> None:
+    """--username with $DIM_REDIS_PASSWORD logs in as the read-only user, for the deploy
+    checks too; a wrong password fails in one line that does not show it."""
+    server, admin = acl_server
+    setuser(admin, "dimnode", *node_rules())
+    setuser(admin, "dimstatus", "%R~dim:*", *(f"+{c}" for c in STATUS_COMMANDS))
+    cluster = run_cluster(user_url(server, "dimnode"), service)
+    try:
+        admin.acl_log_reset()
+        bare = f"redis://127.0.0.1:{server.port}/0"
+        env = dim_env(DIM_REDIS_PASSWORD=PASSWORD)
+        for command in (["status", "--check"], ["wait", "--settled", "--timeout", "30"]):
+            result = run_dim(
+                *command, "--redis", bare, "--service", service, "--username", "dimstatus", env=env
+            )
+            assert result.returncode == 0, (command, result.stderr)
+            assert PASSWORD not in result.stdout + result.stderr
+        assert denials(admin) == []
+        env = dim_env(DIM_REDIS_USERNAME="dimstatus", DIM_REDIS_PASSWORD="not-the-password")
+        line = one_line_error(run_dim("status", "--redis", bare, "--service", service, env=env))
+        assert "refused the login" in line and "dimstatus:***@" in line
+        assert "not-the-password" not in line
+    finally:
+        stop_cleanly(cluster)
 
 
 # -- unix socket and a ready client ---------------------------------------------------

@@ -23,7 +23,7 @@ from dim import Manager
 from dim.keys import Keys
 from dim.messages import Kind, Message
 from dim.store import Store
-from dim.testing import CLUSTER_SLOTS, RedisClusterServers, RedisServer, wait_until
+from dim.testing import CLUSTER_SLOTS, RedisClusterServers, RedisServer, free_port, wait_until
 
 from .helpers import FAST, Cluster, HintRecorder, run_dim
 
@@ -284,3 +284,39 @@ def test_command_line_on_the_slot_master(
     result = run_dim("status", "--redis", elsewhere.url, "--service", service)
     # the error (a MOVED reply) names the master to ask instead
     assert result.returncode != 0 and f"127.0.0.1:{owner.port}" in result.stderr, result.stderr
+
+
+def test_a_cluster_url_for_managers_and_the_command(
+    redis_cluster: RedisClusterServers, service: str
+) -> None:
+    """Managers given a redis+cluster:// URL of a master that does not serve the
+    service's slot run there all the same (the client follows the cluster's layout), and
+    so do dim wait --settled and dim status on that URL; they close what they opened."""
+    owner = redis_cluster.server_for(Keys(service).prefix)
+    elsewhere = others(redis_cluster, owner)
+    url = f"redis+cluster://127.0.0.1:{elsewhere[0].port},127.0.0.1:{elsewhere[1].port}"
+    cluster = Cluster(url, service, CONFIGS)
+    try:
+        cluster.add(2)
+        cluster.wait_balanced()
+        assert {"nodes", "leader", "assignment"} <= service_keys(owner, service)
+        command = ["--redis", url, "--service", service]
+        result = run_dim("wait", "--settled", "--timeout", "60", "--min-nodes", "2", *command)
+        assert result.returncode == 0, result.stderr
+        assert "settled: 8 configs running on 2 nodes" in result.stdout
+        result = run_dim("status", "--check", "--json", *command)
+        assert result.returncode == 0, result.stderr
+        assert sorted(n["running"] for n in json.loads(result.stdout)["nodes"]) == [4, 4]
+    finally:
+        cluster.stop()
+    assert cluster.ledger.overlaps() == []
+
+
+def test_a_cluster_url_that_answers_nowhere() -> None:
+    """A redis+cluster:// URL whose nodes do not answer: the command says so in one line
+    (exit 1), as for one server."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    result = run_dim("status", "--redis", url, "--service", "x")
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"dim status: cannot reach Redis at {url}"), line

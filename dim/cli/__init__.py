@@ -1,17 +1,22 @@
-"""The ``dim`` command: look at a cluster, or watch a demo one heal itself.
+"""The ``dim`` command: look at a cluster, gate a deploy on it, steer it, or watch a
+demo one heal itself.
 
 ``dim status`` prints what Redis knows about one service (nodes, leader, assignment,
-handoffs in progress) and only ever reads. ``dim demo`` starts a private Redis and a few
-node processes and runs a short scripted scenario (a node joins, one leaves gracefully,
-one is killed) while it prints the cluster every second. ``python -m dim`` is the same
-command.
+handoffs in progress) and only ever reads; with ``--check`` it also exits 1 unless the
+cluster is settled, and ``dim wait --settled`` waits until it is (a deploy gate).
+``dim demo`` starts a private Redis and a few node processes and runs a short scripted
+scenario (a node joins, one leaves gracefully, one is killed) while it prints the
+cluster every second. ``python -m dim`` is the same command.
 
-User errors never print a traceback: a bad argument exits with 2, and a runtime failure
-(Redis unreachable, a refused login) exits with 1, each with one line on stderr.
+User errors never print a traceback: a bad argument (or environment variable) exits
+with 2, and a runtime failure (Redis unreachable, a refused login) exits with 1, each
+with one line on stderr; a cluster that is not settled exits with 1 too, with one line
+per problem.
 
-The package: :mod:`~dim.cli.parser` (the arguments), :mod:`~dim.cli.commands` (each
-subcommand, a thin layer over :class:`dim.admin.Admin`), :mod:`~dim.cli.formatting` (the
-text it prints) and :mod:`~dim.cli.demo` (``dim demo`` and its node processes).
+The package: :mod:`~dim.cli.parser` (the arguments), :mod:`~dim.cli.target` (the
+connection options and their environment variables), :mod:`~dim.cli.commands` (each
+subcommand, a thin layer over :class:`dim.admin.Admin`), :mod:`~dim.cli.formatting`
+(the text it prints) and :mod:`~dim.cli.demo` (``dim demo`` and its node processes).
 """
 
 from __future__ import annotations

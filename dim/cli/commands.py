@@ -1,6 +1,6 @@
-"""The ``dim`` subcommands that read or steer a cluster: each one a thin layer over
-:class:`dim.admin.Admin`, plus what every subcommand shares (the exit-code errors, the
-connection, signal handling).
+"""The ``dim`` subcommands that read, check or steer a cluster: each one a thin layer
+over :class:`dim.admin.Admin`, plus what every subcommand shares (the exit-code errors,
+the connection, signal handling).
 
 Errors become the command's: a :class:`~dim.errors.ConfigError` (a bad URL, a node that
 matches none or several) is a :class:`UsageError` (exit 2); a Redis error, explained in
@@ -28,13 +28,37 @@ from dim import admin as admin_api
 from dim import redis_errors
 from dim.admin import Admin
 from dim.cli.formatting import config_rows, format_configs, format_move, format_status
+from dim.cli.target import (
+    DEFAULT_REDIS_URL,
+    REDIS_URL_ENV,
+    SERVICE_ENV,
+    resolve_service,
+    resolve_url,
+)
 from dim.connection import describe, safe_url
 from dim.errors import ConfigError, DimError, StateError
 from dim.status import ClusterStatus
+from dim.store import Client
 
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-REDIS_URL_ENV = "DIM_REDIS_URL"
-SERVICE_ENV = "DIM_SERVICE"
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "REDIS_URL_ENV",
+    "SERVICE_ENV",
+    "AdminFactory",
+    "CommandError",
+    "UsageError",
+    "cmd_config",
+    "cmd_drain",
+    "cmd_pause",
+    "cmd_rebalance",
+    "cmd_status",
+    "cmd_wait",
+    "cmd_watch",
+    "connect",
+    "describe_redis_error",
+    "operating",
+    "signals_set",
+]
 
 
 #: Makes the Admin of a command embedded in an application (see ``build_parser``).
@@ -52,7 +76,7 @@ class CommandError(DimError, RuntimeError):
 # -- Redis access ---------------------------------------------------------------------------
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0) -> Client:
     """A client for ``url`` that fails fast (two quick retries) when Redis is away."""
     try:
         return admin_api.connect(url, timeout)
@@ -71,30 +95,36 @@ def describe_redis_error(exc: redis.RedisError, url: str) -> str:
     )
 
 
-def _service(args: argparse.Namespace) -> str:
-    if args.service is None:
-        raise UsageError(f"--service is required (or set ${SERVICE_ENV})")
-    service: str = args.service
-    return service
+def redis_url(args: argparse.Namespace, *, default: Optional[str] = DEFAULT_REDIS_URL) -> str:
+    """The URL the connection options (and their environment variables) make; a
+    :class:`UsageError` when they are not valid (see :func:`dim.cli.target.resolve_url`)."""
+    try:
+        return resolve_url(args, default=default)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @contextmanager
 def operating(args: argparse.Namespace) -> Iterator[Admin]:
-    """An :class:`Admin` on ``--redis`` and ``--service``, closed on the way out; the
-    errors of what runs inside become the command's (see the module docstring).
+    """An :class:`Admin` on the connection options (``--redis``, ``--service``, ...),
+    closed on the way out; the errors of what runs inside become the command's (see the
+    module docstring).
 
     An embedded command (``args.admin_factory``) gets its Admin from the application.
     """
     factory: Optional[AdminFactory] = getattr(args, "admin_factory", None)
+    url = "the application's Redis"
     try:
         if factory is not None:
             admin = factory()
             url = describe(admin.client)
         else:
-            url = args.redis
-            admin = Admin(url, _service(args))
+            url = resolve_url(args)
+            admin = Admin(url, resolve_service(args))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    except redis.RedisError as exc:  # a cluster's client reads the layout when made
+        raise CommandError(describe_redis_error(exc, url)) from None
     try:
         yield admin
     except redis.RedisError as exc:
@@ -137,7 +167,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status.to_dict(), default=str, indent=2), flush=True)
     else:
         print(format_status(status), flush=True)
+    if not args.check:
+        return 0
+    problems = status.problems(args.min_nodes)
+    _report(args, "not settled", problems)
+    return 1 if problems else 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """``dim wait --settled``: 0 once settled, 1 with the problems left at the timeout."""
+    with operating(args) as admin:
+        admin.wait_settled(args.timeout, min_nodes=args.min_nodes)
+        # read again for the report: what is true now, even if it settled just after
+        status = admin.status()
+    problems = status.problems(args.min_nodes)
+    if problems:
+        _report(args, f"not settled after {args.timeout:g} s", problems)
+        return 1
+    running = len(status.configs) - len(status.not_running)
+    print(
+        f"service {status.service} is settled: {running} configs running on "
+        f"{len(status.nodes)} nodes, leader {status.leader}",
+        flush=True,
+    )
     return 0
+
+
+def _report(args: argparse.Namespace, what: str, problems: list[str]) -> None:
+    """One line on stderr per problem, each headed by the command."""
+    for problem in problems:
+        print(f"{args.parser.prog}: {what}: {problem}", file=sys.stderr, flush=True)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

@@ -26,11 +26,14 @@ from dim.admin import Admin
 from dim.cli.commands import (
     REDIS_URL_ENV,
     CommandError,
+    UsageError,
     connect,
     describe_redis_error,
+    redis_url,
     signals_set,
 )
 from dim.cli.formatting import format_status
+from dim.cli.target import OPTIONS, resolve_service
 from dim.connection import safe_url
 from dim.errors import DimError
 from dim.keys import Keys
@@ -81,8 +84,8 @@ def cmd_demo_node(args: argparse.Namespace) -> int:
             get_config=lambda: configs,
             create=DemoFeed,
             disconnect=DemoFeed.close,
-            redis=args.redis,
-            service=args.service,
+            redis=redis_url(args),
+            service=_service(args),
             settings=DEMO_SETTINGS,
         )
         parent = os.getppid()
@@ -220,7 +223,10 @@ class Demo:
         self._count = 0
         self._read_failing = False
         self._step = ""  # "step 2/3: " while a scripted step prints its caption
-        self._env = dict(os.environ)
+        # the URL already holds every connection option; the shell's would apply to
+        # another Redis than the private one
+        connection = {option.env for option in OPTIONS}
+        self._env = {k: v for k, v in os.environ.items() if k not in connection}
         self._env[REDIS_URL_ENV] = url  # not on the command line: it may hold a password
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(dim.__file__)))
         self._env["PYTHONPATH"] = os.pathsep.join(
@@ -484,6 +490,13 @@ def _leader_pid(status: Optional[ClusterStatus]) -> Optional[int]:
     return None
 
 
+def _service(args: argparse.Namespace) -> str:
+    try:
+        return resolve_service(args)
+    except DimError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dim.testing import EMBEDDED_INSTALL_HINT, RedisServer, find_redis_server
 
@@ -493,7 +506,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo: Optional[Demo] = None
     with signals_set(stop, signal.SIGINT, signal.SIGTERM) as received:
         try:
-            if args.redis is None:
+            if getattr(args, "redis", None) is None:
                 try:
                     find_redis_server()
                 except RuntimeError as exc:
@@ -512,7 +525,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 url = server.url
                 print(f"started a private Redis on {server.host}:{server.port} (pid {server.pid})")
             else:
-                url = args.redis
+                url = redis_url(args)
                 probe = connect(url)
                 try:
                     probe.ping()

@@ -1,32 +1,32 @@
 """The ``dim`` command's arguments: every subcommand, its options and their checks.
 
-Defaults come from the environment when the parser is built (``DIM_REDIS_URL``,
-``DIM_SERVICE``). A bad argument ends the command with one line and exit code 2.
+The connection options (:mod:`dim.cli.target`) go before or after the subcommand, and
+their environment variables are read when the command runs. A bad argument ends the
+command with one line and exit code 2. The internal ``demo-node`` subcommand is left
+out of the help, the usage line and the list of choices in errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Callable, NoReturn, Optional
-from urllib.parse import urlsplit
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, NoReturn, Optional
 
 from dim.cli.commands import (
-    DEFAULT_REDIS_URL,
-    REDIS_URL_ENV,
-    SERVICE_ENV,
     AdminFactory,
     cmd_config,
     cmd_drain,
     cmd_pause,
     cmd_rebalance,
     cmd_status,
+    cmd_wait,
     cmd_watch,
 )
 from dim.cli.demo import cmd_demo, cmd_demo_node
-from dim.connection import safe_url
-from dim.errors import ConfigError
-from dim.keys import check_service
+from dim.cli.target import add_options as add_connection_options
+
+#: Subcommands that ``dim`` runs for itself: not listed anywhere.
+INTERNAL = frozenset({"demo-node"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,24 +36,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _redis_url(text: str) -> str:
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid Redis URL {safe_url(text)!r}: {exc}") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise argparse.ArgumentTypeError(
-            f"Redis URL must start with redis://, rediss:// or unix://, got {safe_url(text)!r}"
-        )
-    return text
+class _Commands(dict[str, argparse.ArgumentParser]):
+    """The subcommands by name, whose iteration skips the internal ones: argparse lists
+    the choices by iterating (the usage line, an 'invalid choice' error) and looks a
+    name up with ``in`` (which still finds them)."""
 
+    def __init__(self, parsers: Mapping[str, argparse.ArgumentParser], hidden: Iterable[str]):
+        super().__init__(parsers)
+        self.hidden = frozenset(hidden)
 
-def _service_name(text: str) -> str:
-    try:
-        return check_service(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in super().__iter__() if name not in self.hidden)
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -87,17 +80,13 @@ def build_parser(
     :param prog: the command's name in usage and errors (``manage.py dim``, ``flask dim``).
     :param admin: makes the :class:`~dim.admin.Admin` every subcommand uses, for a command
         embedded in an application that knows its Redis and service (the Django and
-        Flask integrations): the subcommands then take no ``--redis``/``--service``, and
+        Flask integrations): the subcommands then take no connection option, and
         ``demo`` is left out.
     """
-    default_url = os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-    default_service = os.environ.get(SERVICE_ENV) or None
-    epilog = "Exit codes: 0 ok, 1 runtime failure, 2 bad arguments."
-    if admin is None:
-        epilog = (
-            f"Environment: {REDIS_URL_ENV} (default --redis), {SERVICE_ENV} (default "
-            f"--service). {epilog}"
-        )
+    epilog = (
+        "Exit codes: 0 ok (settled, for status --check and wait), 1 not settled or a "
+        "runtime failure, 2 bad arguments."
+    )
     parser = _Parser(
         prog=prog,
         description="Look at a dim cluster, or run a demo of one."
@@ -108,31 +97,16 @@ def build_parser(
     from dim import __version__
 
     parser.add_argument("--version", action="version", version=f"dim {__version__}")
-    # The metavar hides the internal demo-node command from the usage line.
-    commands = parser.add_subparsers(
-        dest="command",
-        metavar="{status,watch,config,rebalance,pause,resume,drain,demo}",
-        required=True,
-    )
+    if admin is None:
+        add_connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True)
 
-    def target(sub: argparse.ArgumentParser) -> None:
+    def target(sub: argparse.ArgumentParser, **options: Any) -> None:
         if admin is not None:
             sub.set_defaults(admin_factory=admin)
             return
         sub.set_defaults(admin_factory=None)
-        sub.add_argument(
-            "--redis",
-            type=_redis_url,
-            default=default_url,
-            metavar="URL",
-            help=f"Redis URL (default: ${REDIS_URL_ENV} or {DEFAULT_REDIS_URL})",
-        )
-        sub.add_argument(
-            "--service",
-            type=_service_name,
-            default=default_service,
-            help=f"service name (required unless ${SERVICE_ENV} is set)",
-        )
+        add_connection_options(sub, top=False, **options)
 
     status = commands.add_parser(
         "status",
@@ -142,6 +116,13 @@ def build_parser(
     )
     target(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1, with one line per problem on stderr, unless the cluster is settled "
+        "(a leader, every config running where it is assigned)",
+    )
+    _nodes_option(status)
     status.set_defaults(func=cmd_status, parser=status)
 
     watch = commands.add_parser(
@@ -216,7 +197,29 @@ def build_parser(
     )
     drain.set_defaults(func=cmd_drain, parser=drain)
 
+    wait = commands.add_parser(
+        "wait",
+        help="wait until the cluster is settled (a deploy gate): exit 1 if not in time",
+        description="Wait until the cluster is settled: a leader, every config running on "
+        "the live node it is assigned to (none running nowhere, none that cannot be placed, "
+        "no handoff pending). Balance is not required. Exit 0 once settled, or 1 after "
+        "--timeout with one line per remaining problem on stderr.",
+    )
+    target(wait)
+    until = wait.add_mutually_exclusive_group(required=True)
+    until.add_argument("--settled", action="store_true", help="wait until settled")
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up after this long (default 60)",
+    )
+    _nodes_option(wait)
+    wait.set_defaults(func=cmd_wait, parser=wait)
+
     if admin is not None:
+        _hide(commands)
         return parser
     demo = commands.add_parser(
         "demo",
@@ -227,12 +230,10 @@ def build_parser(
         "and q (quit) act at once, and the demo runs until --seconds or q; "
         "otherwise it ends with the scenario.",
     )
-    demo.add_argument(
-        "--redis",
-        type=_redis_url,
-        default=None,
-        metavar="URL",
-        help="use this Redis instead of starting a private one",
+    target(
+        demo,
+        service=False,
+        helps={"--redis": "use this Redis instead of starting a private one"},
     )
     demo.add_argument(
         "--nodes", type=_int_between(1, 20), default=3, help="node processes (default 3)"
@@ -247,8 +248,23 @@ def build_parser(
 
     # Internal: one node of the demo, started by `dim demo` (no help: not listed).
     node = commands.add_parser("demo-node", description="One node of `dim demo` (internal).")
-    node.add_argument("--redis", type=_redis_url, default=default_url, metavar="URL")
-    node.add_argument("--service", type=_service_name, required=True)
+    target(node)
     node.add_argument("--configs", type=_int_between(1, 1000), required=True)
     node.set_defaults(func=cmd_demo_node, parser=node)
+    _hide(commands)
     return parser
+
+
+def _nodes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-nodes",
+        type=_int_between(0, 10**6),
+        default=0,
+        metavar="N",
+        help="settled also needs at least N live nodes (default 0)",
+    )
+
+
+def _hide(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Leave the internal subcommands out of every list argparse prints."""
+    commands.choices = _Commands(commands.choices or {}, INTERNAL)
