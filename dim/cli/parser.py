@@ -24,6 +24,7 @@ from dim.cli.commands import (
     cmd_watch,
 )
 from dim.cli.demo import cmd_demo, cmd_demo_node
+from dim.cli.run import ManagerFactory, cmd_run, run_target
 from dim.connection import safe_url
 from dim.errors import ConfigError
 from dim.keys import check_service
@@ -80,7 +81,10 @@ def _seconds(text: str) -> float:
 
 
 def build_parser(
-    *, prog: str = "dim", admin: Optional[AdminFactory] = None
+    *,
+    prog: str = "dim",
+    admin: Optional[AdminFactory] = None,
+    manager: Optional[ManagerFactory] = None,
 ) -> argparse.ArgumentParser:
     """The parser of every subcommand (defaults read from the environment now).
 
@@ -89,6 +93,8 @@ def build_parser(
         embedded in an application that knows its Redis and service (the Django and
         Flask integrations): the subcommands then take no ``--redis``/``--service``, and
         ``demo`` is left out.
+    :param manager: makes the application's :class:`~dim.Manager`, for ``run`` (which
+        then takes no TARGET); an embedded command without it has no ``run``.
     """
     default_url = os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
     default_service = os.environ.get(SERVICE_ENV) or None
@@ -111,7 +117,7 @@ def build_parser(
     # The metavar hides the internal demo-node command from the usage line.
     commands = parser.add_subparsers(
         dest="command",
-        metavar="{status,watch,config,rebalance,pause,resume,drain,demo}",
+        metavar="{status,watch,config,rebalance,pause,resume,drain,run,demo}",
         required=True,
     )
 
@@ -215,6 +221,30 @@ def build_parser(
         help="wait until the node runs nothing (exit 1 if it still does after SECONDS)",
     )
     drain.set_defaults(func=cmd_drain, parser=drain)
+
+    # dim run (dim.cli.run): standalone it takes a TARGET, embedded it runs the app's manager
+    if admin is None or manager is not None:
+        what = (
+            "this application's manager"
+            if manager is not None
+            else "TARGET, package.module:attribute (the current directory is on sys.path): "
+            "a dim.Manager or a callable returning one"
+        )
+        run = commands.add_parser(
+            "run",
+            help="run a node in the foreground until SIGTERM or SIGINT (a dedicated worker)",
+            description=f"Start {what}, log to stderr and run until SIGTERM or SIGINT, then "
+            "leave the cluster gracefully and exit 0 (1 if it cannot start).",
+        )
+        if manager is None:
+            run.add_argument("target", type=run_target, metavar="TARGET")
+        run.add_argument(
+            "--log-level",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            default="INFO",
+            help="if the application configured no logging (default INFO)",
+        )
+        run.set_defaults(func=cmd_run, parser=run, manager_factory=manager, own_logging=True)
 
     if admin is not None:
         return parser
