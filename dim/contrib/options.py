@@ -115,6 +115,8 @@ class OptionReader:
     :ivar prefix: of each key in the container (``DIM_`` in Flask's ``app.config``); the
         values passed to the methods are keyed without it.
     :ivar extra: the integration's own settings (``AUTOSTART``) and their checks.
+    :ivar missing_hint: ends the message of a missing required setting; ``{option}`` is
+        the Manager's name for it.
 
     Example::
 
@@ -125,6 +127,7 @@ class OptionReader:
     container: str
     prefix: str = ""
     extra: Mapping[str, ExtraCheck] = attrs.field(factory=dict)
+    missing_hint: str = ""
 
     @property
     def known(self) -> list[str]:
@@ -155,7 +158,8 @@ class OptionReader:
             key = setting_name(option)
             value = values.get(key)
             if value is None or value == "":
-                found.append(Problem("missing", key, f"{self.name(key)} is required"))
+                hint = self.missing_hint.format(option=option)
+                found.append(Problem("missing", key, f"{self.name(key)} is required{hint}"))
         for key, value in values.items():
             if key in self.extra:
                 error = self.extra[key](value)

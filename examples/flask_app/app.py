@@ -6,9 +6,13 @@ worker that answered. Run it with the ``gunicorn.conf.py`` beside this file::
     cd examples/flask_app
     gunicorn -c gunicorn.conf.py          # 3 workers on 127.0.0.1:8000, --preload
     curl -s localhost:8000/dim            # pid, node and feeds of one worker
-    dim status --service flask-feeds      # the whole cluster
+    flask --app app dim status            # the whole cluster
 
-or without gunicorn: ``flask --app app run`` (one process runs every feed).
+or without gunicorn: ``flask --app app run`` (one process runs every feed). To keep the
+feeds out of the web workers, run them in worker processes of their own instead, with
+``DIM_AUTOSTART=False`` for the web app::
+
+    flask --app app dim run               # until SIGTERM or Ctrl-C
 
 Environment: ``DIM_REDIS_URL`` (default ``redis://localhost:6379/0``), ``DIM_SERVICE``
 (default ``flask-feeds``), ``DIM_SETTINGS`` (JSON of dim.Settings fields), ``FEEDS``
@@ -63,11 +67,12 @@ def get_config() -> list[dict[str, Any]]:
 
 
 def create(config: dict[str, Any]) -> Feed:
-    lease = dim.manager.lease(config["id"])
+    lease = dim_ext.manager.lease(config["id"])
     return Feed(config, lease.token if lease is not None else -1)
 
 
-dim = Dim(get_config=get_config, create=create, healthcheck=Feed.ping, disconnect=Feed.close)
+# not named `dim`: that would hide the package
+dim_ext = Dim(get_config=get_config, create=create, healthcheck=Feed.ping, disconnect=Feed.close)
 
 
 def create_app() -> Flask:
@@ -77,11 +82,11 @@ def create_app() -> Flask:
         DIM_SERVICE=os.environ.get("DIM_SERVICE", "flask-feeds"),
         DIM_SETTINGS=json.loads(os.environ.get("DIM_SETTINGS", "{}")),
     )
-    dim.init_app(app)
+    dim_ext.init_app(app)
 
     @app.get("/dim")
     def where() -> Any:
-        manager = dim.manager
+        manager = dim_ext.manager
         return jsonify(
             pid=os.getpid(),
             node=manager.node_id,
