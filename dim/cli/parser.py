@@ -108,7 +108,7 @@ def build_parser(
         prog=prog,
         description="Look at a dim cluster, or run a demo of one."
         if admin is None
-        else "Look at and steer this application's dim cluster.",
+        else "Look at, steer or run this application's dim cluster.",
         epilog=epilog,
     )
     from dim import __version__
