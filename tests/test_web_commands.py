@@ -22,7 +22,7 @@ import redis
 
 from dim.admin import Admin
 from dim.keys import Keys
-from dim.status import ClusterStatus
+from dim.status import ClusterStatus, NodeStatus
 from dim.testing import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -56,12 +56,28 @@ DIM = {**DIM, "TAGZ": ["eu"], "CREATE": "feeds.nowhere.create", "CAPACITY": -1}
 """
 
 # The example project with AUTOSTART True: ready() starts the manager in every process,
-# `manage.py dim run` included, which must still run one node.
+# `manage.py dim run` included, which must still run one node; and more Manager options.
 AUTOSTART_SETTINGS = """
 from settings import *  # the example project's
 
 INSTALLED_APPS = ["dim.contrib.django.DimConfig", "feeds"]
-DIM = {**DIM, "AUTOSTART": True}
+DIM = {
+    **DIM,
+    "AUTOSTART": True,
+    "NODE_NAME": "django-worker",
+    "TAGS": ["eu"],
+    "CAPACITY": 10,
+    "WEIGHT": 2.0,
+    "REQUIRES": "tags",
+    "PRIORITY": "rank",
+}
+"""
+
+# What web processes use when dedicated workers (`manage.py dim run`) run the instances.
+WORKER_SETTINGS = """
+from settings import *  # the example project's
+
+DIM = {**DIM, "AUTOSTART": False}
 """
 
 
@@ -165,8 +181,10 @@ def background(tmp_path: Path) -> Iterator[Any]:
 
 def runs_one_node_then_leaves(
     proc: subprocess.Popen[bytes], redis_url: str, service: str, ledger: Path, log: Path
-) -> None:
-    """The process is the cluster's one node and runs every feed; SIGTERM: it leaves, 0."""
+) -> NodeStatus:
+    """The process is the cluster's one node and runs every feed; SIGTERM: it leaves, 0.
+
+    Returns the node as it ran."""
 
     def running() -> bool:
         if proc.poll() is not None:
@@ -178,11 +196,13 @@ def runs_one_node_then_leaves(
         wait_until(running, DEADLINE, interval=0.1)
     except TimeoutError:
         raise AssertionError(f"no node ran the feeds: {status(redis_url, service)}") from None
-    assert [n.pid for n in status(redis_url, service).nodes] == [proc.pid]
+    nodes = status(redis_url, service).nodes
+    assert [n.pid for n in nodes] == [proc.pid]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=DEADLINE) == 0, log.read_text()
     assert status(redis_url, service).nodes == []
     assert still_open(ledger) == []
+    return nodes[0]
 
 
 # -- Flask ----------------------------------------------------------------------------------
@@ -210,8 +230,10 @@ def test_flask_dim_errors_keep_their_exit_code(
 def test_flask_dim_run_runs_the_apps_manager_until_sigterm(
     tmp_path: Path, redis_url: str, service: str, background: Any
 ) -> None:
-    """``flask dim run``: one node runs every feed, and leaves on SIGTERM with exit 0."""
-    env = command_env(tmp_path, redis_url, service)
+    """``flask dim run`` (DIM_AUTOSTART False): one node runs every feed, and leaves on
+    SIGTERM with exit 0."""
+    # the app as its web processes configure it when dedicated workers run the instances
+    env = command_env(tmp_path, redis_url, service, DIM_AUTOSTART="false")
     proc = background(["-m", "flask", "--app", "app", "dim", "run"], FLASK_APP, env)
     log = tmp_path / "command-0.log"
     runs_one_node_then_leaves(proc, redis_url, service, tmp_path / "ledger", log)
@@ -241,16 +263,25 @@ def test_manage_py_dim_errors_keep_their_exit_code(
     assert one_line(result, 2).startswith("manage.py dim drain: error: ")
 
 
-@pytest.mark.parametrize("settings", ["settings", "autostart_settings"])
+@pytest.mark.parametrize("settings", ["settings", "autostart_settings", "worker_settings"])
 def test_manage_py_dim_run_runs_one_node_until_sigterm(
     tmp_path: Path, redis_url: str, service: str, background: Any, settings: str
 ) -> None:
-    """``manage.py dim run`` runs one node (AUTOSTART True too), leaves on SIGTERM, exits 0."""
+    """``manage.py dim run`` runs one node (AUTOSTART None, True or False), leaves on
+    SIGTERM, exits 0; the node has the Manager options of settings.DIM."""
     (tmp_path / "autostart_settings.py").write_text(AUTOSTART_SETTINGS, encoding="utf-8")
+    (tmp_path / "worker_settings.py").write_text(WORKER_SETTINGS, encoding="utf-8")
     env = command_env(tmp_path, redis_url, service, DJANGO_SETTINGS_MODULE=settings)
     proc = background(["manage.py", "dim", "run"], DJANGO_APP, env)
     log = tmp_path / "command-0.log"
-    runs_one_node_then_leaves(proc, redis_url, service, tmp_path / "ledger", log)
+    node = runs_one_node_then_leaves(proc, redis_url, service, tmp_path / "ledger", log)
+    if settings == "autostart_settings":
+        assert (node.node_id, node.tags, node.capacity, node.weight) == (
+            "django-worker",
+            ("eu",),
+            10,
+            2.0,
+        )
 
 
 def typo_env(tmp_path: Path, redis_url: str, service: str) -> dict[str, str]:

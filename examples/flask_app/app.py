@@ -9,13 +9,14 @@ worker that answered. Run it with the ``gunicorn.conf.py`` beside this file::
     flask --app app dim status            # the whole cluster
 
 or without gunicorn: ``flask --app app run`` (one process runs every feed). To keep the
-feeds out of the web workers, run them in worker processes of their own instead, with
-``DIM_AUTOSTART=False`` for the web app::
+feeds out of the web workers, run them in worker processes of their own::
 
-    flask --app app dim run               # until SIGTERM or Ctrl-C
+    DIM_AUTOSTART=false gunicorn -c gunicorn.conf.py   # the web workers join nothing
+    flask --app app dim run                            # a worker: until SIGTERM or Ctrl-C
 
 Environment: ``DIM_REDIS_URL`` (default ``redis://localhost:6379/0``), ``DIM_SERVICE``
-(default ``flask-feeds``), ``DIM_SETTINGS`` (JSON of dim.Settings fields), ``FEEDS``
+(default ``flask-feeds``), ``DIM_SETTINGS`` (JSON of dim.Settings fields),
+``DIM_AUTOSTART`` (``false``: the app joins only through ``flask dim run``), ``FEEDS``
 (how many feeds, default 6), ``FEEDS_LEDGER`` (a file to which every create and
 disconnect appends ``<event> <pid> <feed id> <token>``).
 """
@@ -81,6 +82,8 @@ def create_app() -> Flask:
         DIM_REDIS_URL=os.environ.get("DIM_REDIS_URL", "redis://localhost:6379/0"),
         DIM_SERVICE=os.environ.get("DIM_SERVICE", "flask-feeds"),
         DIM_SETTINGS=json.loads(os.environ.get("DIM_SETTINGS", "{}")),
+        # "false" for web processes when dedicated workers (`flask dim run`) run the feeds
+        DIM_AUTOSTART=os.environ.get("DIM_AUTOSTART", "true") != "false",
     )
     dim_ext.init_app(app)
 
