@@ -245,9 +245,10 @@ def test_flask_dim_run_runs_the_apps_manager_until_sigterm(
 def test_manage_py_dim_status_reads_the_projects_cluster(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str
 ) -> None:
-    """``manage.py dim status --json`` uses settings.DIM, and joins nothing."""
+    """``manage.py dim status --json`` uses settings.DIM, and joins nothing (Django's own
+    ``--settings``, applied by manage.py, is not passed on)."""
     env = command_env(tmp_path, redis_url, service)
-    result = manage("dim", "status", "--json", env=env)
+    result = manage("dim", "status", "--settings", "settings", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["service"] == service
     assert never_joined(redis_client, service)

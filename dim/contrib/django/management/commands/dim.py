@@ -53,7 +53,10 @@ class Command(BaseCommand):  # type: ignore[misc]  # django ships no type hints
 
     def run_from_argv(self, argv: list[str]) -> None:
         # dim's own parser reads the arguments: Django's would take `--help` and `-v`
-        prog = f"{os.path.basename(argv[0])} {argv[1]}"
+        program = os.path.basename(argv[0])
+        if program == "__main__.py":  # as Django names it
+            program = "python -m django"
+        prog = f"{program} {argv[1]}"
         try:
             code = _main(_without_django_options(argv[2:]), prog)
         finally:
