@@ -23,7 +23,7 @@ import redis
 from dim.admin import Admin
 from dim.keys import Keys
 from dim.status import ClusterStatus, NodeStatus
-from dim.testing import wait_until
+from dim.testing import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -329,4 +329,34 @@ def test_manage_py_dim_run_with_a_typo_exits_1_with_one_line(
     env = typo_env(tmp_path, redis_url, service)
     line = one_line(manage("dim", "run", env=env), 1)
     assert line.startswith("manage.py dim run: settings.DIM has unknown key 'TAGZ'"), line
+    assert never_joined(redis_client, service)
+
+
+def test_gunicorn_does_not_serve_with_a_typo_in_settings_dim(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """Under gunicorn a wrong settings.DIM fails the worker's boot, naming the key."""
+    env = typo_env(tmp_path, redis_url, service)
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # gunicorn's control socket: one per test
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+            "--workers",
+            "1",
+        ],
+        cwd=DJANGO_APP,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE * 2,
+    )
+    assert result.returncode != 0
+    assert "settings.DIM has unknown key 'TAGZ'" in result.stderr
     assert never_joined(redis_client, service)
