@@ -27,3 +27,18 @@ def test_an_embedded_command_takes_no_connection_options(redis_url, service, cap
     assert err.startswith("flask dim: error: unrecognized arguments: --redis")
     with pytest.raises(SystemExit):
         main(["demo"], prog="flask dim", admin=lambda: Admin(redis_url, service))
+
+
+def test_an_embedded_run_takes_no_target_and_needs_the_applications_manager(
+    redis_url, service, capsys
+):
+    """Embedded, ``run`` runs the app's manager (no TARGET); without one there is no run."""
+    admin = lambda: Admin(redis_url, service)  # noqa: E731
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "app:make"], prog="flask dim", admin=admin, manager=lambda: None)
+    assert exc.value.code == 2
+    assert "unrecognized arguments: app:make" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run"], prog="flask dim", admin=admin)
+    assert exc.value.code == 2
+    assert "invalid choice: 'run'" in capsys.readouterr().err

@@ -465,21 +465,27 @@ def test_django_starts_in_gunicorn_workers_never_in_management_commands(
 
 
 def test_django_names_bad_settings(tmp_path: Path, redis_url: str) -> None:
-    """A dotted path that does not import fails django.setup() with the DIM key named."""
+    """A dotted path that does not import: django.setup() still loads (the system checks
+    report it as dim.E004), and starting the manager raises it with the DIM key named."""
     script = f"""
 import django
 from django.conf import settings
+from django.core import checks
+
+import dim.contrib.django
 from dim import ConfigError
 
 settings.configure(
-    INSTALLED_APPS=["dim.contrib.django.DimConfig"],
+    INSTALLED_APPS=["dim.contrib.django"],
     DIM={{"REDIS_URL": {redis_url!r}, "SERVICE": "s", "GET_CONFIG": "builtins.list",
          "CREATE": "feeds.nowhere.create"}},
 )
+django.setup()
+print([(m.id, m.msg) for m in checks.run_checks()])
 try:
-    django.setup()
+    dim.contrib.django.start()
 except ConfigError as exc:
-    print(exc)
+    print("start:", exc)
 """
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -489,7 +495,9 @@ except ConfigError as exc:
         timeout=DEADLINE,
     )
     assert result.returncode == 0, result.stderr
-    assert "settings.DIM['CREATE'] = 'feeds.nowhere.create'" in result.stdout
+    checked, started = result.stdout.splitlines()
+    assert "('dim.E004', \"settings.DIM['CREATE'] = 'feeds.nowhere.create': " in checked
+    assert started.startswith("start: settings.DIM['CREATE'] = 'feeds.nowhere.create'")
 
 
 # -- signals and atexit ---------------------------------------------------------------------

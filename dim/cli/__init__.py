@@ -6,7 +6,8 @@ handoffs in progress) and only ever reads; with ``--check`` it also exits 1 unle
 cluster is settled, and ``dim wait --settled`` waits until it is (a deploy gate).
 ``dim demo`` starts a private Redis and a few node processes and runs a short scripted
 scenario (a node joins, one leaves gracefully, one is killed) while it prints the
-cluster every second. ``python -m dim`` is the same command.
+cluster every second. ``dim run module:factory`` runs one node in the foreground, a
+dedicated worker process. ``python -m dim`` is the same command.
 
 User errors never print a traceback: a bad argument (or environment variable) exits
 with 2, and a runtime failure (Redis unreachable, a refused login) exits with 1, each
@@ -16,7 +17,8 @@ per problem.
 The package: :mod:`~dim.cli.parser` (the arguments), :mod:`~dim.cli.target` (the
 connection options and their environment variables), :mod:`~dim.cli.commands` (each
 subcommand, a thin layer over :class:`dim.admin.Admin`), :mod:`~dim.cli.formatting`
-(the text it prints) and :mod:`~dim.cli.demo` (``dim demo`` and its node processes).
+(the text it prints), :mod:`~dim.cli.run` (``dim run``) and :mod:`~dim.cli.demo`
+(``dim demo`` and its node processes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dim.cli.commands import (
 from dim.cli.demo import DEMO_SETTINGS
 from dim.cli.formatting import format_status
 from dim.cli.parser import build_parser
+from dim.cli.run import ManagerFactory
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -48,6 +51,7 @@ __all__ = [
     "SERVICE_ENV",
     "AdminFactory",
     "CommandError",
+    "ManagerFactory",
     "UsageError",
     "build_parser",
     "connect",
@@ -62,15 +66,17 @@ def main(
     *,
     prog: str = "dim",
     admin: Optional[AdminFactory] = None,
+    manager: Optional[ManagerFactory] = None,
 ) -> int:
     """Run the ``dim`` command; returns the exit code (the console script exits with it).
 
-    ``prog`` and ``admin`` embed the command in an application (``manage.py dim``,
-    ``flask dim``): see :func:`~dim.cli.parser.build_parser`.
+    ``prog``, ``admin`` and ``manager`` embed the command in an application (``manage.py
+    dim``, ``flask dim``): see :func:`~dim.cli.parser.build_parser`.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    parser = build_parser(prog=prog, admin=admin)
+    parser = build_parser(prog=prog, admin=admin, manager=manager)
     args = parser.parse_args(argv)
+    if not getattr(args, "own_logging", False):  # (dim run configures its own)
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     command: str = args.parser.prog
     try:
         code: int = args.func(args)

@@ -23,6 +23,7 @@ from dim.cli.commands import (
     cmd_watch,
 )
 from dim.cli.demo import cmd_demo, cmd_demo_node
+from dim.cli.run import ManagerFactory, cmd_run, run_target
 from dim.cli.target import add_options as add_connection_options
 
 #: Subcommands that ``dim`` runs for itself: not listed anywhere.
@@ -73,7 +74,10 @@ def _seconds(text: str) -> float:
 
 
 def build_parser(
-    *, prog: str = "dim", admin: Optional[AdminFactory] = None
+    *,
+    prog: str = "dim",
+    admin: Optional[AdminFactory] = None,
+    manager: Optional[ManagerFactory] = None,
 ) -> argparse.ArgumentParser:
     """The parser of every subcommand (defaults read from the environment now).
 
@@ -82,6 +86,8 @@ def build_parser(
         embedded in an application that knows its Redis and service (the Django and
         Flask integrations): the subcommands then take no connection option, and
         ``demo`` is left out.
+    :param manager: makes the application's :class:`~dim.Manager`, for ``run`` (which
+        then takes no TARGET); an embedded command without it has no ``run``.
     """
     epilog = (
         "Exit codes: 0 ok (settled, for status --check and wait), 1 not settled or a "
@@ -91,7 +97,7 @@ def build_parser(
         prog=prog,
         description="Look at a dim cluster, or run a demo of one."
         if admin is None
-        else "Look at and steer this application's dim cluster.",
+        else "Look at, steer or run this application's dim cluster.",
         epilog=epilog,
     )
     from dim import __version__
@@ -217,6 +223,29 @@ def build_parser(
     )
     _nodes_option(wait)
     wait.set_defaults(func=cmd_wait, parser=wait)
+    # dim run (dim.cli.run): standalone it takes a TARGET, embedded it runs the app's manager
+    if admin is None or manager is not None:
+        what = (
+            "this application's manager"
+            if manager is not None
+            else "TARGET, package.module:attribute (the current directory is on sys.path): "
+            "a dim.Manager or a callable returning one"
+        )
+        run = commands.add_parser(
+            "run",
+            help="run a node in the foreground until SIGTERM or SIGINT (a dedicated worker)",
+            description=f"Start {what}, log to stderr and run until SIGTERM or SIGINT, then "
+            "leave the cluster gracefully and exit 0 (1 if it cannot start).",
+        )
+        if manager is None:
+            run.add_argument("target", type=run_target, metavar="TARGET")
+        run.add_argument(
+            "--log-level",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            default="INFO",
+            help="if the application configured no logging (default INFO)",
+        )
+        run.set_defaults(func=cmd_run, parser=run, manager_factory=manager, own_logging=True)
 
     if admin is not None:
         _hide(commands)

@@ -1,7 +1,9 @@
 """Integrations with web frameworks and pre-fork servers.
 
-* :mod:`dim.contrib.flask`: the ``Dim`` extension (``init_app``).
-* :mod:`dim.contrib.django`: the ``DimConfig`` app, configured by ``settings.DIM``.
+* :mod:`dim.contrib.flask`: the ``Dim`` extension (``init_app``) and ``flask dim``.
+* :mod:`dim.contrib.django`: the ``dim.contrib.django`` app, configured by ``settings.DIM``,
+  and ``manage.py dim``.
+* :mod:`dim.contrib.options`: the Manager's options as those settings hold them.
 * gunicorn: :func:`post_fork` and :func:`worker_exit`, hooks for ``gunicorn.conf.py``::
 
       from dim.contrib import post_fork, worker_exit  # gunicorn finds the hooks by name
@@ -153,6 +155,13 @@ class ProcessManager:
         with self._lock:
             if self.manager.node_id is None:
                 self.pending = True
+
+    def foreground(self) -> Manager:
+        """This process's manager, for a command that starts and stops it itself
+        (``dim run``): no deferred start is left pending."""
+        with self._lock:
+            self.pending = False
+            return self.manager
 
     def stop(self) -> None:
         """Stop gracefully (a no-op if not started, or if started by a parent process)."""

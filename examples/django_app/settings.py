@@ -1,7 +1,7 @@
 """Settings of a minimal Django project that runs feeds through dim.
 
-Everything dim needs is ``"dim.contrib.django.DimConfig"`` in ``INSTALLED_APPS`` and the
-``DIM`` dict below. Environment: ``DIM_REDIS_URL`` (default
+Everything dim needs is ``"dim.contrib.django"`` in ``INSTALLED_APPS`` and the ``DIM``
+dict below (``manage.py check`` reports any mistake in it). Environment: ``DIM_REDIS_URL`` (default
 ``redis://localhost:6379/0``), ``DIM_SERVICE`` (default ``django-feeds``),
 ``DIM_SETTINGS`` (JSON of dim.Settings fields), ``FEEDS`` and ``FEEDS_LEDGER`` (see
 ``feeds/instances.py``).
@@ -18,7 +18,7 @@ WSGI_APPLICATION = "wsgi.application"
 USE_TZ = True
 
 INSTALLED_APPS = [
-    "dim.contrib.django.DimConfig",  # the class path: dim.contrib.django is a module
+    "dim.contrib.django",  # before the apps that use it in their ready()
     "feeds",
 ]
 MIDDLEWARE: list = []

@@ -6,12 +6,17 @@ worker that answered. Run it with the ``gunicorn.conf.py`` beside this file::
     cd examples/flask_app
     gunicorn -c gunicorn.conf.py          # 3 workers on 127.0.0.1:8000, --preload
     curl -s localhost:8000/dim            # pid, node and feeds of one worker
-    dim status --service flask-feeds      # the whole cluster
+    flask --app app dim status            # the whole cluster
 
-or without gunicorn: ``flask --app app run`` (one process runs every feed).
+or without gunicorn: ``flask --app app run`` (one process runs every feed). To keep the
+feeds out of the web workers, run them in worker processes of their own::
+
+    DIM_AUTOSTART=false gunicorn -c gunicorn.conf.py   # the web workers join nothing
+    flask --app app dim run                            # a worker: until SIGTERM or Ctrl-C
 
 Environment: ``DIM_REDIS_URL`` (default ``redis://localhost:6379/0``), ``DIM_SERVICE``
-(default ``flask-feeds``), ``DIM_SETTINGS`` (JSON of dim.Settings fields), ``FEEDS``
+(default ``flask-feeds``), ``DIM_SETTINGS`` (JSON of dim.Settings fields),
+``DIM_AUTOSTART`` (``false``: the app joins only through ``flask dim run``), ``FEEDS``
 (how many feeds, default 6), ``FEEDS_LEDGER`` (a file to which every create and
 disconnect appends ``<event> <pid> <feed id> <token>``).
 """
@@ -63,11 +68,12 @@ def get_config() -> list[dict[str, Any]]:
 
 
 def create(config: dict[str, Any]) -> Feed:
-    lease = dim.manager.lease(config["id"])
+    lease = dim_ext.manager.lease(config["id"])
     return Feed(config, lease.token if lease is not None else -1)
 
 
-dim = Dim(get_config=get_config, create=create, healthcheck=Feed.ping, disconnect=Feed.close)
+# not named `dim`: that would hide the package
+dim_ext = Dim(get_config=get_config, create=create, healthcheck=Feed.ping, disconnect=Feed.close)
 
 
 def create_app() -> Flask:
@@ -76,12 +82,14 @@ def create_app() -> Flask:
         DIM_REDIS_URL=os.environ.get("DIM_REDIS_URL", "redis://localhost:6379/0"),
         DIM_SERVICE=os.environ.get("DIM_SERVICE", "flask-feeds"),
         DIM_SETTINGS=json.loads(os.environ.get("DIM_SETTINGS", "{}")),
+        # "false" for web processes when dedicated workers (`flask dim run`) run the feeds
+        DIM_AUTOSTART=os.environ.get("DIM_AUTOSTART", "true") != "false",
     )
-    dim.init_app(app)
+    dim_ext.init_app(app)
 
     @app.get("/dim")
     def where() -> Any:
-        manager = dim.manager
+        manager = dim_ext.manager
         return jsonify(
             pid=os.getpid(),
             node=manager.node_id,

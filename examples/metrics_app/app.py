@@ -43,7 +43,7 @@ def get_config() -> list[dict[str, Any]]:
     return [{"id": f"feed-{n}", "url": f"wss://feeds.example/{n}"} for n in range(count)]
 
 
-dim = Dim(get_config=get_config, create=Feed, disconnect=Feed.close)
+dim_ext = Dim(get_config=get_config, create=Feed, disconnect=Feed.close)
 
 
 def create_app() -> Flask:
@@ -53,7 +53,7 @@ def create_app() -> Flask:
         DIM_SERVICE=os.environ.get("DIM_SERVICE", "metrics-feeds"),
         DIM_SETTINGS=json.loads(os.environ.get("DIM_SETTINGS", "{}")),
     )
-    dim.init_app(app)
+    dim_ext.init_app(app)
 
     @app.get("/metrics")
     def metrics() -> Response:

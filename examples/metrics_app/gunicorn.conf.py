@@ -40,7 +40,7 @@ def on_starting(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    from app import dim as extension  # loaded in the master (preload_app) or here
+    from app import dim_ext as extension  # loaded in the master (preload_app) or here
 
     from dim.metrics import PrometheusMetrics
 

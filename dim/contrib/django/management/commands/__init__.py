@@ -1,0 +1,1 @@
+"""``manage.py dim``: see :mod:`dim.contrib.django.management.commands.dim`."""
