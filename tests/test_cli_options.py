@@ -117,7 +117,7 @@ def test_help_lists_the_public_subcommands_only(capsys: pytest.CaptureFixture[st
     assert code == 0
     assert "demo-node" not in out
     usage = out.split("\n\n")[0]
-    assert "{status,watch,config,rebalance,pause,resume,drain,wait,demo}" in usage, usage
+    assert "{status,watch,config,rebalance,pause,resume,drain,wait,run,demo}" in usage, usage
     for option in ("--redis", "--service", "DIM_REDIS_URL"):
         assert option in out
     code, out, _ = dim(capsys, "status", "--help")
