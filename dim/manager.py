@@ -15,7 +15,7 @@ import attrs
 import redis
 from redis.cluster import RedisCluster
 
-from dim import connection
+from dim import connection, runtime
 from dim.configs import KeyFunc
 from dim.constraints import Rule, Rules, check_capacity, check_tags
 from dim.era import Era
@@ -189,11 +189,15 @@ class Manager:
 
         :raises RedisUnavailableError: Redis cannot be reached within
             ``settings.connect_timeout``, or refuses the login or the commands dim needs.
+        :raises ConfigError: this process cannot run dim's threads: gevent or eventlet
+            monkey-patched it, or uWSGI runs without ``enable-threads`` (or without
+            ``lazy-apps``, in its master) (:mod:`dim.runtime`).
         """
         with self._lock:
             self._check_fork()
             if self._node is not None:
                 return self
+            runtime.check()  # real threads, or a clear error (gevent, uWSGI)
             self._pid = os.getpid()  # a manager built before a fork may start after it
             client = connection.connect(self._redis_target, self.settings)
             store = Store(client, self.service, self._era(client))
