@@ -114,7 +114,13 @@ def application(environ, start_response):
 """
 
 
-@pytest.mark.skipif(shutil.which("uwsgi") is None, reason="uwsgi is not installed")
+# next to this interpreter (a virtualenv not on PATH), else on PATH
+UWSGI = shutil.which(
+    "uwsgi", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+)
+
+
+@pytest.mark.skipif(UWSGI is None, reason="uwsgi is not installed (tox's py311 installs it)")
 @pytest.mark.parametrize(
     ("options", "outcome"),
     [
@@ -131,7 +137,7 @@ def test_uwsgi_without_threads_or_lazy_apps_is_refused(
         UWSGI_APP.format(url=redis_url, service=service, out=str(out))
     )
     server = subprocess.Popen(
-        ["uwsgi", "--http-socket", f"127.0.0.1:{free_port()}", "--module", "wsgi_app",
+        [str(UWSGI), "--http-socket", f"127.0.0.1:{free_port()}", "--module", "wsgi_app",
          "--processes", "1", "--die-on-term", *options],
         cwd=tmp_path, env=dim_env(PYTHONPATH=str(tmp_path)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

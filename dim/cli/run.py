@@ -154,8 +154,15 @@ def _make(factory: ManagerFactory) -> Manager:
 
 
 def _configure_logging(level: str) -> None:
-    """Log to stderr, unless the application configured logging (root or ``dim``)."""
-    if logging.getLogger().handlers or logging.getLogger("dim").handlers:
+    """Log to stderr, unless the application configured logging (root or ``dim``; the
+    ``NullHandler`` dim puts on its logger does not count)."""
+    configured = [
+        handler
+        for name in (None, "dim")
+        for handler in logging.getLogger(name).handlers
+        if not isinstance(handler, logging.NullHandler)
+    ]
+    if configured:
         return
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
