@@ -23,18 +23,9 @@ import pytest
 from dim import Manager
 from dim.testing import RedisServer, free_port, wait_until
 
-from .helpers import FAST, ROOT, dim_env, run_dim
+from .helpers import FAST, ROOT, assert_one_line_error, dim_env, run_dim
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The command failed with ``code`` and exactly one line on stderr, no traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import pytest
 
 from dim.testing import wait_until
 
-from .helpers import FAST, ROOT, Cluster, dim_env, run_dim
-from .test_cli import assert_one_line_error
+from .helpers import FAST, ROOT, Cluster, assert_one_line_error, dim_env, run_dim
 
 FAST_WATCH = ["--interval", "0.1"]
 SLOW_POLL = attrs.evolve(FAST, config_interval=600.0)  # configs change only when asked

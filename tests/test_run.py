@@ -23,7 +23,7 @@ from dim.admin import Admin
 from dim.status import ClusterStatus
 from dim.testing import free_port, wait_until
 
-from .helpers import FAST, dim_env
+from .helpers import FAST, assert_one_line_error, dim_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -195,15 +195,6 @@ def stop(worker: Worker, signum: int) -> int:
     return worker.proc.wait(timeout=DEADLINE)
 
 
-def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The command failed with ``code`` and exactly one line on stderr, no traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 @pytest.fixture
 def nodes(tmp_path: Path, redis_url: str, service: str) -> tuple[Path, dict[str, str]]:
     """The directory holding ``nodes.py``, and the environment its targets read."""
@@ -275,7 +266,7 @@ def test_dim_run_second_signal_exits_at_once(
         ("nodes:raises", "RuntimeError: the factory broke"),
     ],
 )
-def test_dim_run_bad_target_exits_1_with_one_line(
+def test_dim_run_bad_target_exits_1_with_assert_one_line_error(
     nodes: tuple[Path, dict[str, str]], target: str, says: str
 ) -> None:
     """A target that does not import or give a Manager: exit 1, one line naming it."""
@@ -288,7 +279,7 @@ def test_dim_run_bad_target_exits_1_with_one_line(
         text=True,
         timeout=DEADLINE,
     )
-    line = one_line(result, 1)
+    line = assert_one_line_error(result, 1)
     assert line.startswith("dim run: "), line
     assert says in line
 
@@ -306,10 +297,10 @@ def test_dim_run_target_without_a_colon_is_a_bad_argument(
         text=True,
         timeout=DEADLINE,
     )
-    assert "package.module:attribute" in one_line(result, 2)
+    assert "package.module:attribute" in assert_one_line_error(result, 2)
 
 
-def test_dim_run_unreachable_redis_exits_1_with_one_line(
+def test_dim_run_unreachable_redis_exits_1_with_assert_one_line_error(
     nodes: tuple[Path, dict[str, str]],
 ) -> None:
     """Start fails (nothing listens at the URL): exit 1 and one line, no traceback."""
@@ -324,6 +315,6 @@ def test_dim_run_unreachable_redis_exits_1_with_one_line(
         text=True,
         timeout=DEADLINE,
     )
-    line = one_line(result, 1)
+    line = assert_one_line_error(result, 1)
     assert line.startswith("dim run: ") and "cannot reach Redis" in line, line
     assert f"127.0.0.1:{url.split(':')[2].split('/')[0]}" in line

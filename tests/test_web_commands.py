@@ -25,6 +25,8 @@ from dim.keys import Keys
 from dim.status import ClusterStatus, NodeStatus
 from dim.testing import free_port, wait_until
 
+from .helpers import assert_one_line_error
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,15 +124,6 @@ def flask(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """The command failed with ``code`` and exactly one line on stderr, no traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def never_joined(client: redis.Redis, service: str) -> bool:
     return list(client.scan_iter(match=Keys(service).prefix + "*")) == []
 
@@ -224,7 +217,7 @@ def test_flask_dim_errors_keep_their_exit_code(
 ) -> None:
     """A bad argument exits 2 with one line naming ``flask dim``."""
     result = flask("dim", "drain", "no-such-node", env=command_env(tmp_path, redis_url, service))
-    assert one_line(result, 2).startswith("flask dim drain: error: ")
+    assert assert_one_line_error(result, 2).startswith("flask dim drain: error: ")
 
 
 def test_flask_dim_run_runs_the_apps_manager_until_sigterm(
@@ -261,7 +254,7 @@ def test_manage_py_dim_errors_keep_their_exit_code(
 ) -> None:
     """A bad argument exits 2 with one line naming ``manage.py dim``."""
     result = manage("dim", "drain", "no-such-node", env=command_env(tmp_path, redis_url, service))
-    assert one_line(result, 2).startswith("manage.py dim drain: error: ")
+    assert assert_one_line_error(result, 2).startswith("manage.py dim drain: error: ")
 
 
 @pytest.mark.parametrize("settings", ["settings", "autostart_settings", "worker_settings"])
@@ -322,12 +315,12 @@ def test_migrate_still_runs_with_a_typo_in_settings_dim(
     assert never_joined(redis_client, service)
 
 
-def test_manage_py_dim_run_with_a_typo_exits_1_with_one_line(
+def test_manage_py_dim_run_with_a_typo_exits_1_with_assert_one_line_error(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str
 ) -> None:
     """Starting a node on bad settings fails clearly: one line naming the key, exit 1."""
     env = typo_env(tmp_path, redis_url, service)
-    line = one_line(manage("dim", "run", env=env), 1)
+    line = assert_one_line_error(manage("dim", "run", env=env), 1)
     assert line.startswith("manage.py dim run: settings.DIM has unknown key 'TAGZ'"), line
     assert never_joined(redis_client, service)
 

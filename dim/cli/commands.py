@@ -138,8 +138,13 @@ def operating(args: argparse.Namespace) -> Iterator[Admin]:
 
 
 @contextmanager
-def signals_set(event: threading.Event, *signums: int) -> Iterator[list[int]]:
-    """While inside, these signals set ``event`` (and are recorded) instead of acting."""
+def signals_set(
+    event: threading.Event,
+    *signums: int,
+    again: Optional[Callable[[int], None]] = None,
+) -> Iterator[list[int]]:
+    """While inside, these signals set ``event`` (and are recorded) instead of acting;
+    one that comes once ``event`` is set calls ``again`` (if given) with its number."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received  # only the main thread may install handlers
@@ -147,6 +152,8 @@ def signals_set(event: threading.Event, *signums: int) -> Iterator[list[int]]:
 
     def handler(signum: int, frame: Optional[FrameType]) -> None:
         received.append(signum)
+        if again is not None and event.is_set():
+            again(signum)
         event.set()
 
     previous = {signum: signal.signal(signum, handler) for signum in signums}

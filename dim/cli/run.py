@@ -23,14 +23,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
+from contextlib import AbstractContextManager
 from typing import Any, Callable, Optional
 
 import redis
 
-from dim.cli.commands import CommandError
+from dim.cli.commands import CommandError, signals_set
 from dim.errors import DimError
 from dim.manager import Manager
 
@@ -167,27 +165,13 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+def _stop_on_signals(stop: threading.Event) -> AbstractContextManager[list[int]]:
     """While inside, SIGTERM and SIGINT set ``stop``; a second one ends the process."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # only the main thread may install handlers
-        return
 
-    def handler(signum: int, frame: Optional[FrameType]) -> None:
-        received.append(signum)
-        if stop.is_set():
-            # the node is stopping and the operator insists: what it did not release
-            # expires after a lease, as after a crash
-            os.write(2, f"dim run: {signal.Signals(signum).name} again: exiting now\n".encode())
-            os._exit(128 + signum)
-        stop.set()
+    def again(signum: int) -> None:
+        # the node is stopping and the operator insists: what it did not release
+        # expires after a lease, as after a crash
+        os.write(2, f"dim run: {signal.Signals(signum).name} again: exiting now\n".encode())
+        os._exit(128 + signum)
 
-    signums = (signal.SIGTERM, signal.SIGINT)
-    previous = {signum: signal.signal(signum, handler) for signum in signums}
-    try:
-        yield received
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    return signals_set(stop, signal.SIGTERM, signal.SIGINT, again=again)
