@@ -32,6 +32,9 @@ import attrs
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from dim.configs import decode as decode_config
@@ -337,14 +340,24 @@ class Admin:
 
     def _wait(self, done: Callable[[ClusterStatus], bool], timeout: float, interval: float) -> bool:
         """Read the status every ``interval`` until ``done`` says so (True) or ``timeout``
-        seconds have passed (False); always reads at least once."""
+        seconds have passed (False); always reads at least once.
+
+        A connection error or timeout (a failover, a restart) is retried until the
+        deadline, and raised if the last read failed so.
+        """
         deadline = time.monotonic() + timeout
         pause = threading.Event()  # never set: the poll interval
         while True:
-            if done(self.status()):
-                return True
+            failure: Optional[RedisError] = None
+            try:
+                if done(self.status()):
+                    return True
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                failure = exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if failure is not None:
+                    raise failure
                 return False
             pause.wait(min(interval, remaining))
 

@@ -196,7 +196,8 @@ def parse_owner(value: Optional[str]) -> Optional[tuple[str, int]]:
 def parse_health(value: Optional[str]) -> tuple[int, int]:
     """A node's ``'<running> <unhealthy>'`` health field; (0, 0) if missing or malformed."""
     parts = (value or "").split()
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
+    # isascii: str.isdigit() takes digits that int() refuses ("²")
+    if len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts):
         return int(parts[0]), int(parts[1])
     return 0, 0
 

@@ -42,6 +42,14 @@ def green_threads() -> Optional[str]:
     eventlet: Any = sys.modules.get("eventlet.patcher")
     if eventlet is not None and eventlet.is_monkey_patched("thread"):
         return "eventlet"
+    # a gunicorn gevent or eventlet worker patches only after its post_fork hook (where
+    # dim.contrib.post_fork starts the managers): its worker class is imported already
+    for module, name in (
+        ("gunicorn.workers.ggevent", "gevent"),
+        ("gunicorn.workers.geventlet", "eventlet"),
+    ):
+        if module in sys.modules and "gunicorn.arbiter" in sys.modules:
+            return name
     return None
 
 
@@ -69,12 +77,16 @@ def uwsgi_problem() -> Optional[str]:
 
 
 def _option(opt: dict[Any, Any], name: str) -> bool:
+    """Whether a uWSGI option is on: its last value (a list when given twice), as bytes
+    or str, in any case."""
     value = opt.get(name, opt.get(name.encode()))
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
     if isinstance(value, list):
         value = value[-1] if value else None
-    return value not in (None, False, "", "0", "false", "no", "off")
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        value = value.strip().lower()
+    return value not in (None, False, "", "0", "false", "no", "off", "n")
 
 
 def check() -> None:

@@ -258,7 +258,8 @@ def read_status(store: Store) -> ClusterStatus:
 def _instances(health: Optional[str]) -> Optional[int]:
     """The running count from a node's health field; None if it has none (yet)."""
     parts = (health or "").split()
-    return parse_health(health)[0] if len(parts) == 2 and parts[0].isdigit() else None
+    well_formed = len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts)
+    return parse_health(health)[0] if well_formed else None
 
 
 def _int(value: Optional[str]) -> Optional[int]:

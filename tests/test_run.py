@@ -91,6 +91,15 @@ def make_stuck():
     )
 
 
+def make_slowly():
+    # a slow import or factory: waits (up to 60 s) for the test's file
+    record("making", "-")
+    wait = threading.Event()
+    while not os.path.exists(os.environ["NODES_LEDGER"] + ".release"):
+        wait.wait(0.05)
+    return make()
+
+
 manager = make()  # a Manager itself is a target too
 not_a_manager = 42
 
@@ -254,6 +263,39 @@ def test_dim_run_second_signal_exits_at_once(
     assert worker.proc.poll() is None  # still stopping: the disconnect hangs
     assert stop(worker, signal.SIGTERM) == 128 + signal.SIGTERM
     assert "SIGTERM again: exiting now" in worker.stderr()
+
+
+def test_dim_run_two_kinds_of_signal_at_once_still_stop_gracefully(
+    nodes: tuple[Path, dict[str, str]], workers: Any, redis_url: str, service: str
+) -> None:
+    """SIGINT and SIGTERM back to back (a wrapper forwarding Ctrl-C) are one request: the
+    node still leaves gracefully and the command exits 0."""
+    cwd, env = nodes
+    worker = workers(["-m", "dim", "run", "nodes:make"], cwd, env)
+    wait_running(worker, redis_url, service, 3)
+    worker.proc.send_signal(signal.SIGINT)
+    assert stop(worker, signal.SIGTERM) == 0, worker.stderr()
+    assert status(redis_url, service).nodes == []
+    assert still_open(cwd / "ledger") == []
+
+
+def test_dim_run_stopped_while_loading_never_joins(
+    nodes: tuple[Path, dict[str, str]], workers: Any, redis_client: Any, service: str
+) -> None:
+    """A signal while the target loads: the node never joins (no rebalance for nothing)."""
+    cwd, env = nodes
+    worker = workers(["-m", "dim", "run", "nodes:make_slowly"], cwd, env)
+    wait_until(
+        lambda: any(e[0] == "making" for e in ledger_lines(cwd / "ledger")),
+        DEADLINE,
+        interval=0.05,
+        message="the factory never ran",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    (cwd / "ledger.release").write_text("")
+    assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
+    assert "before the node started: not joining" in worker.stderr()
+    assert list(redis_client.scan_iter(match=f"*{service}*")) == []
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,43 @@ def test_a_gunicorn_gevent_worker_fails_to_boot_saying_why(
     assert "Worker failed to boot" in result.stderr
 
 
+def test_a_gevent_worker_is_refused_in_post_fork_before_gevent_patches(
+    tmp_path: Path, redis_url: str, service: str
+) -> None:
+    """gunicorn runs post_fork before its gevent worker monkey-patches: dim.contrib's
+    post_fork (what the docs recommend, with --preload) must refuse there too."""
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            f"""
+            from dim import Manager
+            from dim.contrib import ProcessManager
+
+            pm = ProcessManager(
+                lambda: Manager(list, object, redis={redis_url!r}, service={service!r}),
+                "test",
+            )
+            pm.start()  # deferred in the master: starts in post_fork
+
+            def app(environ, start_response):
+                start_response("200 OK", [])
+                return [b"ok"]
+            """
+        )
+    )
+    (tmp_path / "gunicorn.conf.py").write_text(
+        "from dim.contrib import post_fork, worker_exit  # noqa: F401\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "--preload", "--bind",
+         f"127.0.0.1:{free_port()}", "app:app"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=dim_env(PYTHONWARNINGS="ignore"), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "dim cannot run in a process that gevent monkey-patched" in result.stderr
+    assert "Worker failed to boot" in result.stderr
+
+
 UWSGI_APP = """
 import os
 from dim import ConfigError, Manager

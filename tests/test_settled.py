@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import attrs
 import pytest
+import redis
 
 from dim import ClusterStatus, ConfigStatus, NodeStatus
 from dim.admin import Admin
@@ -322,3 +323,34 @@ def test_wait_returns_once_settled(
         assert code == 0
     finally:
         cluster.stop()
+
+
+def test_wait_settled_rides_out_a_redis_restart(own_redis: Any, service: str) -> None:
+    """A deploy gate started while Redis is down (a failover, a restart) keeps waiting
+    instead of failing: it returns True once Redis is back and the cluster settled."""
+    own_redis.kill()
+    admin = Admin(own_redis.url, service, socket_timeout=0.5)
+    outcome: list[bool] = []
+    waiter = threading.Thread(target=lambda: outcome.append(admin.wait_settled(60)))
+    cluster: Optional[Cluster] = None
+    try:
+        waiter.start()
+        own_redis.start()
+        cluster = Cluster(own_redis.url, service, [{"id": i} for i in range(2)])
+        cluster.add(1)
+        waiter.join(90)
+        assert outcome == [True]
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        admin.close()
+
+
+def test_wait_settled_raises_the_last_error_when_redis_never_comes_back(
+    own_redis: Any, service: str
+) -> None:
+    """Still unreachable at the deadline: the connection error, not a plain False."""
+    own_redis.kill()
+    with Admin(own_redis.url, service, socket_timeout=0.5) as admin:
+        with pytest.raises(redis.ConnectionError):
+            admin.wait_settled(2, interval=0.2)

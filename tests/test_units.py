@@ -301,3 +301,26 @@ def test_every_runs_on_the_monotonic_clock_only() -> None:
     assert every.due()
     every.ran()
     assert not every.due() and every.wait() == 10.0
+
+
+def test_parse_health_refuses_digits_int_cannot_read() -> None:
+    """A foreign or damaged health field ("²" is a digit to str.isdigit, not to int)
+    reads as nothing, instead of raising in the leader's count or in dim status."""
+    from dim.protocol import parse_health
+
+    assert parse_health("3 1") == (3, 1)
+    assert parse_health("\u00b2 0") == (0, 0)
+    assert parse_health("\u0663 0") == (0, 0)
+    assert parse_health(None) == (0, 0)
+
+
+def test_uwsgi_options_read_as_uwsgi_means_them() -> None:
+    """uWSGI option values come as str or bytes, alone or as a list (given twice), in
+    any case: 'false' in any of these forms is off."""
+    from dim.runtime import _option
+
+    for off in ([b"false"], b"False", "OFF", [b"1", b"0"], "", None):
+        assert not _option({"enable-threads": off}, "enable-threads"), off
+    for on in (True, b"true", [b"0", b"1"], "4", "Yes"):
+        assert _option({"threads": on}, "threads"), on
+    assert _option({b"lazy-apps": b"1"}, "lazy-apps")

@@ -249,6 +249,19 @@ def test_manage_py_dim_status_reads_the_projects_cluster(
     assert "usage: manage.py dim" in manage("help", "dim", env=env).stdout
 
 
+def test_manage_py_dim_status_joins_nothing_even_with_autostart(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """With AUTOSTART True, ``manage.py dim status`` (a deploy gate's command) still
+    joins nothing: a gate that joined would count itself and take configs."""
+    (tmp_path / "autostart_settings.py").write_text(AUTOSTART_SETTINGS, encoding="utf-8")
+    env = command_env(tmp_path, redis_url, service, DJANGO_SETTINGS_MODULE="autostart_settings")
+    result = manage("dim", "status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nodes"] == []
+    assert never_joined(redis_client, service)
+
+
 def test_manage_py_dim_errors_keep_their_exit_code(
     tmp_path: Path, redis_url: str, service: str
 ) -> None:

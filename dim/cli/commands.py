@@ -141,10 +141,11 @@ def operating(args: argparse.Namespace) -> Iterator[Admin]:
 def signals_set(
     event: threading.Event,
     *signums: int,
-    again: Optional[Callable[[int], None]] = None,
+    again: Optional[Callable[[int, list[int]], None]] = None,
 ) -> Iterator[list[int]]:
     """While inside, these signals set ``event`` (and are recorded) instead of acting;
-    one that comes once ``event`` is set calls ``again`` (if given) with its number."""
+    one that comes once ``event`` is set calls ``again`` (if given) with its number and
+    every number received so far."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received  # only the main thread may install handlers
@@ -153,7 +154,7 @@ def signals_set(
     def handler(signum: int, frame: Optional[FrameType]) -> None:
         received.append(signum)
         if again is not None and event.is_set():
-            again(signum)
+            again(signum, received)
         event.set()
 
     previous = {signum: signal.signal(signum, handler) for signum in signums}

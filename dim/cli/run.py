@@ -9,7 +9,7 @@ gracefully (every instance disconnected, the node gone from the cluster) and exi
 Logging goes to stderr (``--log-level``, INFO by default) unless the application
 configured logging itself (handlers on the root or the ``dim`` logger, looked at once the
 target is loaded). A target that does not load, a start that fails (Redis unreachable, a
-static node name in use) end the command with one line and exit code 1. A second signal
+static node name in use) end the command with one line and exit code 1. The same signal
 while the node stops ends the process at once: the claims it did not release then expire
 after a ``lease``.
 """
@@ -115,6 +115,9 @@ def run(factory: ManagerFactory, *, log_level: str = "INFO") -> int:
     with _stop_on_signals(stop) as received:
         manager = _make(factory)
         _configure_logging(log_level)
+        if stop.is_set():
+            log.info("%s before the node started: not joining", signal.Signals(received[0]).name)
+            return 0
         try:
             manager.start()
         except (DimError, redis.RedisError) as exc:
@@ -128,7 +131,7 @@ def run(factory: ManagerFactory, *, log_level: str = "INFO") -> int:
         while not stop.wait(60.0):
             continue
         log.info(
-            "%s: stopping node %s (up to %g s; a second signal exits at once)",
+            "%s: stopping node %s (up to %g s; the same signal again exits at once)",
             signal.Signals(received[0]).name,
             manager.node_id,
             manager.settings.stop_timeout,
@@ -168,9 +171,13 @@ def _configure_logging(level: str) -> None:
 def _stop_on_signals(stop: threading.Event) -> AbstractContextManager[list[int]]:
     """While inside, SIGTERM and SIGINT set ``stop``; a second one ends the process."""
 
-    def again(signum: int) -> None:
-        # the node is stopping and the operator insists: what it did not release
-        # expires after a lease, as after a crash
+    def again(signum: int, received: list[int]) -> None:
+        # the node is stopping and the operator insists (the same signal again): what
+        # it did not release expires after a lease, as after a crash. Another kind of
+        # signal is the same request delivered twice (a wrapper that forwards Ctrl-C
+        # as SIGTERM too): ignored.
+        if signum != received[0]:
+            return
         os.write(2, f"dim run: {signal.Signals(signum).name} again: exiting now\n".encode())
         os._exit(128 + signum)
 

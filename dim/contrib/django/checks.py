@@ -17,13 +17,15 @@ whose id says its kind:
     A value the :class:`~dim.Manager` refuses (a wrong type, a negative capacity...).
 
 They are errors, so ``manage.py check`` exits 1 and ``runserver`` does not serve, except
-for a command that checks for a database (``migrate``, ``check --database``): dim has
-nothing to do with the database, so there the same problems are warnings (``dim.W00N``)
-and the migrations still run.
+under the migration commands (``migrate``, ``makemigrations``, ``showmigrations``,
+``sqlmigrate``): dim has nothing to do with the database, so there the same problems
+are warnings (``dim.W00N``) and the migrations still run. (The command is read from
+``sys.argv``: Django 6 passes the databases to every check, so they cannot tell.)
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -47,7 +49,7 @@ def check_settings(
     if app_configs is not None and not any(c.label == "dim" for c in app_configs):
         return []  # `check otherapp`: not asked about dim
     problems = READER.problems(getattr(django_settings, "DIM", None))
-    if databases:
+    if _migrating():
         hint = "manage.py check reports it as an error; dim's manager cannot start until fixed"
         return [
             checks.Warning(p.message, hint=hint, obj="settings.DIM", id=f"dim.W{KINDS[p.kind]:03d}")
@@ -57,3 +59,11 @@ def check_settings(
         checks.Error(p.message, obj="settings.DIM", id=f"dim.E{KINDS[p.kind]:03d}")
         for p in problems
     ]
+
+
+#: manage.py commands under which dim's problems are warnings (see the module doc)
+MIGRATION_COMMANDS = frozenset({"migrate", "makemigrations", "showmigrations", "sqlmigrate"})
+
+
+def _migrating() -> bool:
+    return len(sys.argv) > 1 and sys.argv[1] in MIGRATION_COMMANDS

@@ -9,6 +9,7 @@ and ``manage.py dim`` calls :func:`admin` and :func:`foreground`.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 from django.conf import settings as django_settings
@@ -82,6 +83,10 @@ def setup() -> None:
             pm.start()  # in the master this waits for the workers
         else:
             pm.defer()
+    elif autostart and sys.argv[1:2] == ["dim"]:
+        # `manage.py dim ...` looks at the cluster (and `dim run` starts this manager
+        # itself): a deploy gate must not join the cluster it waits for
+        pm.defer()
     elif autostart:
         pm.start()
 
