@@ -127,6 +127,27 @@ def moves_between(before: ClusterStatus, after: ClusterStatus) -> list[Move]:
     return moves
 
 
+class _Confirmation:
+    """Settled twice, with a heartbeat of every node in between (see ``wait_settled``)."""
+
+    def __init__(self, min_nodes: int) -> None:
+        self.min_nodes = min_nodes
+        self.first: Optional[dict[str, float]] = None  # node -> when its membership ends
+
+    def settled(self, status: ClusterStatus) -> bool:
+        if status.problems(self.min_nodes):
+            self.first = None
+            return False
+        now = time.monotonic()
+        ends = {n.node_id: now + n.expires_in for n in status.nodes}
+        if self.first is None or set(self.first) != set(ends):
+            self.first = ends
+            return False
+        # a heartbeat pushed each node's expiry further than the first read saw it (the
+        # margin absorbs the two reads' round trips)
+        return all(ends[node] > end + 0.01 for node, end in self.first.items())
+
+
 class Admin:
     """Look at and steer one service's cluster, from any process.
 
@@ -283,8 +304,14 @@ class Admin:
                     restart(host)
                     if not admin.wait_settled(120, min_nodes=len(hosts)):
                         raise SystemExit(f"not settled: {admin.problems(len(hosts))}")
+
+        A node reports how many instances it runs with its heartbeat, so one read may
+        see a count that is one heartbeat old (a config just claimed, not running yet,
+        hidden by one that just left). So settled means: settled in a read, and again in
+        a later read after every node of the first one has sent a heartbeat since.
         """
-        return self._wait(lambda status: not status.problems(min_nodes), timeout, interval)
+        confirm = _Confirmation(min_nodes)
+        return self._wait(confirm.settled, timeout, interval)
 
     # -- writes (the operator ACL) --------------------------------------------------------
 

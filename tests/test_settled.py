@@ -17,9 +17,10 @@ import attrs
 import pytest
 import redis
 
-from dim import ClusterStatus, ConfigStatus, NodeStatus
+from dim import ClusterStatus, ConfigStatus, Manager, NodeStatus
 from dim.admin import Admin
 from dim.cli import main
+from dim.keys import Keys
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster
@@ -354,3 +355,36 @@ def test_wait_settled_raises_the_last_error_when_redis_never_comes_back(
     with Admin(own_redis.url, service, socket_timeout=0.5) as admin:
         with pytest.raises(redis.ConnectionError):
             admin.wait_settled(2, interval=0.2)
+
+
+def test_wait_settled_is_not_fooled_by_a_stale_instance_count(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """A node's running count comes with its heartbeat: a count one beat old that is
+    too high (a config just claimed, its create not returned) must not make the gate
+    pass. Modelled by writing a high count into the node's health field between two
+    heartbeats of a node that beats once a second."""
+    release = threading.Event()
+
+    def create(node: str, config: Any) -> None:
+        if config["id"] == 1:
+            release.wait(60)  # config 1 is claimed, its create never returns in time
+
+    slow = FAST.replace(heartbeat_interval=1.0, node_ttl=5.0, leader_ttl=5.0, create_timeout=60.0)
+    # history from an earlier node, so the leader places at once (a new service first
+    # waits one lease, over a minute with this create_timeout)
+    with Manager(list, object, redis=redis_url, service=service, settings=FAST) as earlier:
+        assert earlier.wait_until_stable(30)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], settings=slow, create=create)
+    try:
+        (manager,) = cluster.add(1)
+        admin = Admin(redis_url, service)
+        wait_until(lambda: len(admin.status().configs) == 2 and manager.leases.keys() == {0, 1}, 30)
+        assert admin.problems()  # the honest count: 1 instance for 2 claims
+        # (one read right after this is fooled, unless the next beat came in between)
+        redis_client.hset(Keys(service).node(manager.node_id), "health", "2 0")
+        assert not admin.wait_settled(3, interval=0.1)
+        admin.close()
+    finally:
+        release.set()
+        cluster.stop()

@@ -185,11 +185,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     """``dim wait --settled``: 0 once settled, 1 with the problems left at the timeout."""
     with operating(args) as admin:
-        admin.wait_settled(args.timeout, min_nodes=args.min_nodes)
-        # read again for the report: what is true now, even if it settled just after
+        settled = admin.wait_settled(args.timeout, min_nodes=args.min_nodes)
+        # read again for the report: what is true now
         status = admin.status()
-    problems = status.problems(args.min_nodes)
-    if problems:
+    if not settled:
+        problems = status.problems(args.min_nodes) or [
+            "settled in the last read, but not yet confirmed by a heartbeat of every node"
+        ]
         _report(args, f"not settled after {args.timeout:g} s", problems)
         return 1
     running = len(status.configs) - len(status.not_running)
