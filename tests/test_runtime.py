@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -183,5 +184,10 @@ def test_uwsgi_without_threads_or_lazy_apps_is_refused(
         wait_until(lambda: out.exists() and out.read_text().strip(), 30, message="no outcome")
         assert out.read_text().splitlines()[0].startswith(outcome)
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        # SIGINT: uWSGI's "stop now" (SIGTERM may wait out a worker's reload mercy)
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
