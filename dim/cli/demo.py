@@ -551,8 +551,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if not stop.is_set():
                 demo.caption(
                     f"start {args.nodes} node processes: the first to reach Redis leads; on "
-                    f"a fresh Redis it waits one node TTL ({DEMO_SETTINGS.node_ttl:g} s) for "
-                    "running instances to be claimed back before it places the configs"
+                    f"a fresh Redis it waits one reset window ({DEMO_SETTINGS.reset_window:g} s, "
+                    "the longest lease) for instances still running from before to be "
+                    "stopped or claimed back before it places the configs"
                 )
                 for _ in range(args.nodes):
                     demo.add_node()
