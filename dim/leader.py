@@ -175,7 +175,7 @@ class LeaderLoop(Loop["Node"]):
             counts = plan.census(self._written, self._assignment, self._unplaced, running)
             data = {"epoch": self._epoch, **counts.as_data()}
             node.emit(Event(EventType.CLUSTER_COUNTED, node.node_id, data=data))
-        self._count = False
+            self._count = False  # (kept for a listener added later: no I/O until then)
 
     def _learn(self, node_id: str, info: Mapping[str, Optional[str]]) -> None:
         """Remember a node's weight, static name, tags and capacity (from its description)."""

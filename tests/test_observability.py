@@ -230,3 +230,20 @@ def test_dim_logs_nothing_to_an_unconfigured_program() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (done.stdout.strip(), done.stderr) == ("True", "")
+
+
+def test_a_listener_added_later_hears_a_count_at_the_next_tick(
+    redis_url: str, service: str
+) -> None:
+    """Metrics built after start() get the cluster's counts at the leader's next tick,
+    not a whole config_interval later (60 s here)."""
+    slow_poll = STEADY.replace(config_interval=60.0)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(3)], settings=slow_poll)
+    try:
+        (a,) = cluster.add(1)
+        cluster.wait_settled()
+        events = Events()
+        a.add_listener(events, EventType.CLUSTER_COUNTED)
+        wait_until(lambda: events.of(EventType.CLUSTER_COUNTED), 20, interval=0.02)
+    finally:
+        cluster.stop()
