@@ -128,24 +128,31 @@ def moves_between(before: ClusterStatus, after: ClusterStatus) -> list[Move]:
 
 
 class _Confirmation:
-    """Settled twice, with a heartbeat of every node in between (see ``wait_settled``)."""
+    """Settled twice, with a heartbeat of every node in between (see ``wait_settled``).
 
-    def __init__(self, min_nodes: int) -> None:
+    Each poll reads the members' expiries (absolute, in the server's milliseconds)
+    before the status: an expiry later than the one read just after the first settled
+    status means a heartbeat came between the two status reads, so the second one holds
+    a fresh running count. (Server times: no jitter of the reader's clock counts.)
+    """
+
+    def __init__(self, store: Store, min_nodes: int) -> None:
+        self.store = store
         self.min_nodes = min_nodes
-        self.first: Optional[dict[str, float]] = None  # node -> when its membership ends
+        self.first: Optional[dict[str, int]] = None  # node -> expiry after the first read
 
-    def settled(self, status: ClusterStatus) -> bool:
+    def poll(self, read: Callable[[], ClusterStatus]) -> bool:
+        before = self.store.members()[1]
+        status = read()
         if status.problems(self.min_nodes):
             self.first = None
             return False
-        now = time.monotonic()
-        ends = {n.node_id: now + n.expires_in for n in status.nodes}
-        if self.first is None or set(self.first) != set(ends):
-            self.first = ends
+        live = {n.node_id for n in status.nodes}
+        if self.first is None or set(self.first) != live:
+            after = self.store.members()[1]
+            self.first = {node: after.get(node, 0) for node in live}
             return False
-        # a heartbeat pushed each node's expiry further than the first read saw it (the
-        # margin absorbs the two reads' round trips)
-        return all(ends[node] > end + 0.01 for node, end in self.first.items())
+        return all(before.get(node, 0) > end for node, end in self.first.items())
 
 
 class Admin:
@@ -282,7 +289,7 @@ class Admin:
 
         Rebalancing that is paused holds a drain, so this returns False then.
         """
-        return self._wait(lambda status: self._drained(node_id, status), timeout, interval)
+        return self._wait(lambda: self._drained(node_id, self.status()), timeout, interval)
 
     def problems(self, min_nodes: int = 0) -> list[str]:
         """Why the cluster is not settled now, one line each (empty: it is); see
@@ -310,8 +317,8 @@ class Admin:
         hidden by one that just left). So settled means: settled in a read, and again in
         a later read after every node of the first one has sent a heartbeat since.
         """
-        confirm = _Confirmation(min_nodes)
-        return self._wait(confirm.settled, timeout, interval)
+        confirm = _Confirmation(self._store, min_nodes)
+        return self._wait(lambda: confirm.poll(self.status), timeout, interval)
 
     # -- writes (the operator ACL) --------------------------------------------------------
 
@@ -365,7 +372,7 @@ class Admin:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _wait(self, done: Callable[[ClusterStatus], bool], timeout: float, interval: float) -> bool:
+    def _wait(self, done: Callable[[], bool], timeout: float, interval: float) -> bool:
         """Read the status every ``interval`` until ``done`` says so (True) or ``timeout``
         seconds have passed (False); always reads at least once.
 
@@ -377,7 +384,7 @@ class Admin:
         while True:
             failure: Optional[RedisError] = None
             try:
-                if done(self.status()):
+                if done():
                     return True
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 failure = exc
