@@ -8,7 +8,6 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
@@ -18,7 +17,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from dim.testing._server import RedisServer
-from dim.testing._support import _FORBIDDEN_PORTS, free_port, wait_until
+from dim.testing._support import _FORBIDDEN_PORTS, Started, free_port, wait_until
 
 #: The number of hash slots of a Redis Cluster.
 CLUSTER_SLOTS = 16384
@@ -57,7 +56,7 @@ def _slot_ranges(masters: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(masters)]
 
 
-class RedisClusterServers:
+class RedisClusterServers(Started):
     """A throw-away Redis Cluster of ``masters`` masters (no replicas) on ``127.0.0.1``.
 
     Each master is a :class:`RedisServer` in cluster mode with its own directory (log and
@@ -249,19 +248,6 @@ class RedisClusterServers:
                 server.close()
             if self._owns_directory:
                 shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisClusterServers:
-        """Start the cluster (if needed) and return it."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the cluster and clean up, see :meth:`close`."""
-        self.close()
 
     def __repr__(self) -> str:
         """Show the ports and state."""

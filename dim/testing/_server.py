@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +19,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dim.testing._support import _FORBIDDEN_PORTS, _pause, find_redis_server, free_port
+from dim.testing._support import (
+    _FORBIDDEN_PORTS,
+    Started,
+    _pause,
+    find_redis_server,
+    free_port,
+)
 from dim.testing._tls import TLSFiles
 
 _LOG_NAME = "redis-server.log"
@@ -54,7 +59,7 @@ def _kill_live_servers() -> None:
 atexit.register(_kill_live_servers)
 
 
-class RedisServer:
+class RedisServer(Started):
     """A private, throw-away Redis server process on ``127.0.0.1``.
 
     The server keeps nothing on disk (``--save "" --appendonly no``), so every
@@ -409,19 +414,6 @@ class RedisServer:
         self.stop()
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        """Start the server (if needed) and return it."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the server and clean up, see :meth:`close`."""
-        self.close()
 
     def __repr__(self) -> str:
         """Show the port and state."""

