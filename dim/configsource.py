@@ -35,8 +35,11 @@ class ConfigSource:
         get_config: Callable[[], Any],
         key: Optional[KeyFunc],
         rules: Optional[Rules] = None,
+        wake: Optional[Callable[[], None]] = None,
     ) -> None:
         self._node_id = node_id
+        # the leader's loop: a finished call is taken at once, not at the next heartbeat
+        self._wake = wake
         self._log = NodeLog(log, node_id)
         self._settings = settings
         self._clock = clock
@@ -88,7 +91,10 @@ class ConfigSource:
         if loading is None:
             if self._refresh:
                 self._refresh = False
-                self._loading = (self._clock(), self._runners.start(self._load, None))
+                self._loading = (
+                    self._clock(),
+                    self._runners.start(self._load, None, on_done=self._wake),
+                )
             return
         started, call = loading
         if call.done.is_set():
@@ -144,7 +150,7 @@ class ConfigSource:
         fails for one config leaves that config without rules, not the others."""
         pending = self._rules_call
         if pending is None or (pending[2].done.is_set() and pending[0] is not configs):
-            call = self._runners.start(self._rules.evaluate_each, configs)
+            call = self._runners.start(self._rules.evaluate_each, configs, on_done=self._wake)
             pending = self._rules_call = (configs, self._clock(), call)
         for_configs, started, call = pending
         if not call.done.is_set() and not self.final:

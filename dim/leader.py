@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import redis
@@ -29,12 +28,13 @@ import redis
 from dim import plan
 from dim.configs import Config, KeyFunc, Parsed
 from dim.configsource import ConfigSource
-from dim.constraints import Rules, parse_capacity, parse_tags, parse_weight
+from dim.constraints import Rules
 from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.logs import NodeLog
 from dim.loop import Every, Loop
 from dim.protocol import View, WriteRefused, parse_owner
+from dim.roster import Roster
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -58,7 +58,7 @@ class LeaderLoop(Loop["Node"]):
     ) -> None:
         super().__init__(node)
         self._configs = ConfigSource(
-            node.node_id, node.settings, node.clock, node.emit, get_config, key, rules
+            node.node_id, node.settings, node.clock, node.emit, get_config, key, rules, self._look
         )
         self._lock = threading.RLock()
         self._log = NodeLog(log, node.node_id, lambda: self._epoch or None)
@@ -76,11 +76,8 @@ class LeaderLoop(Loop["Node"]):
         self._assignment: dict[str, str] = {}
         self._written: dict[str, str] = {}  # ckey -> config json, as stored
         self._live: dict[str, float] = {}  # node id -> weight
-        self._weights: dict[str, float] = {}
-        self._tags: dict[str, frozenset[str]] = {}  # node -> its tags (if any)
-        self._capacity: dict[str, int] = {}  # node -> its capacity (if limited)
+        self._roster = Roster()  # weight, tags, capacity, static name of each node
         self._unplaced: dict[str, str] = {}  # config -> why no node can take it (written)
-        self._static: set[str] = set()  # nodes with a static name (they may come back)
         self._absent: dict[str, float] = {}  # static node gone -> end of its rejoin grace
         self._absent_since: dict[str, int] = {}  # ... -> server ms it was first seen gone
         self._absent_written: dict[str, int] = {}  # what the control hash holds of those
@@ -105,6 +102,10 @@ class LeaderLoop(Loop["Node"]):
     def wake(self) -> None:
         """Look now, at a freshly read membership (a hint said it changed)."""
         self._read = True
+        super().wake()
+
+    def _look(self) -> None:
+        """Tick now with the view at hand (a get_config call returned)."""
         super().wake()
 
     def observe(self, view: View, sent_at: float) -> None:
@@ -177,18 +178,6 @@ class LeaderLoop(Loop["Node"]):
             node.emit(Event(EventType.CLUSTER_COUNTED, node.node_id, data=data))
             self._count = False  # (kept for a listener added later: no I/O until then)
 
-    def _learn(self, node_id: str, info: Mapping[str, Optional[str]]) -> None:
-        """Remember a node's weight, static name, tags and capacity (from its description)."""
-        self._weights[node_id] = parse_weight(info.get("weight"))
-        if info.get("static") == "1":
-            self._static.add(node_id)
-        tags = parse_tags(info.get("tags"))
-        if tags:
-            self._tags[node_id] = tags
-        capacity = parse_capacity(info.get("capacity"))
-        if capacity is not None:
-            self._capacity[node_id] = capacity
-
     def _track_absent(self, live: set[str], view: View) -> None:
         """Static nodes gone with configs assigned: their grace runs from when a leader
         first saw them gone (kept in the control hash, so a new leader does not start
@@ -197,7 +186,7 @@ class LeaderLoop(Loop["Node"]):
         now = self.node.clock()
         holders = set(self._assignment.values())
         # a static name that is gone and holds nothing (its grace is over) is forgotten
-        stale = {n for n in self._static - live - holders if n not in self._absent}
+        stale = {n for n in self._roster.static - live - holders if n not in self._absent}
         if stale - self._forget_static:
             self._forget_static |= stale
             self._dirty = True
@@ -205,7 +194,7 @@ class LeaderLoop(Loop["Node"]):
             return
         recorded = view.absent_since
         for node_id in holders - live:
-            if node_id in self._static and node_id not in self._absent:
+            if node_id in self._roster.static and node_id not in self._absent:
                 since = recorded.get(node_id, view.now_ms)
                 left = grace - max(0, view.now_ms - since) / 1000
                 self._log.info(
@@ -276,7 +265,7 @@ class LeaderLoop(Loop["Node"]):
             return  # a new service: wait for the first get_config rather than plan nothing
         configs = self._configs.known(self._written)
         view = self._current_view()
-        self._static.update(view.static_names)
+        self._roster.static.update(view.static_names)
         if view.paused != self._paused:
             self._paused = view.paused
             self._dirty = True  # resumed: re-plan everything at once
@@ -297,14 +286,10 @@ class LeaderLoop(Loop["Node"]):
             self._log.warning("every live node is being drained: ignoring the drain")
             draining = set()
         self._draining = draining
-        unknown = [n for n in live_ids if n not in self._weights]
-        for node_id, info in store.node_infos(unknown).items():
-            self._learn(node_id, dict(info))
-        live = {n: self._weights.get(n, 1.0) for n in live_ids}
-        if len(self._weights) > 2 * len(view.members) + 16:  # forget nodes long gone
-            self._weights = {n: w for n, w in self._weights.items() if n in view.members}
-            self._tags = {n: t for n, t in self._tags.items() if n in view.members}
-            self._capacity = {n: c for n, c in self._capacity.items() if n in view.members}
+        for node_id, info in store.node_infos(self._roster.unknown(live_ids)).items():
+            self._roster.learn(node_id, dict(info))
+        live = self._roster.live(live_ids)
+        self._roster.forget_gone(view.members)
         if self._grace_until:
             if node.clock() >= self._grace_until:
                 self._grace_until = 0.0
@@ -346,7 +331,7 @@ class LeaderLoop(Loop["Node"]):
             self._read = True
             raise
         for node_id, info in (view.infos or {}).items():
-            self._learn(node_id, info)
+            self._roster.learn(node_id, info)
         if snapshot is None or view.now_ms >= snapshot[1].now_ms:
             self._view = (node.clock(), view)
         return view
@@ -455,8 +440,8 @@ class LeaderLoop(Loop["Node"]):
             absent=frozenset(self._absent),
             now_ms=view.now_ms,
             failures=view.failures,
-            tags=self._tags,
-            capacity=self._capacity,
+            tags=self._roster.tags,
+            capacity=self._roster.capacity,
         )
         wanted = plan.Wanted(configs, self._configs.required, self._configs.priority)
         written = plan.Written(
@@ -563,7 +548,7 @@ class LeaderLoop(Loop["Node"]):
                 )
             )
         self._unplaced = unplaced
-        self._static -= self._forget_static
+        self._roster.static -= self._forget_static
         self._forget_static = set()
         self._absent_written = dict(self._absent_since)
         self._compared = configs

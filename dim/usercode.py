@@ -36,14 +36,19 @@ def block_signals() -> None:
 
 
 class Call:
-    __slots__ = ("abandoned", "arg", "box", "done", "fn", "lock", "on_late")
+    __slots__ = ("abandoned", "arg", "box", "done", "fn", "lock", "on_done", "on_late")
 
     def __init__(
-        self, fn: Callable[[Any], Any], arg: Any, on_late: Optional[Callable[[Any], None]]
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        on_late: Optional[Callable[[Any], None]],
+        on_done: Optional[Callable[[], None]] = None,
     ) -> None:
         self.fn = fn
         self.arg = arg
         self.on_late = on_late
+        self.on_done = on_done  # told once the outcome is in (a waiting loop wakes)
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.box: dict[str, Any] = {}
@@ -57,6 +62,11 @@ class Call:
         with self.lock:
             self.done.set()
             late = self.abandoned
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except BaseException:  # the runner thread must go on serving
+                log.exception("waking the caller of a finished call failed")
         if late and self.on_late is not None and "value" in self.box:
             try:
                 self.on_late(self.box["value"])
@@ -118,11 +128,16 @@ class Runners:
         return self.start(fn, arg, on_late).result(timeout, name)
 
     def start(
-        self, fn: Callable[[Any], Any], arg: Any, on_late: Optional[Callable[[Any], None]] = None
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        on_late: Optional[Callable[[Any], None]] = None,
+        on_done: Optional[Callable[[], None]] = None,
     ) -> Call:
         """Start ``fn(arg)`` on a thread and return at once; the caller polls the job
-        (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it."""
-        job = Call(fn, arg, on_late)
+        (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it. ``on_done`` is
+        called on that thread once the outcome is in."""
+        job = Call(fn, arg, on_late, on_done)
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
         if inbox is None:

@@ -23,6 +23,7 @@ PURE = {
     "renewal",
     "configs",
     "keys",
+    "roster",
 }
 
 

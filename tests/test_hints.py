@@ -101,3 +101,37 @@ def test_assigned_hint_names_only_the_nodes_it_changes(
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
+
+
+def test_config_result_is_taken_when_get_config_returns(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """The leader plans as soon as get_config returns, not at its next heartbeat: with a
+    6 s heartbeat, the first configs and a refreshed one run well within it."""
+    # a service this server already knew (a fresh one would wait out a reset window)
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    configs = [{"id": 0, "v": 0}, {"id": 1, "v": 0}]
+    slow = FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
+    manager = Manager(
+        get_config=lambda: [dict(c) for c in configs],
+        create=lambda config: config,
+        disconnect=lambda instance: None,
+        redis=redis_url,
+        service=service,
+        settings=slow,
+    )
+    manager.start()
+    try:
+        wait_until(lambda: len(manager.instances) == 2, 4, message="the first configs waited")
+        configs[0] = {"id": 0, "v": 1}
+        manager.refresh()
+        wait_until(
+            lambda: manager.instances.get(0) is not None and manager.instances[0]["v"] == 1,
+            4,
+            message="the refreshed config waited for a heartbeat",
+        )
+    finally:
+        manager.stop()
