@@ -354,6 +354,26 @@ class MonitorTap:
 # -- node processes -----------------------------------------------------------------------
 
 
+def cpu_ns(pid: int) -> Optional[int]:
+    """CPU time a live process has used, in ns, summed over its threads (Linux's
+    ``/proc/<pid>/task/*/schedstat``: nanoseconds, where ``/proc/<pid>/stat`` counts 10 ms
+    ticks). A thread that exits takes its time with it: dim keeps its threads, so that
+    loss is small. None when the process is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, found = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
 class NodeProc:
     """One node process (it may host several dim managers)."""
 
@@ -484,6 +504,8 @@ class Cluster:
         self.state = LedgerState()
         self.procs: list[NodeProc] = []
         self.spares: list[NodeProc] = []
+        # pid -> CPU seconds per second when nothing happens (measure_idle_cpu)
+        self.idle_cpu: Optional[dict[int, float]] = None
         self.client = server.client()
         self.keys = Keys(service)
         self.write_configs()
@@ -757,11 +779,15 @@ class Cluster:
         before = self.snapshot()
         start_index = len(self.state.records)
         load_before = Counter(r["node"] for r in before.values())
+        procs = [p for p in self.procs if not p.gone and p.started]
+        cpu_before = {p.pid: cpu_ns(p.pid) for p in procs}
         t0 = action()
         try:
             t_settled = self.wait_settled(timeout)
         except TimeoutError as exc:
             return {"event": event, "ok": False, "error": str(exc)[:2000]}
+        t_cpu = time.monotonic()
+        cpu_after = {p.pid: cpu_ns(p.pid) for p in procs}
         window = [r for r in self.state.records[start_index:] if r["t"] >= t0 - 1e-6]
         result = analyse(
             event,
@@ -773,6 +799,25 @@ class Cluster:
             self.live_node_ids() or [],
             load_before,
         )
+        if self.idle_cpu is not None:
+            # CPU per process for this event: what it used from the event until the CPU
+            # was read, less its idle use over that time (its heartbeats)
+            acting = {r["pid"] for r in window if r["ev"] in ("create", "disconnect")}
+            per: dict[int, float] = {}
+            for pid, was in cpu_before.items():
+                now = cpu_after.get(pid)
+                if was is None or now is None:
+                    continue  # gone (the node that left): not counted
+                rate = self.idle_cpu.get(pid)
+                if rate is None:  # a process started since: the others' median
+                    rate = statistics.median(self.idle_cpu.values()) if self.idle_cpu else 0.0
+                idle = rate * (t_cpu - t0)
+                per[pid] = (now - was) / 1e9 - idle
+            result["cpu"] = {
+                "acting": sum(v for p, v in per.items() if p in acting),
+                "others": sorted(v for p, v in per.items() if p not in acting),
+                "acting_count": len(acting & set(per)),
+            }
         ready = [r["t"] for r in window if r["ev"] == "ready"]
         if ready and result["changes"]:
             # a join: also from the moment the new node's start() returned
@@ -780,6 +825,22 @@ class Cluster:
             result["latency_from_ready"] = last - min(ready)
         self.prepare()
         return result
+
+    def measure_idle_cpu(self, seconds: float) -> dict[int, float]:
+        """Each node process's CPU use while nothing happens (its heartbeats), per
+        second: subtracted from what an event costs."""
+        procs = [p for p in self.procs if not p.gone and p.started]
+        before = {p.pid: cpu_ns(p.pid) for p in procs}
+        t0 = time.monotonic()
+        pause(seconds)
+        elapsed = time.monotonic() - t0
+        rates = {}
+        for p in procs:
+            was, now = before[p.pid], cpu_ns(p.pid)
+            if was is not None and now is not None:
+                rates[p.pid] = (now - was) / 1e9 / elapsed
+        self.idle_cpu = rates
+        return rates
 
     def prepare(self) -> None:
         """Between events: reap stopped processes, load the spares (not during a measure)."""

@@ -14,7 +14,6 @@ import threading
 import redis
 
 from dim.logs import NodeLog
-from dim.messages import Message
 from dim.store import Store
 
 log = logging.getLogger("dim.reconciler")
@@ -65,7 +64,7 @@ class ClaimBook:
         lock and have already dropped the slots."""
         node_id = self._node_id
         try:
-            self._store.release(node_id, tokens, Message.released(node_id, tokens))
+            self._store.release(node_id, tokens)
         except redis.RedisError as exc:
             # the claims lapse by TTL since nobody renews them any more
             self._log.warning(

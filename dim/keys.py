@@ -111,6 +111,18 @@ class Keys:
         """STRING assignment version: a new fence value on every leader write."""
         return self.prefix + "version"
 
+    @property
+    def shares(self) -> str:
+        """HASH node id -> the version of its desired set: the assignment version of the
+        last leader write that changed it (or first placed the node)."""
+        return self.prefix + "shares"
+
+    @property
+    def deltas(self) -> str:
+        """HASH node id -> JSON of the last leader write to its desired set: the share
+        version before and after, the configs added, removed and changed."""
+        return self.prefix + "deltas"
+
     def claim(self, ckey: str) -> str:
         """STRING ``<node id>:<token>`` with a TTL: who may run that config now."""
         return f"{self.prefix}claim:{ckey}"
@@ -138,5 +150,9 @@ class Keys:
 
     @property
     def events(self) -> str:
-        """Pub/sub channel for hints (never the truth)."""
+        """Pub/sub channel for hints to every node (never the truth)."""
         return self.prefix + "events"
+
+    def inbox(self, node_id: str) -> str:
+        """Pub/sub channel for hints to one node: what concerns it alone."""
+        return f"{self.prefix}events:{node_id}"

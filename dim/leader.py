@@ -147,7 +147,8 @@ class LeaderLoop(Loop["Node"]):
             if self._epoch:
                 self._epoch = 0
                 self._reset()
-            return interval
+            # a follower's loop sleeps: Node.set_leader wakes it when it gains the lead
+            return max(interval, self._every.wait())
         with self._lock:
             self._lead(exclude=None)
             if self._count and self._epoch == node.epoch and (self._wrote or self._written):
@@ -400,9 +401,14 @@ class LeaderLoop(Loop["Node"]):
             node.node_id,
             wrong,
         )
-        targets = sorted(set(change.add) | set(change.rem) | set(change.assign.values()))
+        targets = set(change.add) | set(change.rem) | set(change.assign.values())
         version, _kept = store.leader_write(
-            self._value, change, self._epoch, node.node_id, targets, reset_id=self._reset_id
+            self._value,
+            change,
+            self._epoch,
+            node.node_id,
+            plan.deltas(change, self._assignment, targets),
+            reset_id=self._reset_id,
         )
         if version < 0:
             self._repair = self._repair_full = True  # try again at the next tick
@@ -410,7 +416,8 @@ class LeaderLoop(Loop["Node"]):
             return
         self._written_version = version
         self._forget_unwritten_moves()
-        node.reconciler.wake(read=True)
+        if node.node_id in targets:  # its own share changed: no hint tells it
+            node.reconciler.wake(read=True)
 
     def _forget_unwritten_moves(self) -> None:
         """Redis holds this leader's placement now: a paced move it does not contain (its
@@ -487,13 +494,16 @@ class LeaderLoop(Loop["Node"]):
             return  # nothing to say: no version bump, no hint
         targets = set(change.add) | set(change.rem)
         targets.update(new[c] for c in change.configs if c in new)
+        # a node placed for the first time learns that the leader has seen it, even with
+        # nothing to run (Manager.start(wait=True) waits for that)
+        targets.update(n for n in live if n not in self._live)
         try:
             version, kept = store.leader_write(
                 self._value,
                 change,
                 self._epoch,
                 node.node_id,
-                sorted(targets),
+                plan.deltas(change, new, targets),
                 reset_id=self._reset_id,
             )
         except redis.RedisError:
@@ -530,7 +540,8 @@ class LeaderLoop(Loop["Node"]):
         self._written_version = version
         # the leader hears no hint of its own: pick up its own share now, not at the next
         # heartbeat (that delay was most of a graceful join or leave)
-        node.reconciler.wake(read=True)
+        if node.node_id in targets:  # its own share changed: no hint tells it
+            node.reconciler.wake(read=True)
         moved, placed = step.moved, step.placed
         self._wrote = True
         if unplaced != self._unplaced:

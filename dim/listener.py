@@ -40,7 +40,8 @@ class HintListener(Loop["Node"]):
         if self._pubsub is None:
             pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
             try:
-                pubsub.subscribe(node.store.keys.events)
+                # every node's channel, and this node's inbox (protocol.rst §11)
+                pubsub.subscribe(node.store.keys.events, node.store.keys.inbox(node.node_id))
             except BaseException:
                 pubsub.close()
                 raise
@@ -89,7 +90,7 @@ class HintListener(Loop["Node"]):
             node.leader.mark_dirty()
         if kind is Kind.RELEASED:
             node.reconciler.released(message.ckeys)
-        if kind in (Kind.LEFT, Kind.FAILED):
+        if kind is Kind.FAILED:
             node.reconciler.released(())
         if kind is Kind.ASSIGNED:
             stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader

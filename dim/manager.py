@@ -222,7 +222,7 @@ class Manager:
                 # the beat may have run on the server though its reply was lost: take
                 # the membership back out rather than leave a ghost for node_ttl
                 try:
-                    store.leave(node.node_id, node.session)
+                    store.leave(node.node_id, node.session, Message(Kind.LEFT, node.node_id))
                 except redis.RedisError:
                     log.debug("could not undo a failed join", exc_info=True)
                 self._close_client(client)
@@ -324,7 +324,7 @@ class Manager:
             node.leaving = True
         leader_value = node.leader_value
         try:
-            if not store.leave(node.node_id, node.session):
+            if not store.leave(node.node_id, node.session, Message(Kind.LEFT, node.node_id)):
                 log.warning(
                     "node id %s belongs to another process by now: its membership stays",
                     node.node_id,
@@ -332,7 +332,6 @@ class Manager:
                 )
             if leader_value is not None:
                 store.resign(leader_value, Message(Kind.LEADER_LEFT, node.node_id))
-            store.publish(Message(Kind.LEFT, node.node_id))
         except redis.RedisError as exc:
             # the cluster notices by TTL instead; the claims are still released below
             log.warning(

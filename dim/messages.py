@@ -8,11 +8,12 @@ dropped by the listener.
 
 Wire format: a JSON object ``{"k": kind, "n": node id, "v": version, "p": previous
 version, "e": epoch, "c": [config keys], "t": [node ids]}``; all but ``k`` and ``n`` are
-optional. An
-``assigned`` hint names the nodes whose share changed when they fit (``t``), so the
-others need not read theirs again. A ``released`` hint names the
-claims it freed when they fit in one message, so only the nodes waiting for one of them
-wake; without ``c`` every waiting node retries.
+optional. Hints that concern one node go to its inbox (``assigned`` to each node whose
+share changed, ``released`` to the node a freed claim's config is assigned to,
+``joined`` and ``left`` to the leader: protocol.rst §11); ``t`` is read from older
+leaders that named the targets on the shared channel. A ``released`` hint names the
+claims it freed when they fit in one message; without ``c`` the node retries every
+claim it waits for.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ records expired), :func:`place` (the balanced placement, through :mod:`dim.balan
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import attrs
@@ -76,6 +76,26 @@ class Change:
 
     def as_json(self) -> dict[str, Any]:
         return attrs.asdict(self, recurse=False)
+
+
+def deltas(
+    change: Change, assignment: Mapping[str, str], targets: Iterable[str]
+) -> dict[str, dict[str, list[str]]]:
+    """What a write changes in each target node's share, as the leader-write script
+    stores it for ``READ_DESIRED`` (protocol.rst §4): ``a`` configs added to its desired
+    set, ``r`` removed, ``u`` configs of its share whose content or assignment entry
+    the write changes (a node re-reads those). ``assignment`` is the placement after
+    the write; a target with nothing changed gets an empty delta."""
+    out: dict[str, dict[str, list[str]]] = {
+        n: {"a": sorted(change.add.get(n, ())), "r": sorted(change.rem.get(n, ())), "u": []}
+        for n in targets
+    }
+    touched = set(change.configs) | set(change.assign)
+    for ckey in sorted(touched):
+        node = assignment.get(ckey)
+        if node in out and ckey not in change.add.get(node, ()):
+            out[node]["u"].append(ckey)
+    return out
 
 
 @attrs.frozen

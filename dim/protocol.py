@@ -123,6 +123,18 @@ class ConfigPlace:
     contested: bool = False
 
 
+@attrs.frozen
+class ShareRead:
+    """What ``READ_DESIRED`` returned: the share version, then either the whole share
+    (``removed`` None) or the delta since the version the node held (``entries`` added
+    or changed, ``removed`` taken out), and where the configs asked about belong."""
+
+    version: Optional[str]
+    entries: dict[str, Optional[str]]  # ckey -> config json (None: the config is gone)
+    placements: dict[str, ConfigPlace]
+    removed: Optional[tuple[str, ...]] = None
+
+
 # -- the control hash (operator controls and what leaders keep for static nodes) ------
 
 PAUSED = "paused"

@@ -54,6 +54,7 @@ class Reconciler(Loop["Node"]):
         self._version: Optional[str] = None
         self._have_read = False
         self._need_read = True
+        self._full = True  # the next read takes the whole share, not a delta
 
     def __repr__(self) -> str:
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
@@ -213,6 +214,7 @@ class Reconciler(Loop["Node"]):
                 elif slot.take_stop():
                     victims.append(slot)
             self._need_read = True
+            self._full = True
         for slot in victims:
             self.lifecycle.spawn_stop(slot)
         self._log.warning(
@@ -245,18 +247,37 @@ class Reconciler(Loop["Node"]):
         if self._need_read:
             self._need_read = False
             with self.table.lock:
-                handled = list(self.table.slots)
+                full, self._full = self._full, False
+                held = None if full or not self._have_read else self._read_version
+                # a delta names what left the share itself: ask only about the rest
+                handled = [
+                    c for c in self.table.slots if held is None or c not in self.table.desired
+                ]
             try:
-                version, raw, placements = node.store.read_desired(node.node_id, handled)
+                share = node.store.read_desired(node.node_id, handled, held)
             except BaseException:
                 self._need_read = True
+                self._full = self._full or full
                 raise
-            desired = {}
-            for ckey, text in raw.items():
-                config = decode(ckey, text)
-                if config is not None:
-                    desired[ckey] = config
             with self.table.lock:
+                if share.removed is None:
+                    desired = {}
+                    placements = dict(share.placements)
+                else:  # the delta since the version we hold
+                    gone = set(share.removed)
+                    desired = {c: v for c, v in self.table.desired.items() if c not in gone}
+                    placements = {
+                        c: p
+                        for c, p in {**self._placements, **share.placements}.items()
+                        if c in self.table.slots
+                    }
+                for ckey, text in share.entries.items():
+                    config = decode(ckey, text)
+                    if config is not None:
+                        desired[ckey] = config
+                    else:
+                        desired.pop(ckey, None)
+                version = share.version
                 self.table.desired = desired
                 self._placements = placements
                 self._read_version = version

@@ -21,7 +21,7 @@ from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
 from dim.plan import Change
-from dim.protocol import Beat, ClaimStatus, ConfigPlace, View, parse_owner
+from dim.protocol import Beat, ClaimStatus, ConfigPlace, ShareRead, View, parse_owner
 from dim.urls import client_from_url
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Store:
             pairs += [value, ms(ttl)]
         header, rest = self._node_script(
             self._heartbeat,
-            [k.nodes, k.node(node_id), k.leader, k.version, k.left, k.failures, k.control]
+            [k.nodes, k.node(node_id), k.leader, k.shares, k.left, k.failures, k.control]
             + [k.claim(c) for c in ckeys],
             [
                 node_id,
@@ -201,31 +201,36 @@ class Store:
         self.era.note(new)
         return new
 
-    def release(self, node_id: str, tokens: dict[str, int], hint: Optional[Message]) -> int:
-        """Delete the claims this node still holds with exactly these tokens."""
+    def release(self, node_id: str, tokens: dict[str, int], announce: bool = True) -> int:
+        """Delete the claims this node still holds with exactly these tokens; with
+        ``announce``, each config's assignee hears of its claim (protocol.rst §11)."""
         if not tokens:
             return 0
         ckeys = list(tokens)
         _header, rest = self._node_script(
             self._release,
-            [self.keys.claim(c) for c in ckeys],
-            [node_id, self.keys.events, hint.encode() if hint else "", *(tokens[c] for c in ckeys)],
+            [self.keys.assignment, *(self.keys.claim(c) for c in ckeys)],
+            [
+                node_id,
+                self.keys.events,
+                "1" if announce else "",
+                *(tokens[c] for c in ckeys),
+                *ckeys,
+            ],
         )
         return int(rest[0])
 
     def read_desired(
-        self, node_id: str, handled: list[str]
-    ) -> tuple[Optional[str], dict[str, Optional[str]], dict[str, ConfigPlace]]:
-        """This node's share, and where the configs it handles now belong.
-
-        Returns ``(version, {ckey: config json or None}, {ckey: ConfigPlace})``, the last
-        for each key in ``handled`` that is not in the share (where it went instead).
-        """
+        self, node_id: str, handled: list[str], held: Optional[str] = None
+    ) -> ShareRead:
+        """This node's share (or, holding share version ``held``, what changed in it
+        since), and where the configs it handles outside its share belong (for each key
+        of ``handled`` that is not in the share: where it went instead)."""
         k = self.keys
-        header, (version, flat, mine) = self._node_script(
+        header, (version, flat, mine, removed) = self._node_script(
             self._read_desired,
-            [k.desired(node_id), k.configs, k.version, k.assignment, k.unplaced],
-            [node_id, *handled],
+            [k.desired(node_id), k.configs, k.shares, k.assignment, k.unplaced, k.deltas],
+            [node_id, held or "", *handled],
         )
         if header.status != "ok":
             raise redis.TimeoutError("the read of this node's share arrived too late")
@@ -238,7 +243,12 @@ class Store:
             )
             for i in range(0, len(mine) - 4, 5)
         }
-        return text(version), desired, placements
+        return ShareRead(
+            text(version),
+            desired,
+            placements,
+            None if not isinstance(removed, list) else tuple(str(text(c)) for c in removed),
+        )
 
     def publish(self, message: Message) -> None:
         self.client.publish(self.keys.events, message.encode())
@@ -254,9 +264,10 @@ class Store:
             ],
         )
 
-    def leave(self, node_id: str, session: str) -> bool:
+    def leave(self, node_id: str, session: str, hint: Message) -> bool:
         """Remove this node's membership and desired set, unless another process owns the
-        node id by now (a static name); True if it left.
+        node id by now (a static name), and tell the leader (``hint``, to its inbox);
+        True if it left.
 
         Its description stays (the leaving heartbeats keep it) until :meth:`forget`, so
         the node id is not free for another process while this one still runs instances.
@@ -264,7 +275,8 @@ class Store:
         k = self.keys
         return bool(
             self._leave(
-                keys=[k.nodes, k.node(node_id), k.desired(node_id)], args=[node_id, session]
+                keys=[k.nodes, k.node(node_id), k.desired(node_id), k.shares, k.leader, k.deltas],
+                args=[node_id, session, k.events, hint.encode()],
             )
         )
 
@@ -285,6 +297,8 @@ class Store:
                 k.assignment,
                 k.unplaced,
                 k.leader,
+                k.shares,
+                k.deltas,
             ],
             args=[node_id, ms(tombstone), session],
         )
@@ -446,7 +460,7 @@ class Store:
         change: Change,
         epoch: int,
         node_id: str,
-        targets: Optional[list[str]] = None,
+        deltas: Optional[dict[str, dict[str, list[str]]]] = None,
         reset_id: str = "",
     ) -> tuple[int, list[str]]:
         """Apply a change set if ``leader_value`` still leads and no reset window opened
@@ -454,15 +468,12 @@ class Store:
 
         Returns ``(new version or a :class:`~dim.protocol.WriteRefused` code, nodes
         kept)``: the nodes of ``drop_nodes`` that
-        were alive again. ``targets`` (the nodes whose share changes) go into the hint
-        if they fit.
+        were alive again. Each node of ``deltas`` (the nodes whose share changes, with
+        what changes in it: :func:`dim.plan.deltas`) gets the new version as its share
+        version, its delta stored, and an ``assigned`` hint in its inbox.
         """
         k = self.keys
         hint = f'{{"k":"assigned","n":{json.dumps(node_id)},"e":{epoch}'
-        if targets:
-            named = json.dumps(targets, separators=(",", ":"))
-            if len(named) + len(hint) < 900:
-                hint += f',"t":{named}'
         _header, rest = self._node_script(
             self._leader_write,
             [
@@ -474,8 +485,18 @@ class Store:
                 k.failures,
                 k.control,
                 k.unplaced,
+                k.shares,
+                k.deltas,
             ],
-            [leader_value, k.prefix, reset_id, json.dumps(change.as_json()), k.events, hint],
+            [
+                leader_value,
+                k.prefix,
+                reset_id,
+                json.dumps(change.as_json()),
+                k.events,
+                hint,
+                json.dumps(deltas or {}, separators=(",", ":")),
+            ],
         )
         version = int(text(rest[0]) or -1)
         if version > 0:

@@ -232,12 +232,15 @@ class Cluster:
 
 
 class HintRecorder:
-    """Every dim hint published on one service's channel, decoded, in order."""
+    """Every dim hint published on one service's channel or a node's inbox, decoded, in
+    order (``inboxes`` holds the node each went to, None for the shared channel)."""
 
     def __init__(self, pubsub: Any, channel: str) -> None:
         self.pubsub = pubsub
-        self.pubsub.subscribe(channel)
+        self.channel = channel
+        self.pubsub.psubscribe(channel + "*")
         self.messages: list[Message] = []
+        self.inboxes: list[Optional[str]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="test-hints", daemon=True)
@@ -247,8 +250,13 @@ class HintRecorder:
         while not self.stop.is_set():
             raw = self.pubsub.get_message(timeout=0.05)
             if raw is not None:
+                channel = raw["channel"]
+                channel = channel.decode() if isinstance(channel, bytes) else channel
                 with self.lock:
                     self.messages.append(decode(raw["data"]))
+                    self.inboxes.append(
+                        channel[len(self.channel) + 1 :] if channel != self.channel else None
+                    )
 
     def mark(self) -> int:
         with self.lock:
@@ -257,6 +265,12 @@ class HintRecorder:
     def of(self, kind: Kind, start: int = 0) -> list[Message]:
         with self.lock:
             return [m for m in self.messages[start:] if m.kind is kind]
+
+    def sent(self, kind: Kind, start: int = 0) -> list[tuple[Optional[str], Message]]:
+        """(the inbox it went to, or None for every node's channel; the hint)."""
+        with self.lock:
+            pairs = zip(self.inboxes[start:], self.messages[start:])
+            return [(to, m) for to, m in pairs if m.kind is kind]
 
     def heard(self, kind: Kind, node: Any) -> bool:
         return any(m.node == node for m in self.of(kind))

@@ -61,6 +61,7 @@ NODE_COMMANDS = (
     "scard",
     "script|load",
     "set",
+    "sismember",
     "smembers",
     "srem",
     "subscribe",
@@ -425,7 +426,7 @@ def test_unix_socket_url_runs_a_cluster(
     server = redis_factory(unix_socket=sock)
     admin = server.client(client_name="admin")
     keys = Keys(service)
-    setuser(admin, "feeds", *node_rules(keys=f"~{keys.prefix}*", channels=f"&{keys.events}"))
+    setuser(admin, "feeds", *node_rules(keys=f"~{keys.prefix}*", channels=f"&{keys.events}*"))
 
     def dim_clients() -> list[dict[str, Any]]:
         return [c for c in admin.client_list() if c["user"] == "feeds"]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from dim import Manager
+from dim import Manager, plan
 from dim.keys import Keys
 from dim.messages import Kind
+from dim.plan import Change
+from dim.store import Store
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster, HintRecorder
@@ -24,11 +27,12 @@ def hints(redis_client: redis.Redis, service: str) -> Iterator[HintRecorder]:
     h.close()
 
 
-def test_releases_are_batched_and_name_their_claims(
+def test_releases_are_batched_and_go_to_the_new_owner(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
-    """A node stopping 8 instances at once releases them in fewer hints than instances,
-    and the hints name exactly the claims released."""
+    """A node stopping its instances at once releases them in fewer hints than
+    instances; every hint goes to the inbox of the node the config moved to, and the
+    hints name exactly the claims released."""
     gate = threading.Event()
     entered: list[Any] = []
     lock = threading.Lock()
@@ -38,51 +42,73 @@ def test_releases_are_batched_and_name_their_claims(
             entered.append(instance)
         gate.wait(10)  # every disconnect returns at the same moment
 
-    manager = Manager(
-        get_config=lambda: [{"id": i} for i in range(8)],
-        create=lambda config: config["id"],
-        disconnect=disconnect,
-        redis=redis_url,
-        service=service,
-        settings=FAST,
-    )
-    manager.start()
-    stopper = threading.Thread(target=manager.stop)
+    def manager(disconnect: Any) -> Manager:
+        return Manager(
+            get_config=lambda: [{"id": i} for i in range(16)],
+            create=lambda config: config["id"],
+            disconnect=disconnect,
+            redis=redis_url,
+            service=service,
+            settings=FAST,
+        )
+
+    stays, goes = manager(lambda instance: None), manager(disconnect)
+    stays.start()
+    goes.start()
+    stopper = threading.Thread(target=goes.stop)
     try:
-        wait_until(lambda: len(manager.instances) == 8, 10, message="instances did not start")
+        wait_until(
+            lambda: len(stays.instances) + len(goes.instances) == 16 and len(goes.instances) > 1,
+            10,
+            message="instances did not start on both",
+        )
+        mine = sorted(str(c) for c in goes.instances)
         start = hints.mark()
         stopper.start()
-        wait_until(lambda: len(entered) == 8, 10, message="disconnects did not all start")
+        wait_until(lambda: len(entered) == len(mine), 10, message="disconnects did not all start")
         gate.set()
         stopper.join(15)
         assert not stopper.is_alive()
         wait_until(
-            lambda: sum(len(m.ckeys) for m in hints.of(Kind.RELEASED, start)) >= 8,
+            lambda: sum(len(m.ckeys) for _, m in hints.sent(Kind.RELEASED, start)) >= len(mine),
             5,
-            message=f"released hints: {hints.of(Kind.RELEASED, start)}",
+            message=f"released hints: {hints.sent(Kind.RELEASED, start)}",
         )
-        released = hints.of(Kind.RELEASED, start)
-        named = [c for m in released for c in m.ckeys]
-        assert sorted(named, key=int) == [str(i) for i in range(8)]
-        assert len(released) < 8
+        released = hints.sent(Kind.RELEASED, start)
+        assert {to for to, _ in released} == {stays.node_id}
+        assert sorted(c for _, m in released for c in m.ckeys) == mine
+        assert len(released) < len(mine)
+        wait_until(lambda: len(stays.instances) == 16, 10, message="the configs did not move")
     finally:
         gate.set()
         if stopper.is_alive():
             stopper.join(15)
-        manager.stop()
+        goes.stop()
+        stays.stop()
 
 
-def test_assigned_hint_names_only_the_nodes_it_changes(
+def test_assigned_hint_goes_only_to_the_nodes_it_changes(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
-    """A changed config names only its owner; the other nodes settle on the new version
-    without reading their share again."""
+    """A changed config is announced to its owner's inbox alone; the other nodes hear
+    nothing and keep their share's version."""
     configs = [{"id": i, "v": 0} for i in range(6)]
     cluster = Cluster(redis_url, service, configs)
     try:
         managers = cluster.add(3)
         cluster.wait_settled()
         owner = next(m for m in managers if 0 in m.instances)
+        reads: list[str] = []
+        for m in managers:
+            if m is not owner:
+                store = m._node.store  # type: ignore[union-attr]
+                read = store.read_desired
+
+                def counted(*a: Any, _read: Any = read, _id: str = m.node_id) -> Any:
+                    reads.append(_id)
+                    return _read(*a)
+
+                store.read_desired = counted  # type: ignore[method-assign]
         start = hints.mark()
         cluster.configs[0] = {"id": 0, "v": 1}
         managers[0].refresh()
@@ -91,12 +117,21 @@ def test_assigned_hint_names_only_the_nodes_it_changes(
             10,
             message="the owner did not recreate the changed config",
         )
-        assigned = hints.of(Kind.ASSIGNED, start)
-        assert assigned and assigned[-1].targets == (owner.node_id,)
-        version = str(assigned[-1].version)
+        assigned = hints.sent(Kind.ASSIGNED, start)
+        assert [to for to, _ in assigned] == [owner.node_id]
+        version = str(assigned[-1][1].version)
         for m in managers:
             assert m.wait_until_stable(10)
-            assert m._node.reconciler.version == version  # type: ignore[union-attr]
+        # only the owner's share has the new version: the others were not woken
+        assert owner._node.reconciler.version == version  # type: ignore[union-attr]
+        for m in managers:
+            if m is not owner:
+                assert m._node.reconciler.version != version  # type: ignore[union-attr]
+        # ... and did not read their share, at a hint or at a heartbeat
+        now = time.monotonic()
+        renewed = [m._node.renewal for m in managers]  # type: ignore[union-attr]
+        wait_until(lambda: all(r.last > now + 3 * FAST.heartbeat_interval for r in renewed), 5)
+        assert reads == []
         assert cluster.counts() == [2, 2, 2]
         assert cluster.ledger.overlaps() == []
     finally:
@@ -135,3 +170,53 @@ def test_config_result_is_taken_when_get_config_returns(
         )
     finally:
         manager.stop()
+
+
+def test_a_share_is_read_as_the_delta_since_the_version_held(
+    redis_client: redis.Redis, service: str
+) -> None:
+    """READ_DESIRED returns only what the last write changed in a node's share when the
+    node holds the version that write followed; the whole share otherwise; and an entry
+    the assignment contradicts leaves the share, as in a full read."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    redis_client.set(keys.leader, "a:5")
+    store = Store(redis_client, service)
+    share = [str(i) for i in range(50)]
+    first = Change(
+        assign={c: "a" for c in share},
+        configs={c: f'[{c},{{"id":{c}}}]' for c in share},
+        add={"a": share},
+    )
+    v1, _ = store.leader_write("a:5", first, 5, "a", plan.deltas(first, first.assign, ["a"]))
+    full = store.read_desired("a", [])
+    assert full.removed is None and sorted(full.entries) == sorted(share)
+    assert full.version == str(v1)
+
+    second = Change(
+        assign={"50": "a", "0": "b"},
+        configs={"50": '[50,{"id":50}]', "7": '[7,{"id":7,"v":2}]'},
+        add={"a": ["50"], "b": ["0"]},
+        rem={"a": ["0"]},
+    )
+    after = {**first.assign, **second.assign}
+    v2, _ = store.leader_write("a:5", second, 5, "a", plan.deltas(second, after, ["a", "b"]))
+    delta = store.read_desired("a", [], str(v1))
+    assert delta.version == str(v2)
+    assert delta.removed == ("0",)
+    assert delta.entries == {"50": '[50,{"id":50}]', "7": '[7,{"id":7,"v":2}]'}
+    assert delta.placements["0"].node == "b"
+    # a node holding another version reads everything
+    stale = store.read_desired("a", [], "123")
+    assert stale.removed is None and len(stale.entries) == 50
+
+    # a lost write: the assignment says b for a config the delta adds to a
+    third = Change(assign={"51": "a"}, configs={"51": '[51,{"id":51}]'}, add={"a": ["51"]})
+    v3, _ = store.leader_write("a:5", third, 5, "a", plan.deltas(third, {"51": "a"}, ["a"]))
+    redis_client.hset(keys.assignment, "51", "b")
+    contested = store.read_desired("a", [], str(v2))
+    assert contested.version == str(v3)
+    assert contested.entries == {} and contested.removed == ("51",)
+    assert contested.placements["51"].contested

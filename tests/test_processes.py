@@ -20,6 +20,7 @@ from typing import Any, Optional
 import pytest
 import redis
 
+from dim import plan
 from dim.plan import Change
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
@@ -530,6 +531,8 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
                 c.get(k.version),
                 c.smembers(k.desired("node-a")),
                 c.smembers(k.desired("node-b")),
+                c.hgetall(k.shares),
+                c.hgetall(k.deltas),
             )
 
         before = snapshot()
@@ -539,27 +542,34 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
             rem={"node-a": ["1"]},
             add={"node-b": ["1"]},
         )
+        deltas = plan.deltas(steal, {"1": "node-b"}, ["node-a", "node-b"])
         pubsub = c.pubsub()
-        pubsub.subscribe(k.events)
+        pubsub.psubscribe(k.events + "*")  # every node's channel and each inbox
         try:
             confirmed = wait_until(lambda: pubsub.get_message(timeout=0.05), 5.0, 0.0)
-            assert confirmed["type"] == "subscribe"
+            assert confirmed["type"] == "psubscribe"
             for current in ("node-b:6", "node-a:7", None):  # deposed, re-elected, none
                 if current is None:
                     c.delete(k.leader)
                 else:
                     c.set(k.leader, current)
-                assert store.leader_write("node-a:5", steal, 5, "node-a") == (-1, [])
+                assert store.leader_write("node-a:5", steal, 5, "node-a", deltas) == (-1, [])
                 assert snapshot() == before
                 assert c.get(k.leader) == (current.encode() if current else None)
             assert pubsub.get_message(timeout=0.2) is None  # no hint was published
             # the same write under the live value goes through and is announced
             c.set(k.leader, "node-b:8")
-            second, _ = store.leader_write("node-b:8", steal, 8, "node-b")
+            second, _ = store.leader_write("node-b:8", steal, 8, "node-b", deltas)
             assert second > first  # versions are fence values: they only grow
             assert c.hget(k.assignment, "1") == b"node-b"
-            hint = wait_until(lambda: pubsub.get_message(timeout=0.05), 5.0, 0.0)
-            assert b'"assigned"' in hint["data"]
+            # each node whose share changed hears it in its own inbox
+            hints = [wait_until(lambda: pubsub.get_message(timeout=0.05), 5.0, 0.0) for _ in "ab"]
+            assert sorted(h["channel"] for h in hints) == [
+                k.inbox("node-a").encode(),
+                k.inbox("node-b").encode(),
+            ]
+            assert all(b'"assigned"' in h["data"] for h in hints)
+            assert c.hget(k.shares, "node-b") == str(second).encode()
         finally:
             pubsub.close()
     finally:

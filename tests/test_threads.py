@@ -515,3 +515,37 @@ def test_a_transition_error_in_a_task_lets_the_slot_go_and_the_config_runs_again
         assert sorted(manager.instances) == [0, 1]
     finally:
         manager.stop()
+
+
+def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: str) -> None:
+    """A node that runs nothing has its loops and no pool: heartbeat, fence, reconciler,
+    leader, listener and events (and the leader's config thread, kept for get_config);
+    the worker, stop and call threads start with the first instance."""
+    managers = [
+        Manager(
+            get_config=lambda: [{"id": 1}],
+            create=lambda config: config,
+            disconnect=lambda instance: None,
+            redis=redis_url,
+            service=service,
+            settings=FAST,
+        )
+        for _ in range(2)
+    ]
+    for m in managers:
+        m.start()
+    try:
+        wait_until(lambda: sum(len(m.instances) for m in managers) == 1, 10)
+        runs, idle = sorted(managers, key=lambda m: -len(m.instances))
+
+        def roles(m: Manager) -> set[str]:
+            names = [t.name for t in threading.enumerate() if t.name.startswith("dim-")]
+            return {n.split("-")[1] for n in names if m.node_id in n}
+
+        loops = {"heartbeat", "fence", "reconciler", "leader", "listener", "events"}
+        assert loops <= roles(idle) <= loops | {"config"}
+        assert "config" not in roles(idle) or idle.is_leader
+        assert {"worker", "call"} <= roles(runs)
+    finally:
+        for m in managers:
+            m.stop()

@@ -1,5 +1,5 @@
 -- KEYS[1..3] see check.lua, KEYS[4] nodes zset, KEYS[5] this node's info hash,
--- KEYS[6] leader, KEYS[7] version, KEYS[8] left zset (tombstones), KEYS[9] failures
+-- KEYS[6] leader, KEYS[7] shares hash, KEYS[8] left zset (tombstones), KEYS[9] failures
 -- hash, KEYS[10] control hash, KEYS[11..] claim keys this node holds
 -- ARGV[1] context (see check.lua), ARGV[2] node id, ARGV[3] node ttl ms,
 -- ARGV[4] leader ttl ms, ARGV[5] 'member' (renew membership) or 'leaving' (claims only),
@@ -7,12 +7,14 @@
 -- ARGV[7] the leader value this node holds and wants renewed, or '',
 -- ARGV[8] '1' to get the membership, failures and controls back (the leader's view, so
 --   an idle leader needs no other round trip), ARGV[9] channel, ARGV[10] hint published
---   when this node (re)joins the membership, or '', ARGV[11] this process's session,
+--   to the leader's inbox ('<channel>:<leader node>') when this node (re)joins the
+--   membership, or '', ARGV[11] this process's session,
 -- ARGV[12] the node's instance health ('<running> <unhealthy>'), ARGV[13] its
 --   description as a JSON object (stored when the hash is missing),
 -- ARGV[14 ..] for each claim key, two values: '<node>:<token>' and the ttl ms to renew
 --   it with (a claim whose instance is being created lives longer)
--- returns header .. {outcome, version or nil, leader or nil, acquired 0/1,
+-- returns header .. {outcome, share version (of this node's desired set) or nil,
+--   leader or nil, acquired 0/1,
 --   {claim status per claim key}, {member, expiry ms, ...} or {},
 --   {failure field, until ms, ...} or {}, {control field, value, ...} or {}}
 --   outcome: 'ok'; 'gone': this node left (a tombstone names this session) and the
@@ -24,7 +26,7 @@
 local nodes_key = KEYS[4]
 local info_key = KEYS[5]
 local leader_key = KEYS[6]
-local version_key = KEYS[7]
+local shares_key = KEYS[7]
 local left_key = KEYS[8]
 local failures_key = KEYS[9]
 local control_key = KEYS[10]
@@ -50,7 +52,7 @@ local now_ms = math.floor(now / 1000)
 local node_ttl = tonumber(node_ttl_ms)
 local function reply(outcome, leader, acquired, statuses, members, failures, control)
   return {head[1], head[2], redis.call('GET', fence_key) or '0', head[4], head[5],
-          outcome, redis.call('GET', version_key), leader, acquired, statuses,
+          outcome, redis.call('HGET', shares_key, node), leader, acquired, statuses,
           members, failures, control}
 end
 local tomb = redis.call('ZSCORE', left_key, node .. ' ' .. session)
@@ -69,7 +71,10 @@ local score = redis.call('ZSCORE', nodes_key, node)
 local lapsed = (not score) or tonumber(score) <= now_ms
 if mode == 'member' then
   redis.call('ZADD', nodes_key, now_ms + node_ttl, node)
-  if lapsed and joined_hint ~= '' then redis.call('PUBLISH', channel, joined_hint) end
+  if lapsed and joined_hint ~= '' then
+    local lead = owner_of(redis.call('GET', leader_key))
+    if lead and lead ~= node then redis.call('PUBLISH', channel .. ':' .. lead, joined_hint) end
+  end
   if not owner then
     for field, value in pairs(cjson.decode(description)) do
       redis.call('HSET', info_key, field, value)

@@ -1,5 +1,6 @@
 -- KEYS[1..3] see check.lua, KEYS[4] leader, KEYS[5] assignment, KEYS[6] configs,
--- KEYS[7] version, KEYS[8] nodes, KEYS[9] failures, KEYS[10] control, KEYS[11] unplaced
+-- KEYS[7] version, KEYS[8] nodes, KEYS[9] failures, KEYS[10] control, KEYS[11] unplaced,
+-- KEYS[12] shares hash, KEYS[13] deltas hash
 -- ARGV[1] context, ARGV[2] expected leader value '<node>:<epoch>', ARGV[3] key prefix
 -- (for desired sets), ARGV[4] the reset id the plan knows of ('' for none),
 -- ARGV[5] JSON change set:
@@ -8,6 +9,13 @@
 --    "drop_nodes": [node], "drop_failures": [field], "control_set": {field: value},
 --    "control_del": [field], "unplaced": {ckey: reason}, "placeable": [ckey]}
 -- ARGV[6] channel, ARGV[7] hint prefix: the script appends ',"v":<version>,"p":<prev>}'
+--   and publishes it to the inbox ('<channel>:<node>') of each node of ARGV[8], with
+--   <prev> that node's share version before this write
+-- ARGV[8] JSON object: for each node whose share this write changes (or that the
+--   leader places for the first time), {"a": [ckeys added], "r": [ckeys removed],
+--   "u": [ckeys of its share whose config or assignment changed]}: its share version
+--   becomes the new version, and its delta ({"p": previous share version, "v": new, ...})
+--   is stored for read_desired
 -- returns header .. {new version (a fence value, so versions only grow, across resets
 --   too) or a refusal: -1 the leader is not ARGV[2], -2 a reset window opened that the
 --   plan does not know of (the leader reloads its view), -3 a late request;
@@ -21,12 +29,15 @@ local nodes_key = KEYS[8]
 local failures_key = KEYS[9]
 local control_key = KEYS[10]
 local unplaced_key = KEYS[11]
+local shares_key = KEYS[12]
+local deltas_key = KEYS[13]
 local expected_leader = ARGV[2]
 local prefix = ARGV[3]
 local known_reset = ARGV[4]
 local change_json = ARGV[5]
 local channel = ARGV[6]
 local hint_prefix = ARGV[7]
+local targets_json = ARGV[8]
 local now = now_us()
 local function refused(code, status)
   local h = header(status, now)
@@ -59,6 +70,7 @@ for node, ckeys in pairs(change['add'] or {}) do
   for _, ckey in ipairs(ckeys) do redis.call('SADD', prefix .. 'desired:' .. node, ckey) end
 end
 local kept = {}
+local dropped = {}
 for _, node in ipairs(change['drop_nodes'] or {}) do
   -- a node that came back since the leader read the members keeps its entry; the
   -- leader is told, and re-plans with it
@@ -66,6 +78,9 @@ for _, node in ipairs(change['drop_nodes'] or {}) do
   if (not score) or tonumber(score) <= now_ms then
     redis.call('ZREM', nodes_key, node)
     redis.call('DEL', prefix .. 'desired:' .. node)
+    redis.call('HDEL', shares_key, node)
+    redis.call('HDEL', deltas_key, node)
+    dropped[node] = true
     redis.call('HDEL', control_key, 'drain ' .. node)
   else
     kept[#kept + 1] = node
@@ -86,10 +101,18 @@ end
 for _, ckey in ipairs(change['placeable'] or {}) do
   redis.call('HDEL', unplaced_key, ckey)
 end
-local prev = redis.call('GET', version_key) or '0'
 local version = num(next_fence(fence_key, now))
 redis.call('SET', version_key, version)
-redis.call('PUBLISH', channel, hint_prefix .. ',"v":' .. version .. ',"p":' .. prev .. '}')
+for target, d in pairs(cjson.decode(targets_json)) do
+  if not dropped[target] then
+    local prev = redis.call('HGET', shares_key, target) or ''
+    redis.call('HSET', shares_key, target, version)
+    redis.call('HSET', deltas_key, target,
+      cjson.encode({p = prev, v = version, a = d['a'], r = d['r'], u = d['u']}))
+    redis.call('PUBLISH', channel .. ':' .. target,
+      hint_prefix .. ',"v":' .. version .. ',"p":' .. (prev == '' and '0' or prev) .. '}')
+  end
+end
 local head = header('ok', now)
 head[#head + 1] = version
 head[#head + 1] = kept

@@ -22,3 +22,7 @@ end
 local function token_of(value)
   return tonumber(string.match(value or '', ':(%d+)$') or '0')
 end
+-- the node of '<node>:<number>' (a claim, the leader key)
+local function owner_of(value)
+  return string.match(value or '', '^(.*):%d+$')
+end
