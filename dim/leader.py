@@ -33,6 +33,7 @@ from dim.errors import ConfigError
 from dim.events import Event, EventType
 from dim.logs import NodeLog
 from dim.loop import Every, Loop
+from dim.messages import MAX_MESSAGE_BYTES
 from dim.protocol import View, WriteRefused, parse_owner
 from dim.roster import Roster
 
@@ -419,6 +420,22 @@ class LeaderLoop(Loop["Node"]):
         if node.node_id in targets:  # its own share changed: no hint tells it
             node.reconciler.wake(read=True)
 
+    def _deltas(
+        self,
+        change: plan.Change,
+        new: dict[str, str],
+        configs: dict[str, Config],
+        targets: set[str],
+    ) -> dict[str, dict[str, Any]]:
+        """Each target's delta (protocol.rst §4.1), with its inline form (``h``) when it
+        fits in the node's ``assigned`` hint: the node then needs no read."""
+        deltas = plan.deltas(change, new, targets)
+        texts = {c: cfg.json for c, cfg in configs.items()}
+        limit = MAX_MESSAGE_BYTES - 120 - len(self.node.node_id)
+        for node_id, text in plan.inline_deltas(deltas, new, texts, change.configs, limit).items():
+            deltas[node_id]["h"] = text
+        return deltas
+
     def _forget_unwritten_moves(self) -> None:
         """Redis holds this leader's placement now: a paced move it does not contain (its
         write failed, or the repair took it back) is not in flight, and must not hold
@@ -503,7 +520,7 @@ class LeaderLoop(Loop["Node"]):
                 change,
                 self._epoch,
                 node.node_id,
-                plan.deltas(change, new, targets),
+                self._deltas(change, new, configs, targets),
                 reset_id=self._reset_id,
             )
         except redis.RedisError:

@@ -97,7 +97,10 @@ class HintListener(Loop["Node"]):
             if not stale and (
                 message.version is None or str(message.version) != node.reconciler.version
             ):
-                node.reconciler.assigned(message.version, message.previous, message.targets)
+                delta = None
+                if message.added is not None and message.moved is not None:
+                    delta = (message.added, message.moved)
+                node.reconciler.assigned(message.version, message.previous, message.targets, delta)
         if kind is Kind.LEADER_LEFT:
             node.heartbeat.wake()
         return message

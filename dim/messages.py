@@ -19,7 +19,7 @@ claim it waits for.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Optional, Union
 
@@ -54,6 +54,11 @@ class Message:
     ckeys: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     previous: Optional[int] = None  # the version an ``assigned`` hint follows
+    # an ``assigned`` hint's delta of the node's share, when it fits (protocol.rst §4.1):
+    # config key -> JSON of each config added or changed, and config key -> the node
+    # each removed config went to (None: it is gone); None when the hint carries none
+    added: Optional[Mapping[str, str]] = None
+    moved: Optional[Mapping[str, Optional[str]]] = None
 
     @classmethod
     def released(cls, node: str, ckeys: Iterable[str]) -> Message:
@@ -123,7 +128,7 @@ def decode(data: object) -> Message:
         raise MessageError(f"message is not JSON: {data[:80]!r}") from exc
     if not isinstance(body, dict):
         raise MessageError(f"message must be a JSON object, got {data[:80]!r}")
-    unknown = set(body) - {"k", "n", "v", "p", "e", "c", "t"}
+    unknown = set(body) - {"k", "n", "v", "p", "e", "c", "t", "a", "r"}
     if unknown:
         raise MessageError(f"message has unknown fields {sorted(unknown)!r}")
     try:
@@ -135,6 +140,18 @@ def decode(data: object) -> Message:
         raise MessageError(f"message node must be a non-empty string, got {node!r}")
     ckeys = _strings(body, "c", "config keys")
     targets = _strings(body, "t", "target nodes")
+    added = body.get("a")
+    if added is not None and not (
+        isinstance(added, dict) and all(isinstance(v, str) for v in added.values())
+    ):
+        raise MessageError(f"message field 'a' must map config keys to JSON, got {added!r}")
+    moved = body.get("r")
+    if moved is not None and not (
+        isinstance(moved, dict) and all(v is None or isinstance(v, str) for v in moved.values())
+    ):
+        raise MessageError(f"message field 'r' must map config keys to nodes, got {moved!r}")
+    if (added is None) != (moved is None):
+        raise MessageError("message fields 'a' and 'r' come together")
     return Message(
         kind=kind,
         node=node,
@@ -143,4 +160,6 @@ def decode(data: object) -> Message:
         epoch=_optional_int(body, "e"),
         ckeys=ckeys,
         targets=targets,
+        added=added,
+        moved=moved,
     )

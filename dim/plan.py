@@ -15,6 +15,7 @@ records expired), :func:`place` (the balanced placement, through :mod:`dim.balan
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -80,13 +81,13 @@ class Change:
 
 def deltas(
     change: Change, assignment: Mapping[str, str], targets: Iterable[str]
-) -> dict[str, dict[str, list[str]]]:
+) -> dict[str, dict[str, Any]]:
     """What a write changes in each target node's share, as the leader-write script
     stores it for ``READ_DESIRED`` (protocol.rst §4): ``a`` configs added to its desired
     set, ``r`` removed, ``u`` configs of its share whose content or assignment entry
     the write changes (a node re-reads those). ``assignment`` is the placement after
     the write; a target with nothing changed gets an empty delta."""
-    out: dict[str, dict[str, list[str]]] = {
+    out: dict[str, dict[str, Any]] = {
         n: {"a": sorted(change.add.get(n, ())), "r": sorted(change.rem.get(n, ())), "u": []}
         for n in targets
     }
@@ -95,6 +96,36 @@ def deltas(
         node = assignment.get(ckey)
         if node in out and ckey not in change.add.get(node, ()):
             out[node]["u"].append(ckey)
+    return out
+
+
+def inline_deltas(
+    deltas: Mapping[str, Mapping[str, Any]],
+    assignment: Mapping[str, str],
+    configs: Mapping[str, str],
+    changed: Collection[str],
+    limit: int,
+) -> dict[str, str]:
+    """For each node whose delta can ride in its ``assigned`` hint, the hint's extra
+    fields (``,"a":{ckey: json},"r":{ckey: node or null}``; protocol.rst §4.1), at most
+    ``limit`` characters. A delta stays out (the node reads it) when it changes an
+    assignment entry in place (``u`` without new content: a repair) or removes a config
+    that still exists but has no node (it may keep running: the node must read where
+    it stands). ``changed``: the configs whose content the write changes."""
+    out: dict[str, str] = {}
+    for node, delta in deltas.items():
+        if any(c not in changed for c in delta["u"]):
+            continue
+        if any(c not in configs for c in delta["a"] + delta["u"]):
+            continue
+        if any(c in configs and c not in assignment for c in delta["r"]):
+            continue
+        added = {c: configs[c] for c in delta["a"] + delta["u"]}
+        moved = {c: assignment.get(c) for c in delta["r"]}
+        text = ',"a":' + json.dumps(added, separators=(",", ":"))
+        text += ',"r":' + json.dumps(moved, separators=(",", ":"))
+        if len(text) <= limit:
+            out[node] = text
     return out
 
 

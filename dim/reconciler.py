@@ -10,6 +10,7 @@ thread of its own, so they never wait on user code or queue behind busy workers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 from dim.claims import ClaimBook
@@ -19,7 +20,7 @@ from dim.instances import InstanceCalls, UserCallbacks
 from dim.lifecycle import Lifecycle
 from dim.logs import NodeLog, fields
 from dim.loop import Loop
-from dim.protocol import ClaimRefused, ClaimStatus, ConfigPlace
+from dim.protocol import ClaimRefused, ClaimStatus, ConfigPlace, ShareRead
 from dim.renewal import held_until
 from dim.slots import Slot, State
 from dim.table import SlotTable
@@ -114,15 +115,35 @@ class Reconciler(Loop["Node"]):
         self.wake()
 
     def assigned(
-        self, version: Optional[int], previous: Optional[int], targets: tuple[str, ...]
+        self,
+        version: Optional[int],
+        previous: Optional[int],
+        targets: tuple[str, ...],
+        delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]] = None,
     ) -> None:
         """The leader wrote version ``version`` after ``previous``; ``targets`` are the
-        nodes whose share it changed (empty: not said).
+        nodes whose share it changed (empty: not said; a hint in this node's inbox).
 
-        A node not named skips the read if it had read ``previous`` and handles nothing
-        outside its share: its share is the same.
+        With ``delta`` (the configs added or changed, and where each removed config
+        went), a node that holds share version ``previous`` applies it without a read
+        (protocol.rst §4.1). A node not named skips the read if it had read
+        ``previous`` and handles nothing outside its share: its share is the same.
         """
         node = self.node
+        if delta is not None and version is not None and previous is not None:
+            with self.table.lock:
+                applies = (
+                    self._have_read
+                    and not self._need_read
+                    and not self._full
+                    and self._read_version == str(previous)
+                )
+                if applies:
+                    self._apply_delta(str(version), *delta)
+            if applies:
+                self.table.notify()
+                super().wake()
+                return
         if version is None or previous is None or not targets or node.node_id in targets:
             self.wake(read=True)
             return
@@ -141,6 +162,27 @@ class Reconciler(Loop["Node"]):
             self.table.notify()
         else:
             self.wake(read=True)
+
+    def _apply_delta(
+        self, version: str, added: Mapping[str, str], moved: Mapping[str, Optional[str]]
+    ) -> None:
+        """Under the table's lock: the share after a delta the leader sent inline."""
+        desired = {c: v for c, v in self.table.desired.items() if c not in moved}
+        for ckey, text in added.items():
+            config = decode(ckey, text)
+            if config is not None:
+                desired[ckey] = config
+        placements = {c: p for c, p in self._placements.items() if c in self.table.slots}
+        for ckey, to in moved.items():
+            if ckey in self.table.slots:
+                # moved on (a node) or gone (None): either way it stops here
+                slot = self.table.slots[ckey]
+                placements[ckey] = ConfigPlace(to, slot.config.json if to else None)
+        self.table.desired = desired
+        self._placements = placements
+        self._read_version = version
+        if self._version is None or _newer(version, self._version):
+            self._version = version
 
     def renewed(
         self, sent: dict[str, tuple[int, float]], statuses: dict[str, ClaimStatus], at: float
@@ -260,6 +302,15 @@ class Reconciler(Loop["Node"]):
                 self._full = self._full or full
                 raise
             with self.table.lock:
+                stale = (
+                    share.version is not None
+                    and self._read_version is not None
+                    and _newer(self._read_version, share.version)
+                )
+            if stale:
+                # a delta from a hint moved the share on while this read was under way
+                share = ShareRead(self._read_version, {}, {}, ())
+            with self.table.lock:
                 if share.removed is None:
                     desired = {}
                     placements = dict(share.placements)
@@ -328,9 +379,11 @@ class Reconciler(Loop["Node"]):
                     self._begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
+            fresh = set()  # new slots are claimed at once, whatever woke us
             for ckey, config in self.table.desired.items():
                 if ckey not in self.table.slots:
                     self.table.slots[ckey] = Slot(config)
+                    fresh.add(ckey)
             hinted, self._hinted = self._hinted, set()
             everything = retry_all or now >= self._retry_all_at
             if everything:
@@ -338,7 +391,9 @@ class Reconciler(Loop["Node"]):
             return [
                 c
                 for c, s in self.table.slots.items()
-                if s.state is State.CLAIMING and s.retry_at <= now and (everything or c in hinted)
+                if s.state is State.CLAIMING
+                and s.retry_at <= now
+                and (everything or c in hinted or c in fresh)
             ]
 
     def _keep(self, ckey: str) -> bool:
@@ -458,3 +513,11 @@ class Reconciler(Loop["Node"]):
                 len(left),
                 [s.config.id for s in left],
             )
+
+
+def _newer(a: str, b: str) -> bool:
+    """Share version ``a`` is later than ``b`` (versions are fence values)."""
+    try:
+        return int(a) > int(b)
+    except ValueError:
+        return False

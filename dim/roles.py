@@ -10,6 +10,7 @@ another in one direction only.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any, Optional, Protocol
 
 from dim.events import Event
@@ -66,7 +67,11 @@ class ReconcilerRole(Runnable, Protocol):
     def released(self, ckeys: tuple[str, ...]) -> None: ...
 
     def assigned(
-        self, version: Optional[int], previous: Optional[int], targets: tuple[str, ...]
+        self,
+        version: Optional[int],
+        previous: Optional[int],
+        targets: tuple[str, ...],
+        delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]] = None,
     ) -> None: ...
 
     def unhealthy(self, slot: Slot, instance: Any, error: Optional[BaseException]) -> None: ...

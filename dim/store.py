@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import redis
@@ -460,7 +461,7 @@ class Store:
         change: Change,
         epoch: int,
         node_id: str,
-        deltas: Optional[dict[str, dict[str, list[str]]]] = None,
+        deltas: Optional[Mapping[str, Mapping[str, Any]]] = None,
         reset_id: str = "",
     ) -> tuple[int, list[str]]:
         """Apply a change set if ``leader_value`` still leads and no reset window opened

@@ -90,36 +90,42 @@ def test_releases_are_batched_and_go_to_the_new_owner(
 def test_assigned_hint_goes_only_to_the_nodes_it_changes(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
-    """A changed config is announced to its owner's inbox alone; the other nodes hear
-    nothing and keep their share's version."""
+    """A changed config is announced to its owner's inbox alone, with the change itself:
+    the owner recreates it without reading its share, and the other nodes hear nothing,
+    read nothing and keep their share's version."""
     configs = [{"id": i, "v": 0} for i in range(6)]
     cluster = Cluster(redis_url, service, configs)
     try:
         managers = cluster.add(3)
         cluster.wait_settled()
-        owner = next(m for m in managers if 0 in m.instances)
+        # a config of a node that does not lead (the leader hears no hint of its own)
+        owner = next(m for m in managers if m.instances and not m.is_leader)
+        changed = next(iter(owner.instances))
         reads: list[str] = []
         for m in managers:
-            if m is not owner:
-                store = m._node.store  # type: ignore[union-attr]
-                read = store.read_desired
+            store = m._node.store  # type: ignore[union-attr]
+            read = store.read_desired
 
-                def counted(*a: Any, _read: Any = read, _id: str = m.node_id) -> Any:
-                    reads.append(_id)
-                    return _read(*a)
+            def counted(*a: Any, _read: Any = read, _id: str = m.node_id) -> Any:
+                reads.append(_id)
+                return _read(*a)
 
-                store.read_desired = counted  # type: ignore[method-assign]
+            store.read_desired = counted  # type: ignore[method-assign]
         start = hints.mark()
-        cluster.configs[0] = {"id": 0, "v": 1}
+        cluster.configs[changed] = {"id": changed, "v": 1}
         managers[0].refresh()
         wait_until(
-            lambda: owner.instances.get(0) is not None and owner.instances[0].config["v"] == 1,
+            lambda: (
+                owner.instances.get(changed) is not None
+                and owner.instances[changed].config["v"] == 1
+            ),
             10,
             message="the owner did not recreate the changed config",
         )
         assigned = hints.sent(Kind.ASSIGNED, start)
         assert [to for to, _ in assigned] == [owner.node_id]
         version = str(assigned[-1][1].version)
+        assert assigned[-1][1].added == {str(changed): f'[{changed},{{"id":{changed},"v":1}}]'}
         for m in managers:
             assert m.wait_until_stable(10)
         # only the owner's share has the new version: the others were not woken
@@ -127,7 +133,7 @@ def test_assigned_hint_goes_only_to_the_nodes_it_changes(
         for m in managers:
             if m is not owner:
                 assert m._node.reconciler.version != version  # type: ignore[union-attr]
-        # ... and did not read their share, at a hint or at a heartbeat
+        # ... and nobody read a share, at a hint or at a heartbeat
         now = time.monotonic()
         renewed = [m._node.renewal for m in managers]  # type: ignore[union-attr]
         wait_until(lambda: all(r.last > now + 3 * FAST.heartbeat_interval for r in renewed), 5)
@@ -220,3 +226,55 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
     assert contested.version == str(v3)
     assert contested.entries == {} and contested.removed == ("51",)
     assert contested.placements["51"].contested
+
+
+def test_a_graceful_move_waits_for_no_heartbeat(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """With a 6 s heartbeat, a join, two added configs and a graceful leave each settle
+    well within one heartbeat: every step is woken by a hint (a node's share change
+    arrives in the hint itself, and what it adds is claimed at once)."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    slow = FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
+
+    configs = [{"id": i} for i in range(8)]
+
+    def manager() -> Manager:
+        return Manager(
+            get_config=lambda: list(configs),
+            create=lambda config: config["id"],
+            disconnect=lambda instance: None,
+            redis=redis_url,
+            service=service,
+            settings=slow,
+        )
+
+    first = manager()
+    first.start()
+    second = manager()
+    try:
+        wait_until(lambda: len(first.instances) == 8, 4, message="the first node waited")
+        second.start()
+        wait_until(
+            lambda: len(first.instances) == 4 and len(second.instances) == 4,
+            4,
+            message="the join waited for a heartbeat",
+        )
+        # two new configs: one each, the follower's in its hint
+        configs.extend([{"id": 8}, {"id": 9}])
+        first.refresh()
+        wait_until(
+            lambda: len(first.instances) == 5 and len(second.instances) == 5,
+            4,
+            message="the added configs waited for a heartbeat",
+        )
+        moving = second if first.is_leader else first
+        stays = first if moving is second else second
+        moving.stop()
+        wait_until(lambda: len(stays.instances) == 10, 4, message="the leave waited")
+    finally:
+        second.stop()
+        first.stop()

@@ -15,7 +15,8 @@
 --   leader places for the first time), {"a": [ckeys added], "r": [ckeys removed],
 --   "u": [ckeys of its share whose config or assignment changed]}: its share version
 --   becomes the new version, and its delta ({"p": previous share version, "v": new, ...})
---   is stored for read_desired
+--   is stored for read_desired; "h", when present, is appended to that node's hint
+--   (the delta inline: ',"a":{ckey: json},"r":{ckey: node or null}')
 -- returns header .. {new version (a fence value, so versions only grow, across resets
 --   too) or a refusal: -1 the leader is not ARGV[2], -2 a reset window opened that the
 --   plan does not know of (the leader reloads its view), -3 a late request;
@@ -110,7 +111,8 @@ for target, d in pairs(cjson.decode(targets_json)) do
     redis.call('HSET', deltas_key, target,
       cjson.encode({p = prev, v = version, a = d['a'], r = d['r'], u = d['u']}))
     redis.call('PUBLISH', channel .. ':' .. target,
-      hint_prefix .. ',"v":' .. version .. ',"p":' .. (prev == '' and '0' or prev) .. '}')
+      hint_prefix .. ',"v":' .. version .. ',"p":' .. (prev == '' and '0' or prev)
+        .. (d['h'] or '') .. '}')
   end
 end
 local head = header('ok', now)
