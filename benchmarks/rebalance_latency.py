@@ -96,7 +96,9 @@ def run_cell(
     try:
         cluster.start_nodes(n_nodes)
         cluster.prepare()
-        cluster.measure_idle_cpu(3.0)
+        cluster.wait_settled(timeout)
+        # the idle use is measured once settled, over several heartbeats
+        cluster.measure_idle_cpu(max(5.0, 5 * settings["heartbeat_interval"]))
         next_id = n_configs
         added: Optional[int] = None
         for _rep in range(reps):
