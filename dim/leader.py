@@ -19,6 +19,8 @@ The rules are in :mod:`dim.plan`, the configs come from :mod:`dim.configsource`.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -58,13 +60,15 @@ class LeaderLoop(Loop["Node"]):
         rules: Optional[Rules] = None,
     ) -> None:
         super().__init__(node)
+        look = functools.partial(Loop.wake, self)  # a get_config call returned: tick now
         self._configs = ConfigSource(
-            node.node_id, node.settings, node.clock, node.emit, get_config, key, rules, self._look
+            node.node_id, node.settings, node.clock, node.emit, get_config, key, rules, look
         )
         self._lock = threading.RLock()
         self._log = NodeLog(log, node.node_id, lambda: self._epoch or None)
         self.alive_at = node.clock()
         self._every = Every(node.settings.config_interval, node.clock)
+        self._delay = node.settings.rebalance_delay
         self._epoch = 0
         # the membership as the leader's own heartbeat last returned it: (clock, view)
         self._view: Optional[tuple[float, View]] = None
@@ -103,10 +107,6 @@ class LeaderLoop(Loop["Node"]):
     def wake(self) -> None:
         """Look now, at a freshly read membership (a hint said it changed)."""
         self._read = True
-        super().wake()
-
-    def _look(self) -> None:
-        """Tick now with the view at hand (a get_config call returned)."""
         super().wake()
 
     def observe(self, view: View, sent_at: float) -> None:
@@ -162,7 +162,7 @@ class LeaderLoop(Loop["Node"]):
             delay = min(delay, interval)  # look for the result of get_config
         if self._grace_until:
             delay = min(delay, max(self._grace_until - node.clock(), 0.0))
-        settle = self._debounce_ends()
+        settle = plan.debounce_ends(self._delay, self._burst_since, self._quiet_since)
         if settle is not None:
             delay = min(delay, max(settle - node.clock(), 0.0))
         if self._absent:
@@ -213,13 +213,6 @@ class LeaderLoop(Loop["Node"]):
         for node_id in recorded:
             if node_id not in self._absent:
                 self._absent_written.setdefault(node_id, recorded[node_id])  # to delete
-
-    def _debounce_ends(self) -> Optional[float]:
-        """When the current burst of membership changes stops holding moves back."""
-        delay = self.node.settings.rebalance_delay
-        if not delay or self._burst_since is None:
-            return None
-        return min(self._quiet_since + delay, self._burst_since + 10 * delay)
 
     def close(self) -> None:
         """Let the config thread go (a get_config still running is abandoned)."""
@@ -420,22 +413,6 @@ class LeaderLoop(Loop["Node"]):
         if node.node_id in targets:  # its own share changed: no hint tells it
             node.reconciler.wake(read=True)
 
-    def _deltas(
-        self,
-        change: plan.Change,
-        new: dict[str, str],
-        configs: dict[str, Config],
-        targets: set[str],
-    ) -> dict[str, dict[str, Any]]:
-        """Each target's delta (protocol.rst §4.1), with its inline form (``h``) when it
-        fits in the node's ``assigned`` hint: the node then needs no read."""
-        deltas = plan.deltas(change, new, targets)
-        texts = {c: cfg.json for c, cfg in configs.items()}
-        limit = MAX_MESSAGE_BYTES - 120 - len(self.node.node_id)
-        for node_id, text in plan.inline_deltas(deltas, new, texts, change.configs, limit).items():
-            deltas[node_id]["h"] = text
-        return deltas
-
     def _forget_unwritten_moves(self) -> None:
         """Redis holds this leader's placement now: a paced move it does not contain (its
         write failed, or the repair took it back) is not in flight, and must not hold
@@ -477,7 +454,7 @@ class LeaderLoop(Loop["Node"]):
             absent_written=self._absent_written,
             forget_static=frozenset(self._forget_static),
         )
-        settle = self._debounce_ends()
+        settle = plan.debounce_ends(self._delay, self._burst_since, self._quiet_since)
         quiet = settle is None or node.clock() >= settle
         if settle is not None and quiet:
             self._burst_since = None  # quiet long enough: this burst is over
@@ -520,7 +497,13 @@ class LeaderLoop(Loop["Node"]):
                 change,
                 self._epoch,
                 node.node_id,
-                self._deltas(change, new, configs, targets),
+                plan.deltas(
+                    change,
+                    new,
+                    targets,
+                    {c: cfg.json for c, cfg in configs.items()},
+                    MAX_MESSAGE_BYTES - 120 - len(json.dumps(node.node_id)),
+                ),
                 reset_id=self._reset_id,
             )
         except redis.RedisError:

@@ -228,7 +228,6 @@ class Manager:
                 self._close_client(client)
                 raise
             connection.check_eviction(client, self._describe_target())
-            node.joined_version = node.reconciler.version
             # visible before any thread runs, so create() can already read its lease
             self._node = node
             self._parts = (reconciler, leader)

@@ -80,8 +80,6 @@ class Node:
         self.renewal = Renewal(settings.heartbeat_interval, settings.renew_deadline, clock())
         self.fenced = False  # writer: reconciler (fence, unfence), under the table's lock
         self.redis_ok = True  # writer: heartbeat
-        # writer: Manager.start (the assignment version when this node joined)
-        self.joined_version: Optional[str] = None
         # writer: set_leader only, under its lock ('<me>:<epoch>' while this node leads)
         self.leader_value: Optional[str] = None
         self.epoch = 0

@@ -80,13 +80,19 @@ class Change:
 
 
 def deltas(
-    change: Change, assignment: Mapping[str, str], targets: Iterable[str]
+    change: Change,
+    assignment: Mapping[str, str],
+    targets: Iterable[str],
+    configs: Optional[Mapping[str, str]] = None,
+    limit: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """What a write changes in each target node's share, as the leader-write script
-    stores it for ``READ_DESIRED`` (protocol.rst §4): ``a`` configs added to its desired
-    set, ``r`` removed, ``u`` configs of its share whose content or assignment entry
-    the write changes (a node re-reads those). ``assignment`` is the placement after
-    the write; a target with nothing changed gets an empty delta."""
+    stores it for ``READ_DESIRED`` (protocol.rst §4.1): ``a`` configs added to its
+    desired set, ``r`` removed, ``u`` configs of its share whose content or assignment
+    entry the write changes (a node re-reads those). ``assignment`` is the placement
+    after the write; a target with nothing changed gets an empty delta. With
+    ``configs`` (config -> JSON after the write), ``h`` holds the delta's inline form
+    for the node's hint where it fits in ``limit`` characters (:func:`inline_deltas`)."""
     out: dict[str, dict[str, Any]] = {
         n: {"a": sorted(change.add.get(n, ())), "r": sorted(change.rem.get(n, ())), "u": []}
         for n in targets
@@ -96,7 +102,20 @@ def deltas(
         node = assignment.get(ckey)
         if node in out and ckey not in change.add.get(node, ()):
             out[node]["u"].append(ckey)
+    if configs is not None:
+        for node, text in inline_deltas(out, assignment, configs, change.configs, limit).items():
+            out[node]["h"] = text
     return out
+
+
+def debounce_ends(
+    delay: float, burst_since: Optional[float], quiet_since: float
+) -> Optional[float]:
+    """When the current burst of membership changes stops holding moves back: ``delay``
+    after the last change, at most ten delays after the first (None: nothing waits)."""
+    if not delay or burst_since is None:
+        return None
+    return min(quiet_since + delay, burst_since + 10 * delay)
 
 
 def inline_deltas(

@@ -56,6 +56,7 @@ class Reconciler(Loop["Node"]):
         self._have_read = False
         self._need_read = True
         self._full = True  # the next read takes the whole share, not a delta
+        self._recheck_at = 0.0  # when to ask again where kept configs stand
 
     def __repr__(self) -> str:
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
@@ -66,10 +67,9 @@ class Reconciler(Loop["Node"]):
         with self.table.lock:
             if node.fenced or self._need_read or not self._have_read:
                 return False
+            # (no share version: the leader has not placed this node yet)
             if self._read_version is None or self._read_version != self._version:
                 return False
-            if self._read_version == node.joined_version:
-                return False  # the leader has not placed anything since we joined
             return self.table.runs_exactly()
 
     def wait_until_stable(self, timeout: float) -> bool:
@@ -285,11 +285,21 @@ class Reconciler(Loop["Node"]):
             self.lifecycle.retry_creates()
         if node.fenced or self.table.closing:
             return interval
+        now = node.clock()
+        if now >= self._recheck_at:
+            self._recheck_at = now + interval
+            with self.table.lock:
+                # a config kept running outside our share (_keep) may be given to
+                # another node by a write that does not touch our share: no hint says
+                # so, so ask where it stands once per heartbeat while we keep one
+                if any(c not in self.table.desired for c in self.table.slots):
+                    self._need_read = True
         read = self._need_read
         if self._need_read:
             self._need_read = False
             with self.table.lock:
                 full, self._full = self._full, False
+                before = self._read_version
                 held = None if full or not self._have_read else self._read_version
                 # a delta names what left the share itself: ask only about the rest
                 handled = [
@@ -297,20 +307,22 @@ class Reconciler(Loop["Node"]):
                 ]
             try:
                 share = node.store.read_desired(node.node_id, handled, held)
+                if held is not None and share.removed is None:
+                    # no delta from our version: the whole share came back, and we must
+                    # also learn where each config we handle outside it stands
+                    with self.table.lock:
+                        handled = list(self.table.slots)
+                    share = node.store.read_desired(node.node_id, handled, None)
             except BaseException:
                 self._need_read = True
                 self._full = self._full or full
                 raise
             with self.table.lock:
-                stale = (
-                    share.version is not None
-                    and self._read_version is not None
-                    and _newer(self._read_version, share.version)
-                )
-            if stale:
-                # a delta from a hint moved the share on while this read was under way
-                share = ShareRead(self._read_version, {}, {}, ())
-            with self.table.lock:
+                if self._read_version != before:
+                    # a delta from a hint moved the share on while this read was under
+                    # way: the read may predate it; keep the hint's and read again
+                    self._need_read = self._read_version != share.version
+                    share = ShareRead(self._read_version, {}, {}, ())
                 if share.removed is None:
                     desired = {}
                     placements = dict(share.placements)
@@ -333,8 +345,7 @@ class Reconciler(Loop["Node"]):
                 self._placements = placements
                 self._read_version = version
                 self._have_read = True
-            # what we just read is the truth as of now; the heartbeat moves it on later
-            with self.table.lock:
+                # what we just read is the truth as of now; the heartbeat moves it on
                 self._version = version
             self.claims.release_orphans()
         to_claim = self._plan(retry_all=read)

@@ -61,7 +61,6 @@ NODE_COMMANDS = (
     "scard",
     "script|load",
     "set",
-    "sismember",
     "smembers",
     "srem",
     "subscribe",

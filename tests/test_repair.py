@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis
 
+from dim.admin import Admin
 from dim.keys import Keys
 from dim.testing import wait_until
 
@@ -114,5 +115,50 @@ def test_a_lost_assignment_entry_is_repaired(
         assert owners(cluster)[theirs] == a.node_id
         assert cluster.ledger.create_count() == created  # nothing stopped meanwhile
         assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_config_kept_outside_a_share_stops_when_given_to_another_node(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
+    """A node keeps running a config its share lost while nobody else is meant to run it
+    (unassigned, still existing); once the assignment gives it to another node, by a
+    write that does not touch the first node's share (so no hint or share version tells
+    it), the first node still stops it within a few heartbeats and the other runs it."""
+    cluster = Cluster(redis_url, service, list(range(4)))
+    keys = Keys(service)
+    try:
+        a, b = cluster.add(2)
+        cluster.wait_balanced()
+        admin = Admin(redis_url, service=service)
+        admin.pause()  # the leader holds everything where it is: no repair interferes
+        wait_until(lambda: any(m._node.leader._paused for m in (a, b)), 5)  # type: ignore[union-attr]
+        victim = next(iter(a.instances))
+        ckey = str(victim)
+
+        def bump(node: str) -> str:
+            # a new share version (a fence value, as a leader write would take)
+            version = str(redis_client.incr(keys.fence))
+            redis_client.hset(keys.shares, node, version)
+            return version
+
+        # A's share loses the config, which is assigned to nobody: A reads, keeps it
+        redis_client.srem(keys.desired(a.node_id), ckey)
+        redis_client.hdel(keys.assignment, ckey)
+        version = bump(a.node_id)
+        wait_until(lambda: a._node.reconciler.version == version, 5)  # type: ignore[union-attr]
+        assert victim in a.instances
+        # now it is B's, by a write to B's share alone
+        redis_client.hset(keys.assignment, ckey, b.node_id)
+        redis_client.sadd(keys.desired(b.node_id), ckey)
+        bump(b.node_id)
+        wait_until(
+            lambda: victim in b.instances and victim not in a.instances,
+            5,
+            message="the kept config did not move to its new node",
+        )
+        assert cluster.ledger.overlaps() == []
+        admin.resume()
     finally:
         cluster.stop()

@@ -104,17 +104,22 @@ for _, ckey in ipairs(change['placeable'] or {}) do
 end
 local version = num(next_fence(fence_key, now))
 redis.call('SET', version_key, version)
+-- every share version and delta is written before the first PUBLISH: a publish that
+-- fails (a user whose ACL lacks the inboxes) cannot leave a node's share changed
+-- without its version, and the heartbeat still tells the node
+local hints = {}
 for target, d in pairs(cjson.decode(targets_json)) do
   if not dropped[target] then
     local prev = redis.call('HGET', shares_key, target) or ''
     redis.call('HSET', shares_key, target, version)
     redis.call('HSET', deltas_key, target,
       cjson.encode({p = prev, v = version, a = d['a'], r = d['r'], u = d['u']}))
-    redis.call('PUBLISH', channel .. ':' .. target,
+    hints[#hints + 1] = {channel .. ':' .. target,
       hint_prefix .. ',"v":' .. version .. ',"p":' .. (prev == '' and '0' or prev)
-        .. (d['h'] or '') .. '}')
+        .. (d['h'] or '') .. '}'}
   end
 end
+for _, h in ipairs(hints) do redis.call('PUBLISH', h[1], h[2]) end
 local head = header('ok', now)
 head[#head + 1] = version
 head[#head + 1] = kept

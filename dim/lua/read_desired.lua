@@ -60,16 +60,14 @@ local removed = false
 local asked = {}
 for i = 4, #ARGV do asked[#asked + 1] = ARGV[i] end
 if delta then
+  -- the delta applies to exactly the share the node holds (no write since: the share
+  -- version is the delta's), so what it adds and removes is what the set did
   removed = {}
   for _, ckey in ipairs(delta['a'] or {}) do take(ckey) end
-  for _, ckey in ipairs(delta['u'] or {}) do
-    if redis.call('SISMEMBER', desired_key, ckey) == 1 then take(ckey) end
-  end
+  for _, ckey in ipairs(delta['u'] or {}) do take(ckey) end
   for _, ckey in ipairs(delta['r'] or {}) do
-    if redis.call('SISMEMBER', desired_key, ckey) == 0 then
-      removed[#removed + 1] = ckey
-      asked[#asked + 1] = ckey
-    end
+    removed[#removed + 1] = ckey
+    asked[#asked + 1] = ckey
   end
   -- an entry the assignment contradicts leaves the node's share, as in a full read
   for ckey in pairs(contested) do
@@ -82,8 +80,7 @@ end
 local mine = {}
 local seen = {}
 for _, ckey in ipairs(asked) do
-  if not wanted[ckey] and not seen[ckey]
-      and (not delta or contested[ckey] or redis.call('SISMEMBER', desired_key, ckey) == 0) then
+  if not wanted[ckey] and not seen[ckey] then
     seen[ckey] = true
     mine[#mine + 1] = ckey
     mine[#mine + 1] = redis.call('HGET', assignment_key, ckey)
