@@ -292,7 +292,11 @@ class Reconciler(Loop["Node"]):
                 # a config kept running outside our share (_keep) may be given to
                 # another node by a write that does not touch our share: no hint says
                 # so, so ask where it stands once per heartbeat while we keep one
-                if any(c not in self.table.desired for c in self.table.slots):
+                desired = self.table.desired
+                if any(
+                    c not in desired and s.state in (State.RUNNING, State.CREATING)
+                    for c, s in self.table.slots.items()
+                ):
                     self._need_read = True
         read = self._need_read
         if self._need_read:

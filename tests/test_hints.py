@@ -278,3 +278,27 @@ def test_a_graceful_move_waits_for_no_heartbeat(
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_read_at_the_version_held_returns_only_where_configs_stand(
+    redis_client: redis.Redis, service: str
+) -> None:
+    """A node holding the current share version that asks where some configs stand
+    gets their placements and no share at all (no cost that grows with the share)."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    redis_client.set(keys.leader, "a:5")
+    store = Store(redis_client, service)
+    share = [str(i) for i in range(20)]
+    change = Change(
+        assign={**{c: "a" for c in share}, "x": "b"},
+        configs={c: f'["{c}",{{}}]' for c in [*share, "x"]},
+        add={"a": share, "b": ["x"]},
+    )
+    v1, _ = store.leader_write("a:5", change, 5, "a", plan.deltas(change, change.assign, ["a"]))
+    read = store.read_desired("a", ["x"], str(v1))
+    assert read.version == str(v1)
+    assert read.entries == {} and read.removed == ()
+    assert read.placements["x"].node == "b"

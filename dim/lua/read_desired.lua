@@ -38,10 +38,14 @@ end
 local version = redis.call('HGET', shares_key, node)
 local delta = nil
 if held ~= '' and version then
-  local raw = redis.call('HGET', deltas_key, node)
-  if raw then
-    local d = cjson.decode(raw)
-    if d['p'] == held and d['v'] == version then delta = d end
+  if held == version then
+    delta = {}  -- nothing changed: only where the asked configs stand
+  else
+    local raw = redis.call('HGET', deltas_key, node)
+    if raw then
+      local d = cjson.decode(raw)
+      if d['p'] == held and d['v'] == version then delta = d end
+    end
   end
 end
 local out = {}
