@@ -48,7 +48,7 @@ sent after it was due.
 
 Usage::
 
-    python benchmarks/capacity.py                       # the full grid (about 20 min)
+    python benchmarks/capacity.py                       # the full grid (about 8 min)
     python benchmarks/capacity.py --quick               # tiny sizes, well under a minute
     python benchmarks/capacity.py --nodes 1000 --configs 10000 100000
 """
@@ -75,6 +75,7 @@ import redis
 from _harness import (
     ROOT,
     exit_on_sigterm,
+    load_average,
     machine,
     pause,
     percentile,
@@ -883,6 +884,8 @@ def run_cell(
         "simulated_members": n_nodes - 1,
         "claims": claim,
         "ok": False,
+        # other work on the machine distorts every number here: say how busy it was
+        "load_average_at_start": load_average(),
     }
     server = private_server(work / f"{service}-redis")
     timings_path = work / f"{service}.leader.jsonl"
@@ -1053,6 +1056,7 @@ def run_cell(
                 leader.wait()
             if leader.stdout is not None:
                 leader.stdout.close()
+        cell["load_average_at_end"] = load_average()
         cell["leader"] = leader_timings(timings_path, measured_until)
         try:
             cell["leader_log_tail"] = leader_log.read_text()[-3000:].splitlines()[-15:]
@@ -1159,6 +1163,7 @@ def cell_row(cell: dict[str, Any]) -> list[Any]:
         fmt(cell.get("used_memory"), 1 / 2**20, 0),
         fmt(gen.get("lag_max"), 1e3, 0),
         gen.get("dropped_members", "-"),
+        fmt((cell.get("load_average_at_end") or [None])[0], 1, 1),
         "ok" if cell["ok"] else ("FAILED" if cell.get("error") else "no conv."),
     ]
 
@@ -1181,6 +1186,7 @@ HEADERS = [
     "mem MB",
     "lag max ms",
     "dropped",
+    "load 1m",
     "result",
 ]
 
