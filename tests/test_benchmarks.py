@@ -191,3 +191,28 @@ def test_takeover_smoke(tmp_path: Path) -> None:
     (row,) = data["rows"]
     assert row["profile"] == "fast" and len(row["crash_takeover"]) == 1
     assert len(row["reset_recovery"]) == 1 and row["lease"] > 0
+
+
+def test_capacity_smoke(tmp_path: Path) -> None:
+    """capacity.py drives simulated members against a real leader and reports each cell."""
+    out = tmp_path / "capacity.json"
+    result = run(
+        "capacity.py",
+        "--quick",
+        "--nodes",
+        "10",
+        "--configs",
+        "100",
+        "--window",
+        "1",
+        "--output",
+        str(out),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scripts/s" in result.stdout
+    data = report(out)
+    (cell,) = data["cells"]
+    assert cell["ok"], cell.get("error") or cell.get("not_converged_state")
+    assert cell["generator"]["dropped_members"] == 0
+    assert cell["leader"]["plan"]["n"] >= 1
