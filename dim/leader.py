@@ -462,9 +462,11 @@ class LeaderLoop(Loop["Node"]):
         grace = bool(self._grace_until)
         wanted_claims = plan.claims_to_read(wanted, members, written, grace, pacing)
         holders = store.claims(wanted_claims) if wanted_claims else {}
+        self.alive_at = node.clock()  # each step of a long tick shows the loop is alive
         step = plan.plan(
             wanted, members, written, holders, grace=grace, pacing=pacing, exclude=exclude
         )
+        self.alive_at = node.clock()
         new, unplaced, change = step.assignment, step.unplaced, step.change
         old = self._assignment
         if step.held_back and not self._deferred:
