@@ -322,10 +322,11 @@ class Reconciler(Loop["Node"]):
                 self._full = self._full or full
                 raise
             with self.table.lock:
-                if self._read_version != before:
+                overtaken = self._read_version != before
+                if overtaken:
                     # a delta from a hint moved the share on while this read was under
                     # way: the read may predate it; keep the hint's and read again
-                    self._need_read = self._read_version != share.version
+                    self._need_read = self._need_read or self._read_version != share.version
                     share = ShareRead(self._read_version, {}, {}, ())
                 if share.removed is None:
                     desired = {}
@@ -349,8 +350,9 @@ class Reconciler(Loop["Node"]):
                 self._placements = placements
                 self._read_version = version
                 self._have_read = True
-                # what we just read is the truth as of now; the heartbeat moves it on
-                self._version = version
+                if not overtaken:
+                    # what we just read is the truth as of now; the heartbeat moves it on
+                    self._version = version
             self.claims.release_orphans()
         to_claim = self._plan(retry_all=read)
         if to_claim:

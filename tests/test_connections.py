@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from dim import Manager, RedisUnavailableError, Settings
 from dim.keys import Keys
+from dim.store import Store
 from dim.testing import RedisServer, TLSFiles, find_redis_server, free_port, wait_until
 
 from .helpers import FAST, Cluster, dim_env, run_dim
@@ -61,6 +62,7 @@ NODE_COMMANDS = (
     "scard",
     "script|load",
     "set",
+    "sismember",
     "smembers",
     "srem",
     "subscribe",
@@ -509,6 +511,12 @@ def test_minimal_acl_user_runs_a_cluster(
         cluster.managers[0].refresh()
         wait_until(lambda: cluster.counts() == [1, 2] and cluster.settled(), 10)
         assert sorted(cluster.managers[1].status().configs) == [0, 1, 2]
+        # where a config stands, asked at the share version held (a node checking a
+        # config it keeps outside its share), as this user
+        node = cluster.managers[0]
+        with redis.Redis.from_url(url) as client:
+            held = node._node.reconciler.version  # type: ignore[union-attr]
+            Store(client, service).read_desired(node.node_id, ["0"], held)
     finally:
         stop_cleanly(cluster)
     assert denials(admin) == []

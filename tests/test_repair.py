@@ -162,3 +162,38 @@ def test_a_config_kept_outside_a_share_stops_when_given_to_another_node(
         admin.resume()
     finally:
         cluster.stop()
+
+
+def test_a_contested_config_keeps_running_until_the_leader_repairs_it(
+    redis_url: str, service: str, redis_client: redis.Redis
+) -> None:
+    """A node whose desired set names a config the assignment gives to another node
+    (a lost write) neither stops nor starts it: it keeps running it, heartbeat after
+    heartbeat, for as long as the leader leaves the disagreement in place (paused)."""
+    cluster = Cluster(redis_url, service, list(range(4)))
+    keys = Keys(service)
+    try:
+        a, b = cluster.add(2)
+        cluster.wait_balanced()
+        admin = Admin(redis_url, service=service)
+        admin.pause()
+        wait_until(lambda: any(m._node.leader._paused for m in (a, b)), 5)  # type: ignore[union-attr]
+        victim = next(iter(a.instances))
+        # the assignment says B, A's desired set still names it; A reads its share
+        redis_client.hset(keys.assignment, str(victim), b.node_id)
+        version = str(redis_client.incr(keys.fence))
+        redis_client.hset(keys.shares, a.node_id, version)
+        wait_until(lambda: a._node.reconciler.version == version, 5)  # type: ignore[union-attr]
+        # ten heartbeats later A still runs it (and B never started it)
+        renewal = a._node.renewal  # type: ignore[union-attr]
+        later = renewal.last + 10 * FAST.heartbeat_interval
+        wait_until(lambda: renewal.last > later, 5)
+        assert victim in a.instances and victim not in b.instances
+        # (the leader's repair compares counts first, which this swap leaves equal: put
+        # the entry back as the repair of a lost write would)
+        redis_client.hset(keys.assignment, str(victim), a.node_id)
+        admin.resume()
+        cluster.wait_balanced()
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()

@@ -81,6 +81,16 @@ if delta then
 else
   for _, ckey in ipairs(redis.call('SMEMBERS', desired_key)) do take(ckey) end
 end
+if delta then
+  -- an asked config our set still names (the assignment elsewhere, found by an
+  -- earlier whole read: contested; or back with us) stands as in a whole read
+  for _, ckey in ipairs(asked) do
+    if not wanted[ckey] and not contested[ckey]
+        and redis.call('SISMEMBER', desired_key, ckey) == 1 then
+      take(ckey)
+    end
+  end
+end
 local mine = {}
 local seen = {}
 for _, ckey in ipairs(asked) do
