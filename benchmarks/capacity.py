@@ -631,11 +631,10 @@ class Generator:
             if isinstance(result, Exception):
                 self._error("read_desired", result)
                 continue
-            version, desired, _placements = result
             self.read_count += 1
             self.to_read.discard(m)
-            m.read_version = version
-            m.desired = set(desired)
+            m.read_version = result.version
+            m.desired = set(result.entries)  # a whole read: no version held
             if self.claim:
                 self.to_claim.add(m)
                 self.just_read.add(m)
@@ -792,7 +791,8 @@ class Generator:
             pipe.get(k.leader)
             pipe.hlen(k.assignment)
             pipe.hlen(k.unplaced)
-            version, leader, assigned, unplaced = pipe.execute()
+            pipe.hgetall(k.shares)
+            version, leader, assigned, unplaced, shares = pipe.execute()
         version = version.decode() if version else None
         leader_id = leader.decode().rpartition(":")[0] if leader else None
         leader_share = leader_running = 0
@@ -803,7 +803,9 @@ class Generator:
                 leader_share, health = pipe.execute()
             leader_running = int((health or b"0").split()[0])
         loads = [len(m.desired) for m in self.members]
-        behind = sum(1 for m in self.members if m.read_version != version)
+        # a member is behind until it has read its share at the share's version
+        shares = {key.decode(): value.decode() for key, value in shares.items()}
+        behind = sum(1 for m in self.members if m.read_version != shares.get(m.node_id))
         unclaimed = sum(len(m.pending()) for m in self.members) if self.claim else 0
         total = sum(loads) + leader_share
         fair = math.ceil(self.configs / self.nodes_total)
