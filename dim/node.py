@@ -240,7 +240,7 @@ class Heartbeat(Loop["Node"]):
             node.set_leader(result.leader)
         elif node.is_leader:
             node.set_leader(None)
-        node.reconciler.saw_version(result.version)
+        node.reconciler.saw_version(result.version, sent)
         if result.view is not None and node.is_leader:
             node.leader.observe(result.view, sent)
 

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# how long a node whose heartbeat found a new share version waits for the write's hint
+# (and the delta in it) before it reads the share itself
+HINT_WAIT = 0.05
+
 
 class Reconciler(Loop["Node"]):
     """Owns the local instance table and makes it match this node's desired set."""
@@ -57,6 +61,12 @@ class Reconciler(Loop["Node"]):
         self._need_read = True
         self._full = True  # the next read takes the whole share, not a delta
         self._recheck_at = 0.0  # when to ask again where kept configs stand
+        # when a hint or a read last moved the share this node holds on: a heartbeat
+        # sent before then may report an older version than it knows
+        self._known_at = float("-inf")
+        # a heartbeat reported a share version no hint has brought yet: read at this
+        # time unless the hint comes first (it is usually under way)
+        self._check_at: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
@@ -89,13 +99,22 @@ class Reconciler(Loop["Node"]):
 
     # -- signals from other loops -----------------------------------------------------
 
-    def saw_version(self, version: Optional[str]) -> None:
-        """The heartbeat saw this assignment version: read the share again if it is new."""
+    def saw_version(self, version: Optional[str], sent: float) -> None:
+        """A heartbeat sent at ``sent`` found this share version: read the share again
+        if no hint brings it first (protocol.rst §4.1)."""
         with self.table.lock:
-            if version == self._version:
+            if version == self._version or sent < self._known_at:
+                # known; or the heartbeat left before a hint or read moved us on, and may
+                # report the version before it: the next heartbeat tells
                 return
             self._version = version
-        self.wake(read=True)
+            if version == self._read_version:
+                self._check_at = None
+                return
+            # the write's hint to this node left Redis before this reply: give it a
+            # moment to arrive (a lost hint costs that moment more than a heartbeat)
+            self._check_at = self.node.clock() + HINT_WAIT
+        super().wake()
 
     def wake(self, read: bool = False) -> None:
         if read:
@@ -158,6 +177,7 @@ class Reconciler(Loop["Node"]):
             if same:
                 self._read_version = str(version)
                 self._version = str(version)
+                self._known_at = node.clock()
         if same:
             self.table.notify()
         else:
@@ -181,6 +201,7 @@ class Reconciler(Loop["Node"]):
         self.table.desired = desired
         self._placements = placements
         self._read_version = version
+        self._known_at = self.node.clock()
         if self._version is None or _newer(version, self._version):
             self._version = version
 
@@ -298,6 +319,16 @@ class Reconciler(Loop["Node"]):
                     for c, s in self.table.slots.items()
                 ):
                     self._need_read = True
+        wait = interval
+        with self.table.lock:
+            if self._check_at is not None:
+                if self._read_version == self._version:
+                    self._check_at = None  # the hint came
+                elif now >= self._check_at:
+                    self._check_at = None
+                    self._need_read = True
+                else:
+                    wait = self._check_at - now
         read = self._need_read
         if self._need_read:
             self._need_read = False
@@ -349,6 +380,7 @@ class Reconciler(Loop["Node"]):
                 self.table.desired = desired
                 self._placements = placements
                 self._read_version = version
+                self._known_at = node.clock()
                 self._have_read = True
                 if not overtaken:
                     # what we just read is the truth as of now; the heartbeat moves it on
@@ -365,7 +397,7 @@ class Reconciler(Loop["Node"]):
                 tokens = node.store.claim(node.node_id, to_claim, s.create_lease, node.session)
                 self._claimed(tokens, sent)
         self.table.notify()
-        return interval
+        return wait
 
     def _plan(self, retry_all: bool) -> list[str]:
         """Start/stop what the desired set says; return the config keys to claim.

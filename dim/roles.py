@@ -52,7 +52,7 @@ class ReconcilerRole(Runnable, Protocol):
 
     def wake(self, read: bool = False) -> None: ...  # read: this node's share again
 
-    def saw_version(self, version: Optional[str]) -> None: ...
+    def saw_version(self, version: Optional[str], sent: float) -> None: ...
 
     def renewed(
         self, sent: dict[str, tuple[int, float]], statuses: dict[str, ClaimStatus], at: float

@@ -302,3 +302,102 @@ def test_a_read_at_the_version_held_returns_only_where_configs_stand(
     assert read.version == str(v1)
     assert read.entries == {} and read.removed == ()
     assert read.placements["x"].node == "b"
+
+
+def _count_reads(managers: list[Manager]) -> list[str]:
+    """Record the node of every read of a share from now on."""
+    reads: list[str] = []
+    for m in managers:
+        store = m._node.store  # type: ignore[union-attr]
+        read = store.read_desired
+
+        def counted(*a: Any, _read: Any = read, _id: str = m.node_id) -> Any:
+            reads.append(_id)
+            return _read(*a)
+
+        store.read_desired = counted  # type: ignore[method-assign]
+    return reads
+
+
+def _change_a_config_of(cluster: Cluster, owner: Manager, managers: list[Manager]) -> Any:
+    changed = next(iter(owner.instances))
+    cluster.configs[changed] = {"id": changed, "v": 1}
+    managers[0].refresh()
+    return changed
+
+
+def _recreated(owner: Manager, changed: Any) -> bool:
+    instance = owner.instances.get(changed)
+    return instance is not None and instance.config["v"] == 1
+
+
+def test_a_heartbeat_ahead_of_the_hint_waits_for_it(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat that finds the new share version before the write's hint has arrived
+    does not make the node read its share: the hint, with its delta, follows at once."""
+    monkeypatch.setattr("dim.reconciler.HINT_WAIT", 5.0)  # a hint never waited out here
+    cluster = Cluster(redis_url, service, [{"id": i, "v": 0} for i in range(6)])
+    try:
+        managers = cluster.add(3)
+        cluster.wait_settled()
+        owner = next(m for m in managers if m.instances and not m.is_leader)
+        reconciler = owner._node.reconciler  # type: ignore[union-attr]
+        before = reconciler.version
+        deliver = reconciler.assigned
+
+        def late(*a: Any, **kw: Any) -> None:
+            # the hint waits until a heartbeat has reported the version it brings
+            wait_until(lambda: reconciler.version != before, 10, message="no heartbeat")
+            deliver(*a, **kw)
+
+        reconciler.assigned = late  # type: ignore[method-assign]
+        reads = _count_reads(managers)
+        changed = _change_a_config_of(cluster, owner, managers)
+        wait_until(lambda: _recreated(owner, changed), 10, message="not recreated")
+        assert owner.wait_until_stable(10)
+        assert reads == []
+    finally:
+        cluster.stop()
+
+
+def test_a_heartbeat_older_than_the_hint_does_not_set_the_node_back(
+    redis_url: str, service: str
+) -> None:
+    """A heartbeat that ran in Redis before a write, but whose reply is handled after the
+    write's hint, reports the version before it: the node neither goes back to that
+    version nor reads its share."""
+    cluster = Cluster(redis_url, service, [{"id": i, "v": 0} for i in range(6)])
+    try:
+        managers = cluster.add(3)
+        cluster.wait_settled()
+        owner = next(m for m in managers if m.instances and not m.is_leader)
+        node = owner._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
+        before = reconciler.version
+        beat = node.store.heartbeat
+        hold = threading.Event()
+        held = threading.Event()
+
+        def slow_reply(*a: Any, **kw: Any) -> Any:
+            result = beat(*a, **kw)
+            if hold.is_set() and not held.is_set():
+                # this heartbeat ran before the write: hand its reply over after the hint
+                held.set()
+                wait_until(lambda: reconciler.version != before, 10, message="no hint")
+            return result
+
+        node.store.heartbeat = slow_reply  # type: ignore[method-assign]
+        hold.set()
+        assert held.wait(5)
+        reads = _count_reads(managers)
+        changed = _change_a_config_of(cluster, owner, managers)
+        wait_until(lambda: _recreated(owner, changed), 10, message="not recreated")
+        renewal = node.renewal
+        now = time.monotonic()
+        wait_until(lambda: renewal.last > now + 3 * FAST.heartbeat_interval, 5)
+        assert reconciler.version != before
+        assert owner.wait_until_stable(10)
+        assert reads == []
+    finally:
+        cluster.stop()
