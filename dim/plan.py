@@ -97,10 +97,11 @@ def deltas(
         n: {"a": sorted(change.add.get(n, ())), "r": sorted(change.rem.get(n, ())), "u": []}
         for n in targets
     }
+    added = {n: set(change.add.get(n, ())) for n in out}
     touched = set(change.configs) | set(change.assign)
     for ckey in sorted(touched):
         node = assignment.get(ckey)
-        if node in out and ckey not in change.add.get(node, ()):
+        if node in out and ckey not in added[node]:
             out[node]["u"].append(ckey)
     if configs is not None:
         for node, text in inline_deltas(out, assignment, configs, change.configs, limit).items():
@@ -132,7 +133,10 @@ def inline_deltas(
     that still exists but has no node (it may keep running: the node must read where
     it stands). ``changed``: the configs whose content the write changes."""
     out: dict[str, str] = {}
+    changed = set(changed)
     for node, delta in deltas.items():
+        if len(delta["a"]) + len(delta["u"]) + len(delta["r"]) > limit:
+            continue  # each entry takes more than a character: it cannot fit
         if any(c not in changed for c in delta["u"]):
             continue
         if any(c not in configs for c in delta["a"] + delta["u"]):
