@@ -804,10 +804,16 @@ class Cluster:
             # was read, less its idle use over that time (its heartbeats)
             acting = {r["pid"] for r in window if r["ev"] in ("create", "disconnect")}
             per: dict[int, float] = {}
+            # a node that left says what its stop took (the threads it ended take their
+            # time out of its schedstat: it would read less than it had)
+            stopped = {r["pid"]: r["cpu_ns"] for r in window if "cpu_ns" in r}
             for pid, was in cpu_before.items():
+                if pid in stopped:
+                    per[pid] = stopped[pid] / 1e9
+                    continue
                 now = cpu_after.get(pid)
                 if was is None or now is None:
-                    continue  # gone (the node that left): not counted
+                    continue  # gone without a word (killed): not counted
                 rate = self.idle_cpu.get(pid)
                 if rate is None:  # a process started since: the others' median
                     rate = statistics.median(self.idle_cpu.values()) if self.idle_cpu else 0.0

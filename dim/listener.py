@@ -94,9 +94,8 @@ class HintListener(Loop["Node"]):
             node.reconciler.released(())
         if kind is Kind.ASSIGNED:
             stale = message.epoch is not None and message.epoch < node.epoch and node.is_leader
-            if not stale and (
-                message.version is None or str(message.version) != node.reconciler.version
-            ):
+            if not stale:
+                # (a version the heartbeat already reported still needs its delta)
                 delta = None
                 if message.added is not None and message.moved is not None:
                     delta = (message.added, message.moved)

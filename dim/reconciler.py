@@ -111,6 +111,8 @@ class Reconciler(Loop["Node"]):
             if version == self._read_version:
                 self._check_at = None
                 return
+            if self._check_at is not None:
+                return  # already waiting (a later version must not put the read off)
             # the write's hint to this node left Redis before this reply: give it a
             # moment to arrive (a lost hint costs that moment more than a heartbeat)
             self._check_at = self.node.clock() + HINT_WAIT
@@ -149,6 +151,10 @@ class Reconciler(Loop["Node"]):
         ``previous`` and handles nothing outside its share: its share is the same.
         """
         node = self.node
+        if version is not None:
+            with self.table.lock:
+                if self._read_version == str(version) and not self._need_read:
+                    return  # read already (share versions are never reused)
         if delta is not None and version is not None and previous is not None:
             with self.table.lock:
                 applies = (
@@ -383,8 +389,16 @@ class Reconciler(Loop["Node"]):
                 self._known_at = node.clock()
                 self._have_read = True
                 if not overtaken:
-                    # what we just read is the truth as of now; the heartbeat moves it on
-                    self._version = version
+                    if (
+                        self._version is None
+                        or version is None
+                        or not _newer(self._version, version)
+                    ):
+                        self._version = version
+                    elif self._check_at is None:
+                        # a heartbeat found a later version while this read was under
+                        # way: the read may predate that write; its hint or a read
+                        self._check_at = node.clock() + HINT_WAIT
             self.claims.release_orphans()
         to_claim = self._plan(retry_all=read)
         if to_claim:

@@ -12,7 +12,7 @@ import redis
 
 from dim import Manager, plan
 from dim.keys import Keys
-from dim.messages import Kind
+from dim.messages import Kind, decode
 from dim.plan import Change
 from dim.store import Store
 from dim.testing import wait_until
@@ -342,16 +342,19 @@ def test_a_heartbeat_ahead_of_the_hint_waits_for_it(
         managers = cluster.add(3)
         cluster.wait_settled()
         owner = next(m for m in managers if m.instances and not m.is_leader)
-        reconciler = owner._node.reconciler  # type: ignore[union-attr]
+        node = owner._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
         before = reconciler.version
-        deliver = reconciler.assigned
+        listener = node.listener
+        deliver = listener.handle
 
-        def late(*a: Any, **kw: Any) -> None:
+        def late(data: Any) -> Any:
             # the hint waits until a heartbeat has reported the version it brings
-            wait_until(lambda: reconciler.version != before, 10, message="no heartbeat")
-            deliver(*a, **kw)
+            if decode(data).kind is Kind.ASSIGNED:
+                wait_until(lambda: reconciler.version != before, 10, message="no heartbeat")
+            return deliver(data)
 
-        reconciler.assigned = late  # type: ignore[method-assign]
+        listener.handle = late  # type: ignore[method-assign]
         reads = _count_reads(managers)
         changed = _change_a_config_of(cluster, owner, managers)
         wait_until(lambda: _recreated(owner, changed), 10, message="not recreated")
@@ -399,5 +402,93 @@ def test_a_heartbeat_older_than_the_hint_does_not_set_the_node_back(
         assert reconciler.version != before
         assert owner.wait_until_stable(10)
         assert reads == []
+    finally:
+        cluster.stop()
+
+
+def test_a_lost_hint_is_read_for_while_writes_keep_coming(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose hints are lost reads its share a moment after its heartbeat first
+    finds a version no hint brought, even while each heartbeat finds a newer one."""
+    monkeypatch.setattr("dim.reconciler.HINT_WAIT", 0.2)  # four heartbeats
+    cluster = Cluster(redis_url, service, [{"id": i, "v": 0} for i in range(6)])
+    try:
+        managers = cluster.add(3)
+        cluster.wait_settled()
+        owner = next(m for m in managers if m.instances and not m.is_leader)
+        listener = owner._node.listener  # type: ignore[union-attr]
+        deliver = listener.handle
+        listener.handle = lambda data: (  # type: ignore[method-assign]
+            None if decode(data).kind is Kind.ASSIGNED else deliver(data)
+        )
+        reads = _count_reads([owner])
+        changed = next(iter(owner.instances))
+        deadline = time.monotonic() + 5
+        v = 0
+        while not reads and time.monotonic() < deadline:
+            # a new share version at about every heartbeat of the owner
+            v += 1
+            cluster.configs[changed] = {"id": changed, "v": v}
+            managers[0].refresh()
+            owner._node.stop_event.wait(0.04)  # type: ignore[union-attr]
+        assert reads, f"no read in 5 s of {v} changes"
+    finally:
+        cluster.stop()
+
+
+def test_a_read_that_crossed_a_write_is_followed_by_another(redis_url: str, service: str) -> None:
+    """A read that ran in Redis before a write, answered after the heartbeat found the
+    write's version, does not count as holding that version: with the hint lost and no
+    heartbeat after, the node still reads again."""
+    settings = FAST.replace(node_ttl=5.0, leader_ttl=5.0)  # heartbeats may stop a while
+    cluster = Cluster(redis_url, service, [{"id": i, "v": 0} for i in range(6)], settings=settings)
+    try:
+        managers = cluster.add(3)
+        cluster.wait_settled()
+        owner = next(m for m in managers if m.instances and not m.is_leader)
+        node = owner._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
+        listener = node.listener
+        deliver = listener.handle
+        listener.handle = lambda data: (  # type: ignore[method-assign]
+            None if decode(data).kind is Kind.ASSIGNED else deliver(data)
+        )
+        before = reconciler.version
+        read = node.store.read_desired
+        reads: list[Any] = []
+        crossed = threading.Event()
+
+        def slow_read(*a: Any) -> Any:
+            result = read(*a)
+            reads.append(result.version)
+            if len(reads) == 1:
+                # this read ran before the write: answer once a heartbeat found it
+                crossed.set()
+                wait_until(lambda: reconciler.version != before, 10, message="no heartbeat")
+                hold.set()
+            return result
+
+        node.store.read_desired = slow_read  # type: ignore[method-assign]
+        beat = node.store.heartbeat
+        hold, resume = threading.Event(), threading.Event()
+
+        def held_beat(*a: Any, **kw: Any) -> Any:
+            if hold.is_set():
+                resume.wait(3)  # no heartbeat after the one that found the write
+            return beat(*a, **kw)
+
+        node.store.heartbeat = held_beat  # type: ignore[method-assign]
+        reconciler.wake(read=True)
+        assert crossed.wait(5)
+        changed = next(iter(owner.instances))
+        cluster.configs[changed] = {"id": changed, "v": 1}
+        managers[0].refresh()
+        try:
+            wait_until(lambda: len(reads) >= 2, 2, message="no read after the crossed one")
+        finally:
+            resume.set()
+        assert reads[0] == before and reads[1] != before
+        wait_until(lambda: _recreated(owner, changed), 10, message="not recreated")
     finally:
         cluster.stop()
