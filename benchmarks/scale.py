@@ -7,8 +7,12 @@ lines right after the call). Heartbeats (the HEARTBEAT script, by its SHA) are l
 they are the idle cost (see ``idle_cost.py``), the same with or without a rebalance.
 What remains is the rebalance: commands (script-internal ones included), round trips
 (top-level commands; a pipeline counts each of its commands), script calls, bytes in
-(the exact RESP size of those requests) and bytes out (``total_net_output_bytes`` from
-``INFO stats`` less the MONITOR feed, our own INFO replies and the heartbeat replies).
+(the exact RESP size of those requests). Bytes out come from a second pass of the same
+events without MONITOR (its feed is counted in ``total_net_output_bytes`` and dwarfs
+the replies): ``total_net_output_bytes`` over the event, less our own INFO replies and
+the heartbeat replies, estimated as the idle output rate measured just before times
+the event's duration (the heartbeats renew every claim of the service whichever node
+holds it, so their replies cost about the same before, during and after a move).
 Settings: ``heartbeat_interval`` 1 s, ``node_ttl`` 5 s. The service is pre-seeded (fence
 and version keys exist, as for any service that ran before), so the first leader places
 configs at once instead of waiting one node TTL. Latencies in this part run under
@@ -81,26 +85,24 @@ def info_bounds(tap: MonitorTap, start: int) -> tuple[int, int]:
     return (marks[0] + 1, marks[-1]) if len(marks) >= 2 else (start, len(lines))
 
 
-def bulk(value: Optional[bytes]) -> int:
-    return 5 if value is None else len(f"${len(value)}\r\n") + len(value) + 2
+def idle_out_rate(cluster: Cluster, seconds: float = 3.0) -> tuple[float, float]:
+    """Bytes per second the server sends while nothing happens (the heartbeat replies),
+    and the bytes of our own pair of INFO reads."""
+    nulls = []
+    for _ in range(5):
+        a = redis_counters(cluster.client)
+        b = redis_counters(cluster.client)
+        nulls.append(b["net_out"] - a["net_out"])
+    null_out = statistics.median(nulls)
+    before = redis_counters(cluster.client)
+    t0 = time.monotonic()
+    pause(seconds)
+    after = redis_counters(cluster.client)
+    rate = (after["net_out"] - before["net_out"] - null_out) / (time.monotonic() - t0)
+    return rate, null_out
 
 
-def heartbeat_reply_bytes(
-    call: dict[str, Any], version: Optional[bytes], leader: Optional[bytes]
-) -> int:
-    """Size of one heartbeat reply (see scripts.HEARTBEAT), from its request."""
-    claims = int(call["args"][2]) - 6
-    return 4 + 17 + bulk(version) + bulk(leader) + 8 + len(f"*{claims}\r\n") + 4 * claims + 4
-
-
-def window_cost(
-    cluster: Cluster,
-    tap: MonitorTap,
-    start: int,
-    before: dict[str, Any],
-    after: dict[str, Any],
-    null_out: float,
-) -> dict[str, Any]:
+def window_cost(tap: MonitorTap, start: int) -> dict[str, Any]:
     """What the cluster sent in a window, heartbeats and our own reads left out."""
     pause(0.2)  # let the tap catch up with the last INFO
     first, last = info_bounds(tap, start)
@@ -112,33 +114,24 @@ def window_cost(
         per[c["cmd"]] += 1
         for inner in c["inner"]:
             per[f"lua:{inner}"] += 1
-    feed = sum(len(line.encode()) + 3 for line in tap.lines[first - 1 : last + 1])
-    version = cluster.client.get(cluster.keys.version)
-    leader = cluster.client.get(cluster.keys.leader)
-    beat_out = sum(heartbeat_reply_bytes(c, version, leader) for c in beats)
     return {
         "round_trips": len(rest),
         "commands": len(rest) + sum(len(c["inner"]) for c in rest),
         "script_calls": sum(1 for c in rest if c["cmd"] in ("evalsha", "eval")),
         "per_command": dict(per),
         "net_in": sum(MonitorTap.resp_size(c["args"]) for c in rest),
-        "net_out": after["net_out"] - before["net_out"] - feed - null_out - beat_out,
         "heartbeats_left_out": len(beats),
     }
 
 
-def null_out_cost(cluster: Cluster, tap: MonitorTap, samples: int = 5) -> float:
-    """Bytes our own pair of INFO reads adds to ``total_net_output_bytes``."""
-    outs = []
-    for _ in range(samples):
-        start = tap.mark()
-        before = redis_counters(cluster.client)
-        after = redis_counters(cluster.client)
-        pause(0.1)
-        first, last = info_bounds(tap, start)
-        feed = sum(len(line.encode()) + 3 for line in tap.lines[first - 1 : last + 1])
-        outs.append(after["net_out"] - before["net_out"] - feed)
-    return statistics.median(outs)
+def event_action(cluster: Cluster, event: str) -> Any:
+    """A join (a preloaded process starts its manager) or a graceful leave (SIGTERM to
+    a node that does not lead)."""
+    if event == "join":
+        return lambda: cluster.join()[1]
+    leader = cluster.leader_proc()
+    victim = next(p for p in cluster.live() if p is not leader)
+    return lambda: cluster.terminate(victim)
 
 
 def cost_cell(server: Any, work: Path, n_nodes: int, n_configs: int, reps: int) -> dict[str, Any]:
@@ -148,27 +141,35 @@ def cost_cell(server: Any, work: Path, n_nodes: int, n_configs: int, reps: int) 
     client.close()
     configs = [{"id": i, "v": 0} for i in range(n_configs)]
     cluster = Cluster("dim", server, work, service, configs, settings=COST_SETTINGS)
-    out: dict[str, list[dict[str, Any]]] = {"join": [], "leave": []}
+    events = ("join", "leave", "join_out", "leave_out")
+    out: dict[str, list[dict[str, Any]]] = {e: [] for e in events}
     try:
         cluster.start_nodes(n_nodes, timeout=300)
         cluster.prepare()
         with MonitorTap(server) as tap:
-            null_out = null_out_cost(cluster, tap)
             for _rep in range(reps):
                 for event in ("join", "leave"):
-                    if event == "join":
-                        action = lambda: cluster.join()[1]  # noqa: E731
-                    else:
-                        leader = cluster.leader_proc()
-                        victim = next(p for p in cluster.live() if p is not leader)
-                        action = lambda v=victim: cluster.terminate(v)  # noqa: E731
                     start = tap.mark()
-                    before = redis_counters(cluster.client)
-                    result = cluster.measure(event, action, timeout=120)
-                    after = redis_counters(cluster.client)
+                    redis_counters(cluster.client)  # an INFO: marks the window's start
+                    result = cluster.measure(event, event_action(cluster, event), timeout=120)
+                    redis_counters(cluster.client)  # ... and its end
                     if result.get("ok"):
-                        result["redis"] = window_cost(cluster, tap, start, before, after, null_out)
+                        result["redis"] = window_cost(tap, start)
                     out[event].append(result)
+        # bytes out: the same events again, without MONITOR
+        rate, null_out = idle_out_rate(cluster)
+        for _rep in range(reps):
+            for event in ("join", "leave"):
+                before = redis_counters(cluster.client)
+                t0 = time.monotonic()
+                result = cluster.measure(event, event_action(cluster, event), timeout=120)
+                after = redis_counters(cluster.client)
+                elapsed = time.monotonic() - t0
+                if result.get("ok"):
+                    beats = rate * elapsed
+                    result["net_out"] = after["net_out"] - before["net_out"] - null_out - beats
+                    result["net_out_beats"] = beats
+                out[event + "_out"].append(result)
     finally:
         cluster.close()
     return {"nodes": n_nodes, "configs": n_configs, "events": out}
@@ -180,6 +181,7 @@ def cost_rows(cell: dict[str, Any]) -> list[dict[str, Any]]:
         ok = [r for r in results if r.get("ok") and "redis" in r]
         if not ok:
             continue
+        outs = [r["net_out"] for r in cell["events"].get(event + "_out", []) if "net_out" in r]
 
         def med(key: str, ok: list[dict[str, Any]] = ok) -> float:
             return statistics.median(r["redis"][key] for r in ok)
@@ -202,7 +204,7 @@ def cost_rows(cell: dict[str, Any]) -> list[dict[str, Any]]:
                 "round_trips": med("round_trips"),
                 "script_calls": med("script_calls"),
                 "net_in": med("net_in"),
-                "net_out": med("net_out"),
+                "net_out": statistics.median(outs) if outs else None,
                 "commands_per_move": med("commands") / moved if moved else None,
                 "per_command": {
                     n: statistics.median(r["redis"]["per_command"].get(n, 0) for r in ok)
@@ -214,14 +216,18 @@ def cost_rows(cell: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fit(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Least squares: cost = a * moved + b * nodes + c (numbers only, no numpy)."""
-    xs = [(r["moved"], r["nodes"], 1.0) for r in rows]
+    """Least squares: cost = a * moved + b * nodes + d * configs + c (no numpy). The
+    configs term shows whether the cost grows with M at a given number moved."""
+    rows = [r for r in rows if r.get(key) is not None]
+    if len(rows) < 5:
+        return {}
+    xs = [(r["moved"], r["nodes"], r["configs"], 1.0) for r in rows]
     ys = [r[key] for r in rows]
-    # normal equations for 3 unknowns
-    m = [[sum(x[i] * x[j] for x in xs) for j in range(3)] for i in range(3)]
-    v = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(3)]
+    k = len(xs[0])
+    m = [[sum(x[i] * x[j] for x in xs) for j in range(k)] for i in range(k)]
+    v = [sum(x[i] * y for x, y in zip(xs, ys)) for i in range(k)]
     try:
-        coef = _solve3(m, v)
+        coef = _solve(m, v)
     except ZeroDivisionError:
         return {}
     pred = [sum(c * xi for c, xi in zip(coef, x)) for x in xs]
@@ -231,22 +237,25 @@ def fit(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return {
         "per_moved": coef[0],
         "per_node": coef[1],
-        "constant": coef[2],
+        "per_config": coef[2],
+        "constant": coef[3],
         "r2": 1 - ss_res / ss_tot,
-        "max_relative_error": max(abs(y - p) / y for y, p in zip(ys, pred) if y),
+        "max_relative_error": max(abs(y - p) / abs(y) for y, p in zip(ys, pred) if y),
     }
 
 
-def _solve3(m: list[list[float]], v: list[float]) -> list[float]:
+def _solve(m: list[list[float]], v: list[float]) -> list[float]:
+    """Gauss-Jordan elimination with partial pivoting."""
+    k = len(v)
     a = [[*row[:], val] for row, val in zip(m, v)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
         a[col], a[pivot] = a[pivot], a[col]
-        for r in range(3):
+        for r in range(k):
             if r != col:
                 f = a[r][col] / a[col][col]
                 a[r] = [x - f * y for x, y in zip(a[r], a[col])]
-    return [a[i][3] / a[i][i] for i in range(3)]
+    return [a[i][k] / a[i][i] for i in range(k)]
 
 
 def large_cluster(
@@ -396,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"{r['round_trips']:.0f}",
                 f"{r['script_calls']:.0f}",
                 f"{r['net_in']:.0f}",
-                f"{r['net_out']:.0f}",
+                "-" if r["net_out"] is None else f"{r['net_out']:.0f}",
                 " ".join(
                     f"{k}={v:g}"
                     for k, v in sorted(r["per_command"].items(), key=lambda kv: -kv[1])[:4]
@@ -406,12 +415,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ],
     )
     fits = {key: fit(rows, key) for key in ("commands", "round_trips", "net_in", "net_out")}
-    print("\nfit cost = a*moved + b*nodes + c:")
+    print("\nfit cost = a*moved + b*nodes + d*configs + c:")
     for key, f in fits.items():
         if f:
             print(
                 f"  {key:>12}: a={f['per_moved']:.2f}/move b={f['per_node']:.2f}/node "
-                f"c={f['constant']:.1f} R^2={f['r2']:.3f}"
+                f"d={f['per_config']:.4f}/config c={f['constant']:.1f} R^2={f['r2']:.3f}"
             )
     if big is not None:
         print(

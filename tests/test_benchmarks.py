@@ -124,6 +124,8 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     data = report(out)
     assert {row["event"] for row in data["summary"]} == {"join", "leave"}
+    # bytes out from the pass without MONITOR, for every row
+    assert all(row["net_out"] is not None for row in data["summary"])
     assert data["large_cluster"]["nodes"] == 3
 
 
