@@ -411,6 +411,9 @@ class Reconciler(Loop["Node"]):
                 tokens = node.store.claim(node.node_id, to_claim, s.create_lease, node.session)
                 self._claimed(tokens, sent)
         self.table.notify()
+        with self.table.lock:
+            if self._check_at is not None:  # (set by the read above, perhaps)
+                wait = min(wait, max(0.0, self._check_at - node.clock()))
         return wait
 
     def _plan(self, retry_all: bool) -> list[str]:
