@@ -123,16 +123,7 @@ def test_assigned_hint_goes_only_to_the_nodes_it_changes(
         # a config of a node that does not lead (the leader hears no hint of its own)
         owner = next(m for m in managers if m.instances and not m.is_leader)
         changed = next(iter(owner.instances))
-        reads: list[str] = []
-        for m in managers:
-            store = m._node.store  # type: ignore[union-attr]
-            read = store.read_desired
-
-            def counted(*a: Any, _read: Any = read, _id: str = m.node_id) -> Any:
-                reads.append(_id)
-                return _read(*a)
-
-            store.read_desired = counted  # type: ignore[method-assign]
+        reads = _count_reads(managers)
         start = hints.mark()
         cluster.configs[changed] = {"id": changed, "v": 1}
         managers[0].refresh()
