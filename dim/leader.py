@@ -25,9 +25,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import redis
-
-from dim import plan
+from dim import announce, plan, writer
+from dim import change as change_set
+from dim.change import Change
 from dim.configs import Config, KeyFunc, Parsed
 from dim.configsource import ConfigSource
 from dim.constraints import Rules
@@ -337,9 +337,9 @@ class LeaderLoop(Loop["Node"]):
         store = node.store
         era = store.era
         self._reset()
-        self._epoch = epoch
+        self._epoch = 0  # until loaded: a read that fails here leaves the next tick to read
         self._value = value
-        self._reset_id = era.reset_id
+        reset_id = era.reset_id
         self._assignment = store.assignment()
         self._written = store.configs()
         self._unplaced = store.unplaced()  # what the previous leader reported
@@ -359,6 +359,7 @@ class LeaderLoop(Loop["Node"]):
                 node.node_id,
                 era.reset_until - node.clock(),
             )
+        self._epoch, self._reset_id = epoch, reset_id
 
     def _repair_placement(self, live: dict[str, float]) -> None:
         """Compare what Redis holds of the placement with this leader's copy, and write
@@ -396,22 +397,59 @@ class LeaderLoop(Loop["Node"]):
             wrong,
         )
         targets = set(change.add) | set(change.rem) | set(change.assign.values())
-        version, _kept = store.leader_write(
-            self._value,
-            change,
-            self._epoch,
-            node.node_id,
-            plan.deltas(change, self._assignment, targets),
-            reset_id=self._reset_id,
-        )
-        if version < 0:
+        wrote = self._write(change, self._assignment, targets)
+        if wrote.version < 0:
             self._repair = self._repair_full = True  # try again at the next tick
             self._dirty = True
             return
-        self._written_version = version
+        self._written_version = wrote.version
         self._forget_unwritten_moves()
         if node.node_id in targets:  # its own share changed: no hint tells it
             node.reconciler.wake(read=True)
+
+    def _write(
+        self,
+        change: Change,
+        assignment: dict[str, str],
+        targets: set[str],
+        configs: Optional[dict[str, str]] = None,
+        limit: int = 0,
+    ) -> writer.Wrote:
+        """Write ``change``: in parts when it is large (:mod:`dim.writer`), each part
+        whole, so after a write that stopped part-way this copy takes in those that
+        went through and the next tick plans from there."""
+        node = self.node
+
+        def progress() -> None:
+            self.alive_at = node.clock()  # a long write is not a stuck leader
+
+        wrote = writer.write(
+            node.store,
+            self._value,
+            change,
+            assignment,
+            targets,
+            configs,
+            limit,
+            self._reset_id,
+            progress,
+        )
+        if wrote.partial:
+            self._log.warning(
+                "leader %s: a write stopped after %d of %d parts",
+                node.node_id,
+                len(wrote.applied),
+                wrote.parts,
+            )
+            self._assignment, self._written, self._unplaced = change_set.apply(
+                wrote.applied, self._assignment, self._written, self._unplaced
+            )
+            self._written_version, self._dirty = wrote.written, True
+        if wrote.error is not None:
+            # the write may have run though its reply was lost: compare with Redis later
+            self._repair = self._repair_full = True
+            raise wrote.error
+        return wrote
 
     def _forget_unwritten_moves(self) -> None:
         """Redis holds this leader's placement now: a paced move it does not contain (its
@@ -493,25 +531,10 @@ class LeaderLoop(Loop["Node"]):
         # a node placed for the first time learns that the leader has seen it, even with
         # nothing to run (Manager.start(wait=True) waits for that)
         targets.update(n for n in live if n not in self._live)
-        try:
-            version, kept = store.leader_write(
-                self._value,
-                change,
-                self._epoch,
-                node.node_id,
-                plan.deltas(
-                    change,
-                    new,
-                    targets,
-                    {c: cfg.json for c, cfg in configs.items()},
-                    MAX_MESSAGE_BYTES - 120 - len(json.dumps(node.node_id)),
-                ),
-                reset_id=self._reset_id,
-            )
-        except redis.RedisError:
-            # the write may have run though its reply was lost: compare with Redis later
-            self._repair = self._repair_full = True
-            raise
+        limit = MAX_MESSAGE_BYTES - 120 - len(json.dumps(node.node_id))
+        jsons = {c: cfg.json for c, cfg in configs.items()}
+        wrote = self._write(change, new, targets, jsons, limit)
+        version, kept = wrote.version, list(wrote.kept)
         if version == WriteRefused.DEPOSED:
             self._log.warning(
                 "node %s: leader write refused (epoch %d is over)", node.node_id, self._epoch
@@ -544,22 +567,9 @@ class LeaderLoop(Loop["Node"]):
         # heartbeat (that delay was most of a graceful join or leave)
         if node.node_id in targets:  # its own share changed: no hint tells it
             node.reconciler.wake(read=True)
-        moved, placed = step.moved, step.placed
         self._wrote = True
         if unplaced != self._unplaced:
-            if unplaced:
-                self._log.warning(
-                    "%d configs cannot be placed: %s", len(unplaced), plan.summary(unplaced)
-                )
-            else:
-                self._log.info("every config has a place again")
-            node.emit(
-                Event(
-                    EventType.CONFIGS_UNPLACED,
-                    node.node_id,
-                    data={"unplaced": {configs[c].id: r for c, r in unplaced.items()}},
-                )
-            )
+            announce.unplaced(node, self._log, unplaced, configs)
         self._unplaced = unplaced
         self._roster.static -= self._forget_static
         self._forget_static = set()
@@ -569,30 +579,4 @@ class LeaderLoop(Loop["Node"]):
         self._written = {c: cfg.json for c, cfg in configs.items()}
         self._live = live
         self._dirty = False
-        self._log.info(
-            "rebalance v%d: %d configs on %d nodes (%d moved, %d placed, %d removed, "
-            "%d nodes dropped)%s",
-            version,
-            len(new),
-            len(live),
-            moved,
-            placed,
-            len(change.unassign),
-            len(change.drop_nodes),
-            " [waiting for claims after a Redis reset]" if self._grace_until else "",
-        )
-        node.emit(
-            Event(
-                EventType.REBALANCE_APPLIED,
-                node.node_id,
-                data={
-                    "version": version,
-                    "moved": moved,
-                    "placed": placed,
-                    "removed": len(change.unassign),
-                    "nodes": len(live),
-                    "configs": len(new),
-                    "unplaced": len(configs) - len(new),
-                },
-            )
-        )
+        announce.applied(node, self._log, version, step, len(live), len(configs), self._grace_until)

@@ -166,6 +166,7 @@ class Heartbeat(Loop["Node"]):
         self._now = False
         self._reset_seen = ""
         self._stale = 0  # stale replies in a row
+        self._stalled = 0.0  # the leader loop's last sign of life when we last warned
         self._log = NodeLog(log, node.node_id)
 
     def beat(self) -> None:
@@ -174,12 +175,22 @@ class Heartbeat(Loop["Node"]):
         s = node.settings
         leader_value = node.leader_value
         renew_leader = ""
-        if leader_value is not None and node.clock() - node.leader.alive_at < (
-            s.leader_ttl - s.heartbeat_interval
-        ):
+        quiet = node.clock() - node.leader.alive_at
+        if leader_value is not None and quiet < s.leader_ttl - s.heartbeat_interval:
             # renew only while the leader loop itself is alive: a leader whose loop is
             # stuck must lose the lease rather than freeze the cluster
             renew_leader = leader_value
+        elif leader_value is not None and self._stalled != node.leader.alive_at:
+            self._stalled = node.leader.alive_at  # once per stall
+            self._log.warning(
+                "node %s: the leader loop has shown no progress for %.1fs (leader_ttl %gs "
+                "less heartbeat_interval %gs): the lead lapses. A plan of very many "
+                "configs can take that long: raise leader_ttl",
+                node.node_id,
+                quiet,
+                s.leader_ttl,
+                s.heartbeat_interval,
+            )
         leads = leader_value is not None and not node.leaving
         running, unhealthy = node.reconciler.table.health()
         health = f"{running} {unhealthy}"

@@ -15,13 +15,13 @@ records expired), :func:`place` (the balanced placement, through :mod:`dim.balan
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, Optional
+from collections.abc import Collection, Mapping, Sequence
+from typing import Optional
 
 import attrs
 
 from dim import balance
+from dim.change import Change
 from dim.configs import Config
 from dim.constraints import eligible_nodes, format_tags
 from dim.protocol import absent_field, split_failure, static_field
@@ -32,83 +32,6 @@ NO_LIVE_NODE = "no live node"
 WAITS_FOR_CAPACITY = "waits for capacity"
 
 
-@attrs.frozen
-class Change:
-    """One leader write, as the leader-write script reads it (JSON, these field names).
-
-    :ivar assign: config -> its new node.
-    :ivar unassign: configs that leave the placement.
-    :ivar configs: config -> its JSON, where it changed.
-    :ivar drop_configs: configs removed.
-    :ivar add: node -> configs to add to its desired set.
-    :ivar rem: node -> configs to remove from its desired set.
-    :ivar drop_nodes: members to forget (gone, and not holding anything back).
-    :ivar drop_failures: failure records that expired.
-    :ivar control_set: control hash fields to set (``absent <node>``).
-    :ivar control_del: control hash fields to delete.
-    :ivar unplaced: config -> why it has no place, where that changed.
-    :ivar placeable: configs that have a place again.
-    """
-
-    assign: dict[str, str] = attrs.field(factory=dict)
-    unassign: list[str] = attrs.field(factory=list)
-    configs: dict[str, str] = attrs.field(factory=dict)
-    drop_configs: list[str] = attrs.field(factory=list)
-    add: dict[str, list[str]] = attrs.field(factory=dict)
-    rem: dict[str, list[str]] = attrs.field(factory=dict)
-    drop_nodes: list[str] = attrs.field(factory=list)
-    drop_failures: list[str] = attrs.field(factory=list)
-    control_set: dict[str, str] = attrs.field(factory=dict)
-    control_del: list[str] = attrs.field(factory=list)
-    unplaced: dict[str, str] = attrs.field(factory=dict)
-    placeable: list[str] = attrs.field(factory=list)
-
-    def __bool__(self) -> bool:
-        return any(attrs.astuple(self, recurse=False))
-
-    def entries(self) -> int:
-        """How many placement entries it touches (for the repair log)."""
-        return (
-            len(self.assign)
-            + len(self.unassign)
-            + sum(len(v) for v in self.add.values())
-            + sum(len(v) for v in self.rem.values())
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return attrs.asdict(self, recurse=False)
-
-
-def deltas(
-    change: Change,
-    assignment: Mapping[str, str],
-    targets: Iterable[str],
-    configs: Optional[Mapping[str, str]] = None,
-    limit: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """What a write changes in each target node's share, as the leader-write script
-    stores it for ``READ_DESIRED`` (protocol.rst §4.1): ``a`` configs added to its
-    desired set, ``r`` removed, ``u`` configs of its share whose content or assignment
-    entry the write changes (a node re-reads those). ``assignment`` is the placement
-    after the write; a target with nothing changed gets an empty delta. With
-    ``configs`` (config -> JSON after the write), ``h`` holds the delta's inline form
-    for the node's hint where it fits in ``limit`` characters (:func:`inline_deltas`)."""
-    out: dict[str, dict[str, Any]] = {
-        n: {"a": sorted(change.add.get(n, ())), "r": sorted(change.rem.get(n, ())), "u": []}
-        for n in targets
-    }
-    added = {n: set(change.add.get(n, ())) for n in out}
-    touched = set(change.configs) | set(change.assign)
-    for ckey in sorted(touched):
-        node = assignment.get(ckey)
-        if node in out and ckey not in added[node]:
-            out[node]["u"].append(ckey)
-    if configs is not None:
-        for node, text in inline_deltas(out, assignment, configs, change.configs, limit).items():
-            out[node]["h"] = text
-    return out
-
-
 def debounce_ends(
     delay: float, burst_since: Optional[float], quiet_since: float
 ) -> Optional[float]:
@@ -117,39 +40,6 @@ def debounce_ends(
     if not delay or burst_since is None:
         return None
     return min(quiet_since + delay, burst_since + 10 * delay)
-
-
-def inline_deltas(
-    deltas: Mapping[str, Mapping[str, Any]],
-    assignment: Mapping[str, str],
-    configs: Mapping[str, str],
-    changed: Collection[str],
-    limit: int,
-) -> dict[str, str]:
-    """For each node whose delta can ride in its ``assigned`` hint, the hint's extra
-    fields (``,"a":{ckey: json},"r":{ckey: node or null}``; protocol.rst §4.1), at most
-    ``limit`` characters. A delta stays out (the node reads it) when it changes an
-    assignment entry in place (``u`` without new content: a repair) or removes a config
-    that still exists but has no node (it may keep running: the node must read where
-    it stands). ``changed``: the configs whose content the write changes."""
-    out: dict[str, str] = {}
-    changed = set(changed)
-    for node, delta in deltas.items():
-        if len(delta["a"]) + len(delta["u"]) + len(delta["r"]) > limit:
-            continue  # each entry takes more than a character: it cannot fit
-        if any(c not in changed for c in delta["u"]):
-            continue
-        if any(c not in configs for c in delta["a"] + delta["u"]):
-            continue
-        if any(c in configs and c not in assignment for c in delta["r"]):
-            continue
-        added = {c: configs[c] for c in delta["a"] + delta["u"]}
-        moved = {c: assignment.get(c) for c in delta["r"]}
-        text = ',"a":' + json.dumps(added, separators=(",", ":"))
-        text += ',"r":' + json.dumps(moved, separators=(",", ":"))
-        if len(text) <= limit:
-            out[node] = text
-    return out
 
 
 @attrs.frozen

@@ -18,10 +18,10 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dim import protocol, scripts
+from dim.change import Change
 from dim.era import Era, Header
 from dim.keys import Keys
 from dim.messages import Message
-from dim.plan import Change
 from dim.protocol import Beat, ClaimStatus, ConfigPlace, ShareRead, View, parse_owner
 from dim.urls import client_from_url
 
@@ -470,7 +470,7 @@ class Store:
         Returns ``(new version or a :class:`~dim.protocol.WriteRefused` code, nodes
         kept)``: the nodes of ``drop_nodes`` that
         were alive again. Each node of ``deltas`` (the nodes whose share changes, with
-        what changes in it: :func:`dim.plan.deltas`) gets the new version as its share
+        what changes in it: :func:`dim.change.deltas`) gets the new version as its share
         version, its delta stored, and an ``assigned`` hint in its inbox.
         """
         k = self.keys

@@ -22,6 +22,7 @@ PURE = {
     "protocol",
     "renewal",
     "configs",
+    "change",
     "keys",
     "roster",
 }

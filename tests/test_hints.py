@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import redis
 
-from dim import Manager, plan
+from dim import Manager
+from dim import change as change_set
+from dim.change import Change
 from dim.keys import Keys
 from dim.messages import Kind, decode
-from dim.plan import Change
 from dim.store import Store
 from dim.testing import wait_until
 
@@ -209,7 +210,7 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
         configs={c: f'[{c},{{"id":{c}}}]' for c in share},
         add={"a": share},
     )
-    v1, _ = store.leader_write("a:5", first, 5, "a", plan.deltas(first, first.assign, ["a"]))
+    v1, _ = store.leader_write("a:5", first, 5, "a", change_set.deltas(first, first.assign, ["a"]))
     full = store.read_desired("a", [])
     assert full.removed is None and sorted(full.entries) == sorted(share)
     assert full.version == str(v1)
@@ -221,7 +222,7 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
         rem={"a": ["0"]},
     )
     after = {**first.assign, **second.assign}
-    v2, _ = store.leader_write("a:5", second, 5, "a", plan.deltas(second, after, ["a", "b"]))
+    v2, _ = store.leader_write("a:5", second, 5, "a", change_set.deltas(second, after, ["a", "b"]))
     delta = store.read_desired("a", [], str(v1))
     assert delta.version == str(v2)
     assert delta.removed == ("0",)
@@ -233,7 +234,7 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
 
     # a lost write: the assignment says b for a config the delta adds to a
     third = Change(assign={"51": "a"}, configs={"51": '[51,{"id":51}]'}, add={"a": ["51"]})
-    v3, _ = store.leader_write("a:5", third, 5, "a", plan.deltas(third, {"51": "a"}, ["a"]))
+    v3, _ = store.leader_write("a:5", third, 5, "a", change_set.deltas(third, {"51": "a"}, ["a"]))
     redis_client.hset(keys.assignment, "51", "b")
     contested = store.read_desired("a", [], str(v2))
     assert contested.version == str(v3)
@@ -310,7 +311,9 @@ def test_a_read_at_the_version_held_returns_only_where_configs_stand(
         configs={c: f'["{c}",{{}}]' for c in [*share, "x"]},
         add={"a": share, "b": ["x"]},
     )
-    v1, _ = store.leader_write("a:5", change, 5, "a", plan.deltas(change, change.assign, ["a"]))
+    v1, _ = store.leader_write(
+        "a:5", change, 5, "a", change_set.deltas(change, change.assign, ["a"])
+    )
     read = store.read_desired("a", ["x"], str(v1))
     assert read.version == str(v1)
     assert read.entries == {} and read.removed == ()

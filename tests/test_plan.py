@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dim import balance
+from dim.change import Change
 from dim.configs import Config, parse
 from dim.plan import (
     NO_LIVE_NODE,
     WAITS_FOR_CAPACITY,
     Census,
-    Change,
     Members,
     Pacing,
     Plan,

@@ -20,8 +20,8 @@ from typing import Any, Optional
 import pytest
 import redis
 
-from dim import plan
-from dim.plan import Change
+from dim import change as change_set
+from dim.change import Change
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
 from tools.chaos.ledger import Interval, LedgerView, overlaps, token_regressions
@@ -542,7 +542,7 @@ def test_deposed_leader_write_is_refused(redis_server: RedisServer, service: str
             rem={"node-a": ["1"]},
             add={"node-b": ["1"]},
         )
-        deltas = plan.deltas(steal, {"1": "node-b"}, ["node-a", "node-b"])
+        deltas = change_set.deltas(steal, {"1": "node-b"}, ["node-a", "node-b"])
         pubsub = c.pubsub()
         pubsub.psubscribe(k.events + "*")  # every node's channel and each inbox
         try:
