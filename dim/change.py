@@ -85,7 +85,12 @@ def touched(change: Change, assignment: Mapping[str, str]) -> set[str]:
     return nodes
 
 
-def split(change: Change, limit: int, max_bytes: int = 0) -> list[Change]:
+def split(
+    change: Change,
+    limit: int,
+    max_bytes: int = 0,
+    assignment: Optional[Mapping[str, str]] = None,
+) -> list[Change]:
     """Cut ``change`` into parts of about ``limit`` entries (:meth:`Change.size`) and at
     most about ``max_bytes`` of config JSON (0: no byte limit), to be written in this
     order, each by its own script (protocol.rst §4.2).
@@ -98,14 +103,15 @@ def split(change: Change, limit: int, max_bytes: int = 0) -> list[Change]:
 
     Configs are grouped by a node they join or leave, whichever of the two the change
     touches less (the nodes that lose configs to a node that joins, the nodes that
-    gain those of a node that leaves): each of those nodes is in few parts, so it finds
-    one delta to read rather than several.
+    gain those of a node that leaves), and a config whose content alone changes by its
+    node in ``assignment`` (the placement after the change): each node is in few
+    parts, so it finds one delta to read rather than several.
     """
     nbytes = sum(len(j) for j in change.configs.values()) if max_bytes > 0 else 0
     if (limit <= 0 or change.size() <= limit) and nbytes <= max(max_bytes, 0):
         return [change]
-    limit = limit if limit > 0 else change.size()
-    max_bytes = max_bytes if max_bytes > 0 else nbytes + 1
+    limit = limit if limit > 0 else change.size() + 1
+    max_bytes = max_bytes if max_bytes > 0 else sum(len(j) for j in change.configs.values()) + 1
     # each config's group: the node it joins or leaves that the change touches least
     load = {n: len(cs) for n, cs in change.add.items()}
     for n, cs in change.rem.items():
@@ -117,6 +123,10 @@ def split(change: Change, limit: int, max_bytes: int = 0) -> list[Change]:
                 other = group.get(c)
                 if other is None or (load[n], n) < (load[other], other):
                     group[c] = n
+    owners = assignment or {}
+    for c in change.configs if owners else ():
+        if c not in group and c in owners:  # content only: with its node's others
+            group[c] = owners[c]
     by_node: dict[str, list[str]] = {}
     for c, n in group.items():
         by_node.setdefault(n, []).append(c)

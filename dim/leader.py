@@ -341,7 +341,9 @@ class LeaderLoop(Loop["Node"]):
         self._value = value
         reset_id = era.reset_id
         self._assignment = store.assignment()
+        self.alive_at = node.clock()  # each read of a large service takes a while
         self._written = store.configs()
+        self.alive_at = node.clock()
         self._unplaced = store.unplaced()  # what the previous leader reported
         if node.settings.max_concurrent_moves is not None and self._assignment:
             # moves a previous leader started and that have not arrived yet
@@ -445,6 +447,8 @@ class LeaderLoop(Loop["Node"]):
                 wrote.applied, self._assignment, self._written, self._unplaced
             )
             self._written_version, self._dirty = wrote.written, True
+            if node.node_id in targets:  # its own share may have changed: no hint says so
+                node.reconciler.wake(read=True)
         if wrote.error is not None:
             # the write may have run though its reply was lost: compare with Redis later
             self._repair = self._repair_full = True

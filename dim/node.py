@@ -184,8 +184,8 @@ class Heartbeat(Loop["Node"]):
             self._stalled = node.leader.alive_at  # once per stall
             self._log.warning(
                 "node %s: the leader loop has shown no progress for %.1fs (leader_ttl %gs "
-                "less heartbeat_interval %gs): the lead lapses. A plan of very many "
-                "configs can take that long: raise leader_ttl",
+                "less heartbeat_interval %gs): the lead lapses. Reading, planning and "
+                "writing very many configs can take that long: raise leader_ttl",
                 node.node_id,
                 quiet,
                 s.leader_ttl,

@@ -15,7 +15,6 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Callable, Optional
 
 import attrs
-import redis
 
 from dim import change as change_set
 from dim.change import Change
@@ -42,8 +41,8 @@ class Wrote:
         a refusal or an error).
     :ivar parts: how many parts the change was cut into.
     :ivar written: the version the last part that went through wrote (0: none).
-    :ivar error: the Redis error that stopped the write (the part whose reply is lost
-        may have gone through: it is not in ``applied``).
+    :ivar error: the error that stopped the write (a Redis error: the part whose reply
+        is lost may have gone through; it is not in ``applied``).
     """
 
     version: int
@@ -51,7 +50,7 @@ class Wrote:
     applied: tuple[Change, ...]
     parts: int
     written: int = 0
-    error: Optional[redis.RedisError] = None
+    error: Optional[Exception] = None
 
     @property
     def partial(self) -> bool:
@@ -81,7 +80,7 @@ def write(
     if owner is None:
         raise ValueError(f"not a leader value: {leader_value!r}")
     node_id, epoch = owner
-    parts = change_set.split(change, PART, PART_BYTES)
+    parts = change_set.split(change, PART, PART_BYTES, assignment)
     targets = set(targets)
     untold = set(targets)
     written = 0
@@ -103,7 +102,7 @@ def write(
                 change_set.deltas(part, assignment, told, configs, limit),
                 reset_id=reset_id,
             )
-        except redis.RedisError as exc:
+        except Exception as exc:  # a Redis error, or a reply that does not parse
             return Wrote(written, kept, done, len(parts), written, exc)
         if version < 0:
             return Wrote(version, kept, done, len(parts), written)

@@ -75,7 +75,7 @@ def test_split_keeps_each_config_whole_and_node_fields_last() -> None:
         control_del=["drain n2"],
     )
     parts = split(change, 100)
-    assert len(parts) > 20
+    assert change.size() // 100 <= len(parts) <= change.size() // 100 + 2
     assert all(p.size() <= 100 + 3 for p in parts)  # a config's entries are not cut
     assert sum(p.size() for p in parts) == change.size()
     for field in ("assign", "configs", "unplaced"):
@@ -99,13 +99,14 @@ def test_split_keeps_each_config_whole_and_node_fields_last() -> None:
         assert not (p.drop_nodes or p.drop_failures or p.control_set or p.control_del)
     assert parts[-1].drop_nodes == ["gone"] and parts[-1].control_del == ["drain n2"]
     # grouped by the node they join: a part concerns few nodes
-    assert max(len(touched(p, assignment)) for p in parts[:-1]) <= 3
+    assert max(len(touched(p, assignment)) for p in parts[:-1]) <= 4
     assert split(change, change.size()) == [change]
 
 
 def test_split_puts_each_node_that_gains_or_loses_a_little_in_few_parts() -> None:
     """When a node joins, each node giving it configs is in one or two parts; when a
-    node leaves, so is each node taking its configs (each finds one delta to read)."""
+    node leaves, so is each node taking its configs; when configs change where they
+    run, so is each node running them (each finds one delta to read)."""
     joins = Change(
         assign={f"{n}-{i}": "new" for n in NODES for i in range(50)},
         add={"new": [f"{n}-{i}" for n in NODES for i in range(50)]},
@@ -122,6 +123,13 @@ def test_split_puts_each_node_that_gains_or_loses_a_little_in_few_parts() -> Non
         for node in NODES:
             assert sum(node in p.add or node in p.rem for p in parts) <= 2, node
         assert sum(busy in p.add or busy in p.rem for p in parts) == len(parts)
+    # every config's content changes, where it runs: each node's in one or two parts
+    placed = {f"{n}-{i}": n for n in NODES for i in range(50)}
+    edits = Change(configs={c: f'[{c!r},{{"v":2}}]' for c in sorted(placed)})
+    parts = split(edits, 100, 0, placed)
+    assert len(parts) >= 10
+    for node in NODES:
+        assert sum(node in touched(p, placed) for p in parts) <= 2, node
 
 
 @pytest.fixture
@@ -207,6 +215,30 @@ def test_a_write_refused_part_way_stops_and_says_how_far_it_got(
         assert redis_client.hexists(keys.configs, ckey)
     desired = sum(redis_client.scard(keys.desired(n)) for n in NODES)
     assert desired == len(written) == redis_client.hlen(keys.configs)
+
+
+def test_a_reply_that_does_not_parse_stops_the_write_and_says_how_far_it_got(
+    redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error on a part, not only a Redis error (a reply that does not parse), stops
+    the write with the parts before it reported as written."""
+    monkeypatch.setattr(writer, "PART", 100)
+    store = leading(redis_client, service)
+    change, assignment = first_placement(1000)
+    real = Store.leader_write
+    calls: list[int] = []
+
+    def garbled_second_reply(self: Store, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        if len(calls) == 2:
+            raise ValueError("invalid literal for int() with base 10: b'garbage'")
+        return out
+
+    monkeypatch.setattr(Store, "leader_write", garbled_second_reply)
+    wrote = writer.write(store, "n0:5", change, assignment, NODES)
+    assert isinstance(wrote.error, ValueError) and len(wrote.applied) == 1
+    assert wrote.partial and wrote.written == wrote.version > 0
 
 
 def test_a_leader_whose_write_is_cut_short_carries_on_from_redis(
@@ -362,5 +394,52 @@ def test_a_write_in_many_slow_parts_keeps_the_lead(
         cluster.wait_balanced(30)
         assert len(values) >= 30 and len(set(values)) == 1
         assert min(versions) > 0
+    finally:
+        cluster.stop()
+
+
+def test_a_new_leader_reading_a_large_placement_keeps_the_lead(
+    redis_url: str,
+    service: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new epoch's reads of the placement, each slow (a large service), take longer
+    together than leader_ttl less heartbeat_interval: the loop shows progress between
+    them, so the lead holds and no stall is reported."""
+    slow, gate = threading.Event(), threading.Event()  # gate is never set
+    loaded = threading.Event()
+
+    def slowed(name: str) -> Any:
+        real = getattr(Store, name)
+
+        def read(self: Store) -> Any:
+            if slow.is_set():
+                gate.wait(0.25)  # a read of a million entries
+                if name == "unplaced":
+                    loaded.set()
+            return real(self)
+
+        return read
+
+    for name in ("assignment", "configs", "unplaced"):
+        monkeypatch.setattr(Store, name, slowed(name))
+    cluster = Cluster(redis_url, service, list(range(5)), settings=FAST)
+    leader_key = Keys(service).leader
+    try:
+        cluster.add(1)
+        cluster.wait_balanced()
+        held = redis_client.get(leader_key)
+        slow.set()
+        redis_client.delete(leader_key)  # the lead lapses: the node wins a new epoch
+        wait_until(loaded.is_set, 10.0, message="no new epoch loaded the placement")
+        slow.clear()
+        epoch = redis_client.get(leader_key)
+        assert epoch not in (held, None)
+        cluster.configs.append(5)
+        cluster.wait_balanced()
+        assert redis_client.get(leader_key) == epoch
+        assert [r for r in caplog.records if "leader_ttl" in r.getMessage()] == []
     finally:
         cluster.stop()
