@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable, Generic, Optional, TypeVar
 
@@ -16,6 +17,8 @@ from dim.usercode import block_signals
 H = TypeVar("H", bound=Host)
 
 log = logging.getLogger(__name__)
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Every:
@@ -92,6 +95,21 @@ class Loop(Generic[H]):
     def join(self, timeout: float) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def cpu_time(self) -> Optional[float]:
+        """CPU seconds this loop's thread has used so far (from ``/proc``: reading it for
+        a thread that ended fails cleanly); None where the platform does not say."""
+        thread = self._thread
+        native = getattr(thread, "native_id", None)
+        if native is None:
+            return None
+        try:
+            with open(f"/proc/self/task/{native}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            # after the name: state is field 3, utime 14 and stime 15 (proc(5))
+            return (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):  # not Linux, the thread ended, no /proc
+            return None
 
     def tick(self) -> float:
         raise NotImplementedError

@@ -30,6 +30,13 @@ from dim.store import Store
 
 log = logging.getLogger(__name__)
 
+#: A leader loop that has shown no progress for a lease but has used at least this
+#: share of a CPU since its last progress is computing, not stuck: its lead is renewed,
+#: for at most BUSY_MAX seconds since that progress (a plan over a million configs
+#: took up to 40 s on a 2-core machine: docs/performance.rst).
+BUSY_SHARE = 0.1
+BUSY_MAX = 60.0
+
 
 def new_node_id() -> str:
     """``<host>-<pid>-<random>``: unique for every start."""
@@ -166,8 +173,26 @@ class Heartbeat(Loop["Node"]):
         self._now = False
         self._reset_seen = ""
         self._stale = 0  # stale replies in a row
-        self._stalled = 0.0  # the leader loop's last sign of life when we last warned
+        # the leader loop's last sign of life when we last warned, and why
+        self._stalled: tuple[float, bool] = (0.0, False)
+        # the leader loop's last sign of life, and its CPU seconds soon after
+        self._leader_cpu: Optional[tuple[float, float]] = None
         self._log = NodeLog(log, node.node_id)
+
+    def _leader_busy(self, quiet: float) -> bool:
+        """The leader loop's thread has used at least BUSY_SHARE of a CPU over the
+        ``quiet`` seconds since its last progress (it computes; a loop blocked on a
+        lock or a socket uses none). The CPU is sampled at the first beat after each
+        progress, so the share is measured over a lease or more, not over one beat."""
+        leader = self.node.leader
+        cpu, mark = leader.cpu_time(), leader.alive_at
+        if cpu is None:
+            self._leader_cpu = None
+            return False
+        if self._leader_cpu is None or self._leader_cpu[0] != mark:
+            self._leader_cpu = (mark, cpu)  # about its CPU at its last progress
+            return False
+        return cpu - self._leader_cpu[1] >= BUSY_SHARE * quiet
 
     def beat(self) -> None:
         """One heartbeat; raises redis errors to the caller."""
@@ -176,20 +201,27 @@ class Heartbeat(Loop["Node"]):
         leader_value = node.leader_value
         renew_leader = ""
         quiet = node.clock() - node.leader.alive_at
-        if leader_value is not None and quiet < s.leader_ttl - s.heartbeat_interval:
+        busy = self._leader_busy(quiet) and quiet < BUSY_MAX
+        if leader_value is not None and (quiet < s.leader_ttl - s.heartbeat_interval or busy):
             # renew only while the leader loop itself is alive: a leader whose loop is
-            # stuck must lose the lease rather than freeze the cluster
+            # stuck (blocked, or past BUSY_LEAD leases) must lose the lease rather than
+            # freeze the cluster; one that computes (a plan of a million configs) is
+            # alive, and a new leader would only start the same computation again
             renew_leader = leader_value
-        elif leader_value is not None and self._stalled != node.leader.alive_at:
-            self._stalled = node.leader.alive_at  # once per stall
+        elif leader_value is not None and self._stalled != (
+            node.leader.alive_at,
+            quiet >= BUSY_MAX,
+        ):
+            self._stalled = (node.leader.alive_at, quiet >= BUSY_MAX)  # once per stall, reason
             self._log.warning(
                 "node %s: the leader loop has shown no progress for %.1fs (leader_ttl %gs "
-                "less heartbeat_interval %gs): the lead lapses. Reading, planning and "
-                "writing very many configs can take that long: raise leader_ttl",
+                "less heartbeat_interval %gs) and is %s: the lead lapses. If it was "
+                "reading or writing very many configs, raise leader_ttl",
                 node.node_id,
                 quiet,
                 s.leader_ttl,
                 s.heartbeat_interval,
+                f"computing for over {BUSY_MAX:g}s" if quiet >= BUSY_MAX else "blocked",
             )
         leads = leader_value is not None and not node.leaving
         running, unhealthy = node.reconciler.table.health()

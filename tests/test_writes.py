@@ -5,12 +5,14 @@ nodes' heartbeats to fail, each part leaves Redis consistent, and a write cut sh
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
+from dim import node as node_module
 from dim import plan, writer
 from dim.change import Change, split, touched
 from dim.keys import Keys
@@ -441,5 +443,110 @@ def test_a_new_leader_reading_a_large_placement_keeps_the_lead(
         cluster.wait_balanced()
         assert redis_client.get(leader_key) == epoch
         assert [r for r in caplog.records if "leader_ttl" in r.getMessage()] == []
+    finally:
+        cluster.stop()
+
+
+def busy_plan(
+    monkeypatch: pytest.MonkeyPatch, seconds: float, duty: float = 1.0
+) -> threading.Event:
+    """Make the next plan take ``seconds`` once the returned event is set, computing
+    (using the CPU) ``duty`` of that time: 1.0 is a plan of a million configs, a low
+    duty a loop mostly stuck."""
+    real = plan.plan
+    armed = threading.Event()
+    idle = threading.Event()  # never set: the waits between bursts
+
+    def slow_plan(*args: Any, **kwargs: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                burst = time.monotonic() + 0.02 * duty
+                while time.monotonic() < burst:
+                    sum(range(1000))  # computing, not waiting
+                if duty < 1.0:
+                    idle.wait(0.02 * (1.0 - duty))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "plan", slow_plan)
+    return armed
+
+
+def test_a_leader_computing_for_several_leases_keeps_the_lead(
+    redis_url: str,
+    service: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A leader loop that shows no progress for three leases but computes all along (it
+    uses the CPU) keeps its lead: one epoch throughout, no stall reported, and its plan
+    is written."""
+    armed = busy_plan(monkeypatch, 3 * FAST.leader_ttl)
+    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
+    leader_key = Keys(service).leader
+    try:
+        cluster.add(2)
+        cluster.wait_balanced()
+        held = redis_client.get(leader_key)
+        armed.set()
+        cluster.configs.append(99)  # the leader plans again, for three leases
+        wait_until(lambda: not armed.is_set(), 10.0, message="the slow plan did not start")
+        cluster.wait_balanced(20)
+        assert redis_client.get(leader_key) == held
+        assert [r for r in caplog.records if "leader_ttl" in r.getMessage()] == []
+    finally:
+        cluster.stop()
+
+
+def test_a_leader_computing_for_too_long_loses_the_lead(
+    redis_url: str,
+    service: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Computing is not a pass for ever: a leader loop without progress for more than
+    BUSY_MAX seconds (a plan in an endless loop) loses the lead, and says so."""
+    monkeypatch.setattr(node_module, "BUSY_MAX", 1.2)
+    armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl)
+    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
+    leader_key = Keys(service).leader
+    try:
+        cluster.add(2)
+        cluster.wait_balanced()
+        held = redis_client.get(leader_key)
+        armed.set()
+        cluster.configs.append(99)
+        wait_until(lambda: redis_client.get(leader_key) not in (held, None), 10.0)
+        warnings = [r.getMessage() for r in caplog.records if "leader_ttl" in r.getMessage()]
+        assert len(warnings) == 1 and "computing for over 1.2s" in warnings[0]
+        cluster.wait_balanced(20)
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_leader_loop_mostly_stuck_loses_the_lead(
+    redis_url: str,
+    service: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader loop without progress that uses the CPU only now and then (5 % of the
+    time: stuck, with bursts) is not computing: it loses the lead within a few leases."""
+    armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl, duty=0.05)
+    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
+    leader_key = Keys(service).leader
+    try:
+        cluster.add(2)
+        cluster.wait_balanced()
+        held = redis_client.get(leader_key)
+        armed.set()
+        cluster.configs.append(99)
+        wait_until(lambda: redis_client.get(leader_key) not in (held, None), 10.0)
+        cluster.wait_balanced(20)
+        assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
