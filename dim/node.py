@@ -204,7 +204,7 @@ class Heartbeat(Loop["Node"]):
         busy = self._leader_busy(quiet) and quiet < BUSY_MAX
         if leader_value is not None and (quiet < s.leader_ttl - s.heartbeat_interval or busy):
             # renew only while the leader loop itself is alive: a leader whose loop is
-            # stuck (blocked, or past BUSY_LEAD leases) must lose the lease rather than
+            # stuck (blocked, or computing for over BUSY_MAX) must lose the lease rather than
             # freeze the cluster; one that computes (a plan of a million configs) is
             # alive, and a new leader would only start the same computation again
             renew_leader = leader_value

@@ -2,7 +2,7 @@
 
 A Lua script holds the whole shard while it runs: every heartbeat, claim renewal and
 read of every node waits behind it, and past Redis's ``busy-reply-threshold`` (5 s by
-default) they fail with ``BUSY``. The first placement of a million configs is about two
+default) they fail with ``BUSY``. The first placement of a million configs is about three
 million entries, several seconds of script. So a change larger than :data:`PART`
 entries (or :data:`PART_BYTES` of config JSON) goes in parts
 (:func:`dim.change.split`), each its own leader-write script, each fenced by the leader
@@ -72,8 +72,8 @@ def write(
     """Write ``change`` as leader ``leader_value`` (``'<node>:<epoch>'``). ``assignment``
     is the placement after it, ``targets`` the nodes to tell (each part tells those
     whose share it changes, the last part the rest). ``configs`` and ``limit``: see
-    :func:`dim.change.deltas`. ``progress`` is called after the split and after each
-    part (a long write is not a stuck leader).
+    :func:`dim.change.deltas`. ``progress`` is called before each part, the split
+    done (a long write is not a stuck leader).
 
     Stops at the first part refused or failed, and says how far it got."""
     owner = parse_owner(leader_value)
@@ -92,7 +92,6 @@ def write(
         if i == len(parts) - 1:
             told |= untold
         untold -= told
-        done = tuple(parts[:i])
         try:
             version, nodes = store.leader_write(
                 leader_value,
@@ -103,9 +102,9 @@ def write(
                 reset_id=reset_id,
             )
         except Exception as exc:  # a Redis error, or a reply that does not parse
-            return Wrote(written, kept, done, len(parts), written, exc)
+            return Wrote(written, kept, tuple(parts[:i]), len(parts), written, exc)
         if version < 0:
-            return Wrote(version, kept, done, len(parts), written)
+            return Wrote(version, kept, tuple(parts[:i]), len(parts), written)
         written = version
         kept += tuple(nodes)
     return Wrote(written, kept, tuple(parts), len(parts), written)
