@@ -97,14 +97,21 @@ class Loop(Generic[H]):
             self._thread.join(timeout)
 
     def cpu_time(self) -> Optional[float]:
-        """CPU seconds this loop's thread has used so far (from ``/proc``: reading it for
-        a thread that ended fails cleanly); None where the platform does not say."""
+        """CPU seconds this loop's thread has used, from ``/proc`` (``schedstat`` to the
+        nanosecond, else ``stat``'s clock ticks); None where the platform does not say
+        or the thread ended."""
         thread = self._thread
         native = getattr(thread, "native_id", None)
         if native is None:
             return None
+        task = f"/proc/self/task/{native}"
         try:
-            with open(f"/proc/self/task/{native}/stat", "rb") as stat:
+            with open(f"{task}/schedstat", "rb") as stat:
+                return int(stat.read().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass  # a kernel without schedstat, or the thread ended
+        try:
+            with open(f"{task}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
             # after the name: state is field 3, utime 14 and stime 15 (proc(5))
             return (int(fields[11]) + int(fields[12])) / _TICKS

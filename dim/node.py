@@ -30,11 +30,13 @@ from dim.store import Store
 
 log = logging.getLogger(__name__)
 
-#: A leader loop that has shown no progress for a lease but has used at least this
-#: share of a CPU since its last progress is computing, not stuck: its lead is renewed,
+#: A leader loop that has shown no progress for a lease but whose thread has used a
+#: CPU for at least this share of the time since its last progress is computing, not
+#: stuck (a blocked thread uses none; a computing one keeps more than this share on a
+#: machine loaded tenfold): its lead is renewed,
 #: for at most BUSY_MAX seconds since that progress (a plan over a million configs
 #: took up to 40 s on a 2-core machine: docs/performance.rst).
-BUSY_SHARE = 0.1
+BUSY_SHARE = 0.02
 BUSY_MAX = 60.0
 
 
@@ -180,9 +182,9 @@ class Heartbeat(Loop["Node"]):
         self._log = NodeLog(log, node.node_id)
 
     def _leader_busy(self, quiet: float) -> bool:
-        """The leader loop's thread has used at least BUSY_SHARE of a CPU over the
+        """The leader loop's thread has used a CPU for at least BUSY_SHARE of the
         ``quiet`` seconds since its last progress (it computes; a loop blocked on a
-        lock or a socket uses none). The CPU is sampled at the first beat after each
+        lock or a socket uses none). It is sampled at the first beat after each
         progress, so the share is measured over a lease or more, not over one beat."""
         leader = self.node.leader
         cpu, mark = leader.cpu_time(), leader.alive_at
@@ -201,7 +203,8 @@ class Heartbeat(Loop["Node"]):
         leader_value = node.leader_value
         renew_leader = ""
         quiet = node.clock() - node.leader.alive_at
-        busy = self._leader_busy(quiet) and quiet < BUSY_MAX
+        # (only a leader reads its loop's CPU: 20 us a beat)
+        busy = leader_value is not None and self._leader_busy(quiet) and quiet < BUSY_MAX
         if leader_value is not None and (quiet < s.leader_ttl - s.heartbeat_interval or busy):
             # renew only while the leader loop itself is alive: a leader whose loop is
             # stuck (blocked, or computing for over BUSY_MAX) must lose the lease rather than

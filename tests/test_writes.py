@@ -534,9 +534,9 @@ def test_a_leader_loop_mostly_stuck_loses_the_lead(
     redis_client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A leader loop without progress that uses the CPU only now and then (5 % of the
+    """A leader loop without progress that uses the CPU only now and then (0.5 % of the
     time: stuck, with bursts) is not computing: it loses the lead within a few leases."""
-    armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl, duty=0.05)
+    armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl, duty=0.005)
     cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
     leader_key = Keys(service).leader
     try:
