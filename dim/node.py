@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 #: A leader loop that has shown no progress for a lease but whose thread has used a
 #: CPU for at least this share of the time since its last progress is computing, not
 #: stuck (a blocked thread uses none; a computing one keeps more than this share on a
-#: machine loaded tenfold): its lead is renewed,
-#: for at most BUSY_MAX seconds since that progress (a plan over a million configs
-#: took up to 40 s on a 2-core machine: docs/performance.rst).
+#: machine loaded tenfold): its lead is renewed, for at most BUSY_MAX seconds since
+#: that progress (a plan over a million configs took up to 43 s on a 2-core machine:
+#: docs/performance.rst).
 BUSY_SHARE = 0.02
 BUSY_MAX = 60.0
 
