@@ -181,13 +181,14 @@ class Heartbeat(Loop["Node"]):
         self._leader_cpu: Optional[tuple[float, float]] = None
         self._log = NodeLog(log, node.node_id)
 
-    def _leader_busy(self, quiet: float) -> bool:
+    def _leader_busy(self, mark: float, quiet: float) -> bool:
         """The leader loop's thread has used a CPU for at least BUSY_SHARE of the
-        ``quiet`` seconds since its last progress (it computes; a loop blocked on a
-        lock or a socket uses none). It is sampled at the first beat after each
-        progress, so the share is measured over a lease or more, not over one beat."""
-        leader = self.node.leader
-        cpu, mark = leader.cpu_time(), leader.alive_at
+        ``quiet`` seconds since its last progress at ``mark`` (it computes; a loop
+        blocked on a lock or a socket uses none). It is sampled at the first beat after
+        each progress, so the share is measured over a lease or more, not over one beat.
+        ``mark`` is the progress ``quiet`` was measured from: one that comes between
+        the two reads does not reset the sample of this beat."""
+        cpu = self.node.leader.cpu_time()
         if cpu is None:
             self._leader_cpu = None
             return False
@@ -202,20 +203,18 @@ class Heartbeat(Loop["Node"]):
         s = node.settings
         leader_value = node.leader_value
         renew_leader = ""
-        quiet = node.clock() - node.leader.alive_at
+        mark = node.leader.alive_at
+        quiet = node.clock() - mark
         # (only a leader reads its loop's CPU: 20 us a beat)
-        busy = leader_value is not None and self._leader_busy(quiet) and quiet < BUSY_MAX
+        busy = leader_value is not None and self._leader_busy(mark, quiet) and quiet < BUSY_MAX
         if leader_value is not None and (quiet < s.leader_ttl - s.heartbeat_interval or busy):
             # renew only while the leader loop itself is alive: a leader whose loop is
             # stuck (blocked, or computing for over BUSY_MAX) must lose the lease rather than
             # freeze the cluster; one that computes (a plan of a million configs) is
             # alive, and a new leader would only start the same computation again
             renew_leader = leader_value
-        elif leader_value is not None and self._stalled != (
-            node.leader.alive_at,
-            quiet >= BUSY_MAX,
-        ):
-            self._stalled = (node.leader.alive_at, quiet >= BUSY_MAX)  # once per stall, reason
+        elif leader_value is not None and self._stalled != (mark, quiet >= BUSY_MAX):
+            self._stalled = (mark, quiet >= BUSY_MAX)  # once per stall and reason
             self._log.warning(
                 "node %s: the leader loop has shown no progress for %.1fs (leader_ttl %gs "
                 "less heartbeat_interval %gs) and is %s: the lead lapses. If it was "
