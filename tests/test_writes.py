@@ -4,16 +4,18 @@ nodes' heartbeats to fail, each part leaves Redis consistent, and a write cut sh
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable, Optional
 
+import attrs
 import pytest
 import redis
 
+from dim import Manager, plan, writer
 from dim import node as node_module
-from dim import plan, writer
 from dim.change import Change, split, touched
 from dim.keys import Keys
 from dim.protocol import WriteRefused
@@ -287,6 +289,44 @@ def test_a_leader_whose_write_is_cut_short_carries_on_from_redis(
         cluster.stop()
 
 
+@attrs.frozen
+class Replanning:
+    """A cluster of two managers whose leader has just been made to plan again."""
+
+    cluster: Cluster
+    leader: Manager
+    held: Optional[bytes]  # the leader value before
+    current: Callable[[], Optional[bytes]]  # the leader value now
+
+    def lapsed(self) -> bool:
+        """A new epoch (of either node) holds the lead."""
+        return self.current() not in (self.held, None)
+
+
+@contextlib.contextmanager
+def replanning(
+    redis_url: str, service: str, client: redis.Redis, armed: threading.Event
+) -> Iterator[Replanning]:
+    """Two managers balanced over four configs; then ``armed`` is set (the next plan is
+    slow) and a config is added, so the leader plans again."""
+    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
+    leader_key = Keys(service).leader
+    try:
+        cluster.add(2)
+        cluster.wait_balanced()
+        leader = next(m for m in cluster.running() if m.is_leader)
+        held = client.get(leader_key)
+        armed.set()
+        cluster.configs.append(99)
+        yield Replanning(cluster, leader, held, lambda: client.get(leader_key))
+    finally:
+        cluster.stop()
+
+
+def stall_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "leader_ttl" in r.getMessage()]
+
+
 def test_a_leader_tick_longer_than_its_lease_says_which_setting_to_raise(
     redis_url: str,
     service: str,
@@ -308,25 +348,15 @@ def test_a_leader_tick_longer_than_its_lease_says_which_setting_to_raise(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(plan, "plan", slow_plan)
-    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
-    leader_key = Keys(service).leader
-    try:
-        cluster.add(2)
-        cluster.wait_balanced()
-        leader = next(m for m in cluster.running() if m.is_leader)
-        held = redis_client.get(leader_key)
-        slow.set()
-        cluster.configs.append(99)  # the leader plans again, slowly
-        # the lease lapses: a new epoch (of either node) holds the lead
-        wait_until(lambda: redis_client.get(leader_key) not in (held, None), 10.0)
-        release.set()
-        warnings = [r.getMessage() for r in caplog.records if "leader_ttl" in r.getMessage()]
-        assert len(warnings) == 1 and str(leader.node_id) in warnings[0]
-        cluster.wait_balanced()
-        assert cluster.ledger.overlaps() == []
-    finally:
-        release.set()
-        cluster.stop()
+    with replanning(redis_url, service, redis_client, slow) as run:
+        try:
+            wait_until(run.lapsed, 10.0)  # the leader plans again, slowly: the lease lapses
+        finally:
+            release.set()
+        warnings = stall_warnings(caplog)
+        assert len(warnings) == 1 and str(run.leader.node_id) in warnings[0]
+        run.cluster.wait_balanced()
+        assert run.cluster.ledger.overlaps() == []
 
 
 def test_a_load_that_fails_is_read_again_not_planned_from_nothing(
@@ -484,20 +514,12 @@ def test_a_leader_computing_for_several_leases_keeps_the_lead(
     uses the CPU) keeps its lead: one epoch throughout, no stall reported, and its plan
     is written."""
     armed = busy_plan(monkeypatch, 3 * FAST.leader_ttl)
-    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
-    leader_key = Keys(service).leader
-    try:
-        cluster.add(2)
-        cluster.wait_balanced()
-        held = redis_client.get(leader_key)
-        armed.set()
-        cluster.configs.append(99)  # the leader plans again, for three leases
+    with replanning(redis_url, service, redis_client, armed) as run:
+        # the leader plans again, for three leases
         wait_until(lambda: not armed.is_set(), 10.0, message="the slow plan did not start")
-        cluster.wait_balanced(20)
-        assert redis_client.get(leader_key) == held
-        assert [r for r in caplog.records if "leader_ttl" in r.getMessage()] == []
-    finally:
-        cluster.stop()
+        run.cluster.wait_balanced(20)
+        assert run.current() == run.held
+        assert stall_warnings(caplog) == []
 
 
 def test_a_leader_computing_for_too_long_loses_the_lead(
@@ -511,21 +533,12 @@ def test_a_leader_computing_for_too_long_loses_the_lead(
     BUSY_MAX seconds (a plan in an endless loop) loses the lead, and says so."""
     monkeypatch.setattr(node_module, "BUSY_MAX", 1.2)
     armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl)
-    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
-    leader_key = Keys(service).leader
-    try:
-        cluster.add(2)
-        cluster.wait_balanced()
-        held = redis_client.get(leader_key)
-        armed.set()
-        cluster.configs.append(99)
-        wait_until(lambda: redis_client.get(leader_key) not in (held, None), 10.0)
-        warnings = [r.getMessage() for r in caplog.records if "leader_ttl" in r.getMessage()]
+    with replanning(redis_url, service, redis_client, armed) as run:
+        wait_until(run.lapsed, 10.0)
+        warnings = stall_warnings(caplog)
         assert len(warnings) == 1 and "computing for over 1.2s" in warnings[0]
-        cluster.wait_balanced(20)
-        assert cluster.ledger.overlaps() == []
-    finally:
-        cluster.stop()
+        run.cluster.wait_balanced(20)
+        assert run.cluster.ledger.overlaps() == []
 
 
 def test_a_leader_loop_mostly_stuck_loses_the_lead(
@@ -537,16 +550,7 @@ def test_a_leader_loop_mostly_stuck_loses_the_lead(
     """A leader loop without progress that uses the CPU only now and then (0.5 % of the
     time: stuck, with bursts) is not computing: it loses the lead within a few leases."""
     armed = busy_plan(monkeypatch, 5 * FAST.leader_ttl, duty=0.005)
-    cluster = Cluster(redis_url, service, list(range(4)), settings=FAST)
-    leader_key = Keys(service).leader
-    try:
-        cluster.add(2)
-        cluster.wait_balanced()
-        held = redis_client.get(leader_key)
-        armed.set()
-        cluster.configs.append(99)
-        wait_until(lambda: redis_client.get(leader_key) not in (held, None), 10.0)
-        cluster.wait_balanced(20)
-        assert cluster.ledger.overlaps() == []
-    finally:
-        cluster.stop()
+    with replanning(redis_url, service, redis_client, armed) as run:
+        wait_until(run.lapsed, 10.0)
+        run.cluster.wait_balanced(20)
+        assert run.cluster.ledger.overlaps() == []
