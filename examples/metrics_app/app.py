@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dim.contrib.flask import Dim
@@ -43,6 +46,28 @@ def get_config() -> list[dict[str, Any]]:
     return [{"id": f"feed-{n}", "url": f"wss://feeds.example/{n}"} for n in range(count)]
 
 
+class Workers:
+    """``MultiProcessCollector`` over the directory's files, less those still empty.
+
+    A process creates its file and only then sizes it (``prometheus_client``'s
+    ``MmapedDict``); a scrape in between would fail on the empty file, and with it every
+    metric. Sizing only grows a file, so one whose size is read non-zero reads whole.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterator[Metric]:
+        files = []
+        for path in self.directory.glob("*.db"):
+            try:
+                if path.stat().st_size:
+                    files.append(str(path))
+            except FileNotFoundError:  # a dead worker's gauges, just removed
+                pass
+        return iter(MultiProcessCollector.merge(files, accumulate=True))
+
+
 dim_ext = Dim(get_config=get_config, create=Feed, disconnect=Feed.close)
 
 
@@ -60,7 +85,7 @@ def create_app() -> Flask:
         # a registry per scrape, holding only the collector of the shared directory
         # (not this worker's own metrics: they are in the directory too)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        registry.register(Workers(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return app
