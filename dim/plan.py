@@ -415,7 +415,8 @@ class Census:
     :ivar nodes: live members (draining ones included).
     :ivar configs: the configs the leader placed or found no place for.
     :ivar running: configs whose instance runs, from what the live nodes report with
-        their heartbeats (never more than ``configs``).
+        their heartbeats, each node counting for at most what it is assigned (never
+        more than ``configs``).
     :ivar not_running: configs whose instance runs nowhere (``configs - running``):
         unplaceable ones, creates that fail or are still in progress, the share of a
         node that died, an instance between its old and its new owner.
@@ -445,7 +446,11 @@ def census(
     """Count the cluster from the leader's placement and each live node's running count.
 
     Counts, not names: a node that starts a config it was given while it still runs one
-    that moves away shows no handoff until it stops the old one.
+    that moves away shows no handoff until it stops the old one. A node counts as running
+    at most what it is assigned: what it runs beyond that is on its way to another node,
+    and counts once that node runs it. Reports are a heartbeat apart, so the old owner's
+    count from before a handoff and the new owner's from after would otherwise count one
+    instance twice, and could hide a config that runs nowhere.
 
     :param configs: the configs the leader knows.
     :param assignment: config -> node, as the leader wrote it.
@@ -456,7 +461,7 @@ def census(
     for ckey, target in assignment.items():
         if ckey in configs:
             assigned[target] = assigned.get(target, 0) + 1
-    up = min(len(configs), sum(running.values()))
+    up = min(len(configs), sum(min(n, assigned.get(node, 0)) for node, n in running.items()))
     return Census(
         nodes=len(running),
         configs=len(configs),

@@ -353,16 +353,21 @@ def test_paced_moves_never_exceed_the_limit_and_end_balanced(limit: int) -> None
 
 
 def test_census_counts_what_runs_from_what_the_nodes_report() -> None:
-    """Running is what the live nodes report (at most the configs); the rest runs nowhere;
-    a node that runs fewer than it is assigned owes the difference (a handoff)."""
+    """Running is what the live nodes report, each node counting for at most what it is
+    assigned; the rest runs nowhere; a node that runs fewer than it is assigned owes the
+    difference (a handoff)."""
     wanted = ["a", "b", "c", "d", "e", "f"]
     assignment = {"a": "n1", "b": "n1", "c": "n2", "d": "n2", "e": "gone"}
     unplaced = {"f": "needs tags gpu"}
-    # n1 still runs c (moving to n2) besides its own two; n2 has started one of its two
+    # n1 still runs c (moving to n2) besides its own two; n2 has started one of its two:
+    # c counts once n2 runs it
     counted = census(wanted, assignment, unplaced, {"n1": 3, "n2": 1, "n3": 0})
     assert counted == Census(
-        nodes=3, configs=6, running=4, not_running=2, unplaceable=1, pending_handoff=2
+        nodes=3, configs=6, running=3, not_running=3, unplaceable=1, pending_handoff=2
     )
+    # n1's report from before it stopped c, n2's from after it started it: c counts once,
+    # and e, whose node is gone, still runs nowhere
+    assert census(wanted, assignment, unplaced, {"n1": 3, "n2": 2}).not_running == 2
     # a config dropped by get_config may still run for a moment: never more than configs
     assert census(["a"], {"a": "n1"}, {}, {"n1": 2}) == Census(1, 1, 1, 0, 0, 0)
     assert census([], {}, {}, {}) == Census(0, 0, 0, 0, 0, 0)
