@@ -35,17 +35,31 @@ class HintListener(Loop["Node"]):
         self._pubsub: Optional[PubSub] = None
         self.dropped = 0
 
+    def subscribe(self) -> None:
+        """Subscribe on the calling thread, before the node's first heartbeat announces
+        it: the hints sent in answer to the join (the leader's ``assigned``, with the new
+        share inline) then reach it, where a subscription made later by the loop would
+        miss them and cost a read. Best effort: if it fails, the loop subscribes."""
+        try:
+            self._pubsub = self._open()
+        except redis.RedisError:
+            self._log.debug("subscribing before the join failed", exc_info=True)
+
+    def _open(self) -> PubSub:
+        node = self.node
+        pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
+        try:
+            # every node's channel, and this node's inbox (protocol.rst §11)
+            pubsub.subscribe(node.store.keys.events, node.store.keys.inbox(node.node_id))
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
+
     def tick(self) -> float:
         node = self.node
         if self._pubsub is None:
-            pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
-            try:
-                # every node's channel, and this node's inbox (protocol.rst §11)
-                pubsub.subscribe(node.store.keys.events, node.store.keys.inbox(node.node_id))
-            except BaseException:
-                pubsub.close()
-                raise
-            self._pubsub = pubsub
+            self._pubsub = self._open()
             # hints may have been missed while we were not subscribed
             node.reconciler.wake(read=True)
             node.leader.wake()

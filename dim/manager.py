@@ -216,9 +216,11 @@ class Manager:
             node.listener = HintListener(node)
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
+            node.listener.subscribe()  # before the join is announced (see there)
             try:
                 self._first_beat(node)
             except BaseException:
+                node.listener.close()
                 # the beat may have run on the server though its reply was lost: take
                 # the membership back out rather than leave a ghost for node_ttl
                 try:
@@ -227,7 +229,6 @@ class Manager:
                     log.debug("could not undo a failed join", exc_info=True)
                 self._close_client(client)
                 raise
-            connection.check_eviction(client, self._describe_target())
             # visible before any thread runs, so create() can already read its lease
             self._node = node
             self._parts = (reconciler, leader)
@@ -235,6 +236,8 @@ class Manager:
             self._dispatcher.start(f"dim-events-{node.node_id}")
             for loop in node.loops():
                 loop.start()
+            # a warning only: once the threads run, off the join's path
+            connection.check_eviction(client, self._describe_target())
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
             log.info(

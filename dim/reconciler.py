@@ -13,6 +13,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
+import attrs
+
 from dim.claims import ClaimBook
 from dim.configs import Config, decode
 from dim.events import Event, EventType
@@ -67,6 +69,10 @@ class Reconciler(Loop["Node"]):
         # a heartbeat reported a share version no hint has brought yet: read at this
         # time unless the hint comes first (it is usually under way)
         self._check_at: Optional[float] = None
+        # a read of the share is under way, and the latest version a hint announced
+        # meanwhile that it could not apply (the read may already bring it)
+        self._reading = False
+        self._awaited: Optional[_Hint] = None
 
     def __repr__(self) -> str:
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
@@ -157,12 +163,7 @@ class Reconciler(Loop["Node"]):
                     return  # read already (share versions are never reused)
         if delta is not None and version is not None and previous is not None:
             with self.table.lock:
-                applies = (
-                    self._have_read
-                    and not self._need_read
-                    and not self._full
-                    and self._read_version == str(previous)
-                )
+                applies = self._have_read and self._follows(previous)
                 if applies:
                     self._apply_delta(str(version), *delta)
             if applies:
@@ -170,6 +171,18 @@ class Reconciler(Loop["Node"]):
                 super().wake()
                 return
         if version is None or previous is None or not targets or node.node_id in targets:
+            if version is not None:
+                with self.table.lock:
+                    reading = self._reading
+                    if reading and (
+                        self._awaited is None or _newer(str(version), self._awaited.version)
+                    ):
+                        self._awaited = _Hint(str(version), previous, delta)
+                if reading:
+                    # the read under way may already bring it (a joining node's first
+                    # read, sent before or after the write): tick applies the delta or
+                    # reads again if the read comes back older (_after_read)
+                    return
             self.wake(read=True)
             return
         with self.table.lock:
@@ -188,6 +201,29 @@ class Reconciler(Loop["Node"]):
             self.table.notify()
         else:
             self.wake(read=True)
+
+    def _follows(self, previous: int) -> bool:
+        """Under the table's lock: a delta from share version ``previous`` applies to
+        the share this node holds."""
+        if self._need_read or self._full:
+            return False
+        if self._read_version == str(previous):
+            return True
+        # no share before the write ("p": 0) and none read: a joining node whose first
+        # read came before the leader's answer to its join
+        return previous == 0 and self._read_version is None and not self.table.desired
+
+    def _after_read(self, hint: _Hint) -> None:
+        """Under the table's lock, after a read: a hint that came while it was under way
+        and found no share to apply to. A read that came back older than the hint's
+        version takes its delta, or is read again now."""
+        if self._read_version is not None and not _newer(hint.version, self._read_version):
+            return  # the read brought it
+        if hint.delta is not None and hint.previous is not None and self._follows(hint.previous):
+            self._apply_delta(hint.version, *hint.delta)
+        else:
+            self._need_read = True
+            super().wake()
 
     def _apply_delta(
         self, version: str, added: Mapping[str, str], moved: Mapping[str, Optional[str]]
@@ -346,6 +382,7 @@ class Reconciler(Loop["Node"]):
                 handled = [
                     c for c in self.table.slots if held is None or c not in self.table.desired
                 ]
+                self._reading = True
             try:
                 share = node.store.read_desired(node.node_id, handled, held)
                 if held is not None and share.removed is None:
@@ -355,10 +392,15 @@ class Reconciler(Loop["Node"]):
                         handled = list(self.table.slots)
                     share = node.store.read_desired(node.node_id, handled, None)
             except BaseException:
+                with self.table.lock:
+                    self._reading = False
+                    self._awaited = None  # read again anyway
                 self._need_read = True
                 self._full = self._full or full
                 raise
             with self.table.lock:
+                self._reading = False
+                awaited, self._awaited = self._awaited, None
                 overtaken = self._read_version != before
                 if overtaken:
                     # a delta from a hint moved the share on while this read was under
@@ -399,6 +441,8 @@ class Reconciler(Loop["Node"]):
                         # a heartbeat found a later version while this read was under
                         # way: the read may predate that write; its hint or a read
                         self._check_at = node.clock() + HINT_WAIT
+                if awaited is not None:
+                    self._after_read(awaited)
             self.claims.release_orphans()
         to_claim = self._plan(retry_all=read)
         if to_claim:
@@ -579,6 +623,15 @@ class Reconciler(Loop["Node"]):
                 len(left),
                 [s.config.id for s in left],
             )
+
+
+@attrs.frozen
+class _Hint:
+    """An ``assigned`` hint kept until the read under way comes back."""
+
+    version: str
+    previous: Optional[int]
+    delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]]
 
 
 def _newer(a: str, b: str) -> bool:

@@ -15,6 +15,7 @@ from dim import change as change_set
 from dim.change import Change
 from dim.keys import Keys
 from dim.messages import Kind, decode
+from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
 
@@ -240,6 +241,111 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
     assert contested.version == str(v3)
     assert contested.entries == {} and contested.removed == ("51",)
     assert contested.placements["51"].contested
+
+
+def _slow_heartbeats(redis_client: redis.Redis, service: str) -> Any:
+    """Settings whose heartbeat comes after the test (a 6 s interval): whatever the
+    test sees was woken by a hint. Sets the fence and the era, so no reset window."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    return FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
+
+
+def _reads_of_share(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[str]:
+    """Record the node of every share read from now on; ``after(node_id, read)`` runs
+    once the read came back (and may hold it there)."""
+    reads: list[str] = []
+    read = Store.read_desired
+
+    def counted(self: Store, node_id: str, *a: Any) -> Any:
+        reads.append(node_id)
+        share = read(self, node_id, *a)
+        if after is not None:
+            after(node_id, share)
+        return share
+
+    monkeypatch.setattr(Store, "read_desired", counted)
+    return reads
+
+
+def test_a_joining_node_hears_the_answer_to_its_join(
+    redis_url: str,
+    redis_client: redis.Redis,
+    service: str,
+    hints: HintRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node subscribes before its first heartbeat announces it, so the leader's
+    ``assigned`` hint, with the new share inline, reaches it: it reads its share once (at
+    its start, before or after the leader's write) and never again for the join."""
+    settings = _slow_heartbeats(redis_client, service)
+    reads = _reads_of_share(monkeypatch)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
+    try:
+        cluster.add(2)
+        cluster.wait_settled(5)
+        start = hints.mark()
+        (new,) = cluster.add(1)
+        cluster.wait_settled(5)  # within a heartbeat
+        assert cluster.counts() == [2, 3, 3]
+        # the hint went to its inbox, with its share
+        assert [to for to, m in hints.sent(Kind.ASSIGNED, start) if m.added] == [new.node_id]
+        assert reads.count(new.node_id) == 1
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_hint_that_crosses_a_read_is_applied_once_the_read_is_in(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's answer to a join arrives while the new node's first read, sent
+    before the write, is still on its way back: the node applies the hint's delta to
+    what the read brought, with no second read and no heartbeat."""
+    settings = _slow_heartbeats(redis_client, service)
+    joining: dict[str, str] = {}
+    first_read = threading.Event()  # the new node's first read has run in Redis
+    hint_in = threading.Event()  # ... and the leader's hint has reached the new node
+
+    def hold(node_id: str, share: Any) -> None:
+        if node_id == joining.get("id") and not first_read.is_set():
+            assert share.version is None  # before the leader's write
+            first_read.set()
+            assert hint_in.wait(10), "the leader's hint never reached the new node"
+
+    reads = _reads_of_share(monkeypatch, after=hold)
+    write = Store.leader_write
+
+    def write_after_the_read(self: Store, *a: Any, **kw: Any) -> Any:
+        if "id" in joining:
+            assert first_read.wait(10)
+        return write(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "leader_write", write_after_the_read)
+    assigned = Reconciler.assigned
+
+    def heard(self: Reconciler, *a: Any, **kw: Any) -> None:
+        assigned(self, *a, **kw)
+        if self.node.node_id == joining.get("id"):
+            hint_in.set()
+
+    monkeypatch.setattr(Reconciler, "assigned", heard)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
+    try:
+        cluster.add(2)
+        cluster.wait_settled(5)
+        new = cluster.make(node_name="joining")
+        joining["id"] = "joining"
+        new.start()
+        cluster.managers.append(new)
+        cluster.wait_settled(5)  # within a heartbeat
+        assert cluster.counts() == [2, 3, 3]
+        assert reads.count("joining") == 1
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
 
 
 def test_a_graceful_move_waits_for_no_heartbeat(
