@@ -129,8 +129,9 @@ def check_eviction(client: Client, where: str) -> None:
     claim another node may take while its holder still runs the instance."""
     try:
         info = client.info("memory")
-    except redis.RedisError:
-        return  # not allowed (ACL) or not answered: nothing to say
+    except Exception:  # not allowed (ACL), not answered, a cluster moving: nothing to say
+        log.debug("could not read Redis's eviction policy", exc_info=True)
+        return
     if isinstance(client, RedisCluster) and "maxmemory_policy" not in info:
         info = next((v for v in info.values() if isinstance(v, dict)), {})
     policy = info.get("maxmemory_policy") if isinstance(info, dict) else None

@@ -42,7 +42,7 @@ class HintListener(Loop["Node"]):
         miss them and cost a read. Best effort: if it fails, the loop subscribes."""
         try:
             self._pubsub = self._open()
-        except redis.RedisError:
+        except Exception:  # a RedisError, or a cluster's (RedisClusterException)
             self._log.debug("subscribing before the join failed", exc_info=True)
 
     def _open(self) -> PubSub:

@@ -216,8 +216,8 @@ class Manager:
             node.listener = HintListener(node)
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
-            node.listener.subscribe()  # before the join is announced (see there)
             try:
+                node.listener.subscribe()  # before the join is announced (see there)
                 self._first_beat(node)
             except BaseException:
                 node.listener.close()
@@ -236,10 +236,10 @@ class Manager:
             self._dispatcher.start(f"dim-events-{node.node_id}")
             for loop in node.loops():
                 loop.start()
-            # a warning only: once the threads run, off the join's path
-            connection.check_eviction(client, self._describe_target())
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
+            # a warning only, off the join's path: once the threads run
+            connection.check_eviction(client, self._describe_target())
             log.info(
                 "node %s joined service %r", node.node_id, self.service, extra=fields(node.node_id)
             )

@@ -133,6 +133,8 @@ class ShareRead:
     entries: dict[str, Optional[str]]  # ckey -> config json (None: the config is gone)
     placements: dict[str, ConfigPlace]
     removed: Optional[tuple[str, ...]] = None
+    # the fence counter when the read ran: a write of a later version came after it
+    fence: int = 0
 
 
 # -- the control hash (operator controls and what leaders keep for static nodes) ------

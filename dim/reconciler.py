@@ -10,13 +10,11 @@ thread of its own, so they never wait on user code or queue behind busy workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
-import attrs
-
+from dim import share
 from dim.claims import ClaimBook
-from dim.configs import Config, decode
+from dim.configs import Config
 from dim.events import Event, EventType
 from dim.instances import InstanceCalls, UserCallbacks
 from dim.lifecycle import Lifecycle
@@ -72,7 +70,8 @@ class Reconciler(Loop["Node"]):
         # a read of the share is under way, and the latest version a hint announced
         # meanwhile that it could not apply (the read may already bring it)
         self._reading = False
-        self._awaited: Optional[_Hint] = None
+        self._awaited: Optional[share.Hint] = None
+        self._read_fence = 0  # the fence counter when the last read ran
 
     def __repr__(self) -> str:
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
@@ -146,7 +145,7 @@ class Reconciler(Loop["Node"]):
         version: Optional[int],
         previous: Optional[int],
         targets: tuple[str, ...],
-        delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]] = None,
+        delta: Optional[share.Delta] = None,
     ) -> None:
         """The leader wrote version ``version`` after ``previous``; ``targets`` are the
         nodes whose share it changed (empty: not said; a hint in this node's inbox).
@@ -163,27 +162,16 @@ class Reconciler(Loop["Node"]):
                     return  # read already (share versions are never reused)
         if delta is not None and version is not None and previous is not None:
             with self.table.lock:
-                applies = self._have_read and self._follows(previous)
+                applies = self._have_read and self._follows(previous, str(version))
                 if applies:
-                    self._apply_delta(str(version), *delta)
+                    self._apply_delta(str(version), delta)
             if applies:
                 self.table.notify()
                 super().wake()
                 return
         if version is None or previous is None or not targets or node.node_id in targets:
-            if version is not None:
-                with self.table.lock:
-                    reading = self._reading
-                    if reading and (
-                        self._awaited is None or _newer(str(version), self._awaited.version)
-                    ):
-                        self._awaited = _Hint(str(version), previous, delta)
-                if reading:
-                    # the read under way may already bring it (a joining node's first
-                    # read, sent before or after the write): tick applies the delta or
-                    # reads again if the read comes back older (_after_read)
-                    return
-            self.wake(read=True)
+            if version is None or not self._await(share.Hint(str(version), previous, delta)):
+                self.wake(read=True)
             return
         with self.table.lock:
             same = (
@@ -202,49 +190,57 @@ class Reconciler(Loop["Node"]):
         else:
             self.wake(read=True)
 
-    def _follows(self, previous: int) -> bool:
-        """Under the table's lock: a delta from share version ``previous`` applies to
-        the share this node holds."""
+    def _await(self, hint: share.Hint) -> bool:
+        """Keep a hint that comes while a read is under way, which may already bring it (a
+        joining node's first read, sent before or after the write): once the read is in,
+        tick applies it or reads again (:meth:`_after_read`). False: no read under way."""
+        with self.table.lock:
+            if self._reading and (
+                self._awaited is None or share.newer(hint.version, self._awaited.version)
+            ):
+                self._awaited = hint
+            return self._reading
+
+    def _follows(self, previous: int, version: str) -> bool:
+        """Under the table's lock: the delta of write ``version`` from share version
+        ``previous`` applies to the share this node holds."""
         if self._need_read or self._full:
             return False
         if self._read_version == str(previous):
-            return True
-        # no share before the write ("p": 0) and none read: a joining node whose first
-        # read came before the leader's answer to its join
-        return previous == 0 and self._read_version is None and not self.table.desired
+            return True  # share versions are unique: exactly that share
+        # no share before the write ("p": 0), none read, nothing handled, and the write
+        # came after that read (an older "p": 0 hint may be a predecessor's, under the
+        # same static name): a joining node whose first read beat the leader's answer
+        return (
+            previous == 0
+            and self._read_version is None
+            and not self.table.desired
+            and not self.table.slots
+            and share.newer(version, str(self._read_fence))
+        )
 
-    def _after_read(self, hint: _Hint) -> None:
+    def _after_read(self, hint: share.Hint) -> None:
         """Under the table's lock, after a read: a hint that came while it was under way
         and found no share to apply to. A read that came back older than the hint's
         version takes its delta, or is read again now."""
-        if self._read_version is not None and not _newer(hint.version, self._read_version):
-            return  # the read brought it
-        if hint.delta is not None and hint.previous is not None and self._follows(hint.previous):
-            self._apply_delta(hint.version, *hint.delta)
-        else:
-            self._need_read = True
-            super().wake()
+        if not share.newer(hint.version, str(self._read_fence)):
+            return  # written before the read ran: the read brought it, or what followed
+        delta, previous = hint.delta, hint.previous
+        if delta is not None and previous is not None and self._follows(previous, hint.version):
+            self._apply_delta(hint.version, delta)
+            return
+        self._need_read = True
+        super().wake()
 
-    def _apply_delta(
-        self, version: str, added: Mapping[str, str], moved: Mapping[str, Optional[str]]
-    ) -> None:
+    def _apply_delta(self, version: str, delta: share.Delta) -> None:
         """Under the table's lock: the share after a delta the leader sent inline."""
-        desired = {c: v for c, v in self.table.desired.items() if c not in moved}
-        for ckey, text in added.items():
-            config = decode(ckey, text)
-            if config is not None:
-                desired[ckey] = config
-        placements = {c: p for c, p in self._placements.items() if c in self.table.slots}
-        for ckey, to in moved.items():
-            if ckey in self.table.slots:
-                # moved on (a node) or gone (None): either way it stops here
-                slot = self.table.slots[ckey]
-                placements[ckey] = ConfigPlace(to, slot.config.json if to else None)
-        self.table.desired = desired
-        self._placements = placements
+        table = self.table
+        table.desired, self._placements = share.after_delta(
+            table.desired, self._placements, table.slots, delta
+        )
         self._read_version = version
         self._known_at = self.node.clock()
-        if self._version is None or _newer(version, self._version):
+        if self._version is None or share.newer(version, self._version):
             self._version = version
 
     def renewed(
@@ -352,7 +348,7 @@ class Reconciler(Loop["Node"]):
         if now >= self._recheck_at:
             self._recheck_at = now + interval
             with self.table.lock:
-                # a config kept running outside our share (_keep) may be given to
+                # a config kept running outside our share (share.keep) may be given to
                 # another node by a write that does not touch our share: no hint says
                 # so, so ask where it stands once per heartbeat while we keep one
                 desired = self.table.desired
@@ -384,13 +380,13 @@ class Reconciler(Loop["Node"]):
                 ]
                 self._reading = True
             try:
-                share = node.store.read_desired(node.node_id, handled, held)
-                if held is not None and share.removed is None:
+                got = node.store.read_desired(node.node_id, handled, held)
+                if held is not None and got.removed is None:
                     # no delta from our version: the whole share came back, and we must
                     # also learn where each config we handle outside it stands
                     with self.table.lock:
                         handled = list(self.table.slots)
-                    share = node.store.read_desired(node.node_id, handled, None)
+                    got = node.store.read_desired(node.node_id, handled, None)
             except BaseException:
                 with self.table.lock:
                     self._reading = False
@@ -401,32 +397,17 @@ class Reconciler(Loop["Node"]):
             with self.table.lock:
                 self._reading = False
                 awaited, self._awaited = self._awaited, None
+                self._read_fence = got.fence
                 overtaken = self._read_version != before
                 if overtaken:
                     # a delta from a hint moved the share on while this read was under
                     # way: the read may predate it; keep the hint's and read again
-                    self._need_read = self._need_read or self._read_version != share.version
-                    share = ShareRead(self._read_version, {}, {}, ())
-                if share.removed is None:
-                    desired = {}
-                    placements = dict(share.placements)
-                else:  # the delta since the version we hold
-                    gone = set(share.removed)
-                    desired = {c: v for c, v in self.table.desired.items() if c not in gone}
-                    placements = {
-                        c: p
-                        for c, p in {**self._placements, **share.placements}.items()
-                        if c in self.table.slots
-                    }
-                for ckey, text in share.entries.items():
-                    config = decode(ckey, text)
-                    if config is not None:
-                        desired[ckey] = config
-                    else:
-                        desired.pop(ckey, None)
-                version = share.version
-                self.table.desired = desired
-                self._placements = placements
+                    self._need_read = self._need_read or self._read_version != got.version
+                    got = ShareRead(self._read_version, {}, {}, ())
+                self.table.desired, self._placements = share.after_read(
+                    self.table.desired, self._placements, self.table.slots, got
+                )
+                version = got.version
                 self._read_version = version
                 self._known_at = node.clock()
                 self._have_read = True
@@ -434,7 +415,7 @@ class Reconciler(Loop["Node"]):
                     if (
                         self._version is None
                         or version is None
-                        or not _newer(self._version, version)
+                        or not share.newer(self._version, version)
                     ):
                         self._version = version
                     elif self._check_at is None:
@@ -507,24 +488,9 @@ class Reconciler(Loop["Node"]):
             ]
 
     def _keep(self, ckey: str) -> bool:
-        """Keep running a config that is not in our desired set?
-
-        Only while nobody else is meant to run it and it still exists: after Redis lost
-        or rewound its data (no version yet, or a reset window) or while a new leader
-        rebuilds the placement from the claims, a config is briefly unassigned or
-        assigned by stale data, and stopping it then would move it for nothing. A config
-        assigned elsewhere, or removed, stops.
-        """
-        if self._read_version is None:
-            return True
-        placement = self._placements.get(ckey)
-        if placement is None:
-            return False
-        if self.node.store.era.resetting() or placement.contested:
-            return placement.config_json is not None
-        return (
-            placement.node is None and placement.config_json is not None and not placement.waiting
-        )
+        """Keep running a config that is not in our desired set? (:func:`dim.share.keep`)"""
+        era = self.node.store.era
+        return share.keep(self._read_version, self._placements.get(ckey), era.resetting)
 
     def _claimed(self, tokens: dict[str, int], sent: float) -> None:
         node = self.node
@@ -623,20 +589,3 @@ class Reconciler(Loop["Node"]):
                 len(left),
                 [s.config.id for s in left],
             )
-
-
-@attrs.frozen
-class _Hint:
-    """An ``assigned`` hint kept until the read under way comes back."""
-
-    version: str
-    previous: Optional[int]
-    delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]]
-
-
-def _newer(a: str, b: str) -> bool:
-    """Share version ``a`` is later than ``b`` (versions are fence values)."""
-    try:
-        return int(a) > int(b)
-    except ValueError:
-        return False

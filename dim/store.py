@@ -249,6 +249,7 @@ class Store:
             desired,
             placements,
             None if not isinstance(removed, list) else tuple(str(text(c)) for c in removed),
+            header.fence,
         )
 
     def publish(self, message: Message) -> None:

@@ -25,6 +25,7 @@ PURE = {
     "change",
     "keys",
     "roster",
+    "share",
 }
 
 

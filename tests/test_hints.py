@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import redis
 
-from dim import Manager
+from dim import Manager, __version__
 from dim import change as change_set
 from dim.change import Change
 from dim.keys import Keys
-from dim.messages import Kind, decode
+from dim.listener import HintListener
+from dim.messages import Kind, Message, decode
 from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
@@ -344,6 +345,194 @@ def test_a_hint_that_crosses_a_read_is_applied_once_the_read_is_in(
         assert cluster.counts() == [2, 3, 3]
         assert reads.count("joining") == 1
         assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_successor_never_applies_its_predecessors_old_share(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A static node waiting for its predecessor's name is already subscribed, and hears
+    the leader place the predecessor (no share before: ``p`` 0, the share inline). The
+    predecessor is dropped and one of its configs removed; the successor joins, reads no
+    share, and then gets that old hint: it must not take it for the answer to its own
+    join (it would claim and create the removed config)."""
+    settings = STEADY
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    subscribed = threading.Event()  # the successor listens (before its name is free)
+    joined = threading.Event()  # the successor's first read is in: hints may come
+    old_heard = threading.Event()  # ... and it has heard the predecessor's old hint
+    ticked = threading.Event()  # ... and its reconciler has acted on it
+    versions: dict[str, int] = {}
+
+    subscribe = HintListener.subscribe
+
+    def subscribing(self: HintListener) -> None:
+        subscribe(self)
+        if self.node.node_id == "s":
+            subscribed.set()
+
+    handle = HintListener.handle
+
+    def handling(self: HintListener, data: Any) -> Any:
+        if self.node.node_id != "s":
+            return handle(self, data)
+        assert joined.wait(10)  # the old hint comes after the successor's first read
+        message = handle(self, data)
+        if message is not None and message.version == versions.get("old"):
+            old_heard.set()
+        return message
+
+    read = Store.read_desired
+
+    def reading(self: Store, node_id: str, *a: Any) -> Any:
+        got = read(self, node_id, *a)
+        if node_id == "s":
+            joined.set()
+        return got
+
+    tick = Reconciler.tick
+
+    def ticking(self: Reconciler) -> float:
+        heard = old_heard.is_set()
+        wait = tick(self)
+        if self.node.node_id == "s" and heard:
+            ticked.set()
+        return wait
+
+    write = Store.leader_write
+
+    def answering(self: Store, *a: Any, **kw: Any) -> Any:
+        deltas = a[4] if len(a) > 4 else kw["deltas"]
+        if "s" in deltas:
+            if "old" not in versions:
+                assert subscribed.wait(10)  # the successor hears where its predecessor is
+            else:
+                assert ticked.wait(10)  # the answer to the successor's join comes late
+        reply = write(self, *a, **kw)
+        if "s" in deltas:
+            versions.setdefault("old", reply[0])
+        return reply
+
+    claimed: list[str] = []
+    claim = Store.claim
+
+    def claiming(self: Store, node_id: str, ckeys: list[str], *a: Any, **kw: Any) -> Any:
+        if node_id == "s":
+            claimed.extend(ckeys)
+        return claim(self, node_id, ckeys, *a, **kw)
+
+    for cls, name, fn in [
+        (HintListener, "subscribe", subscribing),
+        (HintListener, "handle", handling),
+        (Store, "read_desired", reading),
+        (Reconciler, "tick", ticking),
+        (Store, "leader_write", answering),
+        (Store, "claim", claiming),
+    ]:
+        monkeypatch.setattr(cls, name, fn)
+
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(6)], settings=settings)
+    fake = Store(redis.Redis.from_url(redis_url), service)
+    crashed = threading.Event()
+    info = {"host": "h", "pid": "1", "started": "0", "weight": "1.0", "version": __version__}
+    info.update(session="old", static="1", tags="", capacity="")
+
+    def predecessor() -> None:  # heartbeats as "s", claims nothing
+        while not crashed.is_set():
+            fake.heartbeat(
+                "s",
+                node_ttl=0.6,
+                leader_ttl=0.6,
+                leaving=False,
+                may_lead=False,
+                renew_leader="",
+                info=info,
+                claims={},
+                joined=Message(Kind.JOINED, "s"),
+                session="old",
+                health="0 0",
+            )
+            crashed.wait(0.05)
+
+    successor = cluster.make(node_name="s")
+    errors: list[BaseException] = []
+
+    def start_successor() -> None:
+        try:
+            successor.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    beats = threading.Thread(target=predecessor, daemon=True)
+    joiner = threading.Thread(target=start_successor, daemon=True)
+    try:
+        (a,) = cluster.add(1, node_name="a")
+        cluster.wait_settled(5)
+        beats.start()
+        wait_until(lambda: redis_client.zscore(keys.nodes, "s") is not None, 5)
+        joiner.start()  # waits for the name
+        # the leader places the predecessor, in a hint the successor hears
+        wait_until(lambda: len(a.instances) == 3, 5)
+        theirs = {int(c) for c in redis_client.smembers(keys.desired("s"))}
+        assert len(theirs) == 3
+        crashed.set()
+        beats.join()
+        redis_client.persist(keys.node("s"))  # the name stays taken until we free it
+        wait_until(lambda: len(a.instances) == 6, 5)  # the predecessor is dropped
+        gone = min(theirs)
+        cluster.configs = [c for c in cluster.configs if c["id"] != gone]
+        a.refresh()
+        wait_until(lambda: len(a.instances) == 5, 5)
+        redis_client.delete(keys.node("s"))  # the name is free: the successor joins
+        joiner.join(10)
+        assert not errors, errors
+        cluster.managers.append(successor)
+        cluster.wait_settled(5)
+        assert ticked.is_set()
+        assert str(gone) not in claimed
+        assert gone not in cluster.placement()
+        assert cluster.ledger.overlaps() == []
+    finally:
+        crashed.set()
+        joined.set()
+        cluster.stop()
+        if successor not in cluster.managers:
+            successor.stop()
+        fake.client.close()
+
+
+def test_a_start_survives_a_failed_subscription(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subscribing before the join is a shortcut: when it fails, even with an error that
+    is not a RedisError (a cluster moving a slot), the node starts, and its listener
+    subscribes on its own and hears the hints."""
+    from redis.client import PubSub
+    from redis.exceptions import SlotNotCoveredError
+
+    calls: list[str] = []
+    execute = PubSub.execute_command
+
+    def flaky(self: PubSub, *args: Any) -> Any:
+        calls.append(str(args[0]))
+        if len(calls) == 1:
+            raise SlotNotCoveredError('Slot "1" not covered by the cluster.')
+        return execute(self, *args)
+
+    monkeypatch.setattr(PubSub, "execute_command", flaky)
+    settings = _slow_heartbeats(redis_client, service)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)], settings=settings)
+    try:
+        cluster.add(1)
+        cluster.wait_settled(5)
+        assert len(calls) >= 2  # the listener subscribed after all
+        cluster.add(1)
+        cluster.wait_settled(5)  # within a heartbeat: the first node heard the join
+        assert cluster.counts() == [2, 2]
     finally:
         cluster.stop()
 

@@ -1,0 +1,107 @@
+"""A node's copy of its share: pure steps from a read or a hint's delta to the configs
+it should run and where the others it handles went (protocol.rst §4.1).
+
+No I/O and no locks: :class:`dim.reconciler.Reconciler` calls these under its table's
+lock and keeps the versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Optional
+
+import attrs
+
+from dim.configs import Config, decode
+from dim.protocol import ConfigPlace, ShareRead
+from dim.slots import Slot
+
+Delta = tuple[Mapping[str, str], Mapping[str, Optional[str]]]
+"""A hint's inline delta: the configs added or changed (key -> JSON), and where each
+removed config went (key -> node, or None: gone)."""
+
+
+@attrs.frozen
+class Hint:
+    """An ``assigned`` hint kept until the read under way comes back."""
+
+    version: str
+    previous: Optional[int]
+    delta: Optional[Delta]
+
+
+def newer(a: str, b: str) -> bool:
+    """Share version ``a`` is later than ``b`` (versions are fence values)."""
+    try:
+        return int(a) > int(b)
+    except ValueError:
+        return False
+
+
+def after_read(
+    desired: Mapping[str, Config],
+    placements: Mapping[str, ConfigPlace],
+    slots: Mapping[str, Slot],
+    share: ShareRead,
+) -> tuple[dict[str, Config], dict[str, ConfigPlace]]:
+    """The share and placements after a read: the whole share, or the delta since the
+    version held applied to ``desired``."""
+    if share.removed is None:
+        out = {}
+        places = dict(share.placements)
+    else:  # the delta since the version we hold
+        gone = set(share.removed)
+        out = {c: v for c, v in desired.items() if c not in gone}
+        places = {c: p for c, p in {**placements, **share.placements}.items() if c in slots}
+    for ckey, text in share.entries.items():
+        config = decode(ckey, text)
+        if config is not None:
+            out[ckey] = config
+        else:
+            out.pop(ckey, None)
+    return out, places
+
+
+def after_delta(
+    desired: Mapping[str, Config],
+    placements: Mapping[str, ConfigPlace],
+    slots: Mapping[str, Slot],
+    delta: Delta,
+) -> tuple[dict[str, Config], dict[str, ConfigPlace]]:
+    """The share and placements after a delta the leader sent inline."""
+    added, moved = delta
+    out = {c: v for c, v in desired.items() if c not in moved}
+    for ckey, text in added.items():
+        config = decode(ckey, text)
+        if config is not None:
+            out[ckey] = config
+    places = {c: p for c, p in placements.items() if c in slots}
+    for ckey, to in moved.items():
+        if ckey in slots:
+            # moved on (a node) or gone (None): either way it stops here
+            places[ckey] = ConfigPlace(to, slots[ckey].config.json if to else None)
+    return out, places
+
+
+def keep(
+    read_version: Optional[str], placement: Optional[ConfigPlace], resetting: Callable[[], bool]
+) -> bool:
+    """Keep running a config that is not in the node's desired set?
+
+    Only while nobody else is meant to run it and it still exists: after Redis lost or
+    rewound its data (no version yet, or a reset window) or while a new leader rebuilds
+    the placement from the claims, a config is briefly unassigned or assigned by stale
+    data, and stopping it then would move it for nothing. A config assigned elsewhere,
+    or removed, stops.
+
+    :param read_version: the share version the node holds (None: none read yet).
+    :param placement: where the config stands, from the node's last read or hint.
+    :param resetting: whether Redis is in a reset window (:meth:`dim.era.Era.resetting`).
+    """
+    if read_version is None:
+        return True
+    if placement is None:
+        return False
+    if resetting() or placement.contested:
+        return placement.config_json is not None
+    return placement.node is None and placement.config_json is not None and not placement.waiting
