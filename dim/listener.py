@@ -35,16 +35,6 @@ class HintListener(Loop["Node"]):
         self._pubsub: Optional[PubSub] = None
         self.dropped = 0
 
-    def subscribe(self) -> None:
-        """Subscribe on the calling thread, before the node's first heartbeat announces
-        it: the hints sent in answer to the join (the leader's ``assigned``, with the new
-        share inline) then reach it, where a subscription made later by the loop would
-        miss them and cost a read. Best effort: if it fails, the loop subscribes."""
-        try:
-            self._pubsub = self._open()
-        except Exception:  # a RedisError, or a cluster's (RedisClusterException)
-            self._log.debug("subscribing before the join failed", exc_info=True)
-
     def _open(self) -> PubSub:
         node = self.node
         pubsub = node.store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
@@ -60,9 +50,11 @@ class HintListener(Loop["Node"]):
         node = self.node
         if self._pubsub is None:
             self._pubsub = self._open()
-            # hints may have been missed while we were not subscribed
-            node.reconciler.wake(read=True)
-            node.leader.wake()
+            if node.subscribed.is_set() or node.reconciler.has_read():
+                # hints may have been missed while we were not subscribed
+                node.reconciler.wake(read=True)
+                node.leader.wake()
+            node.subscribed.set()
         try:
             while not node.stop_event.is_set():
                 raw = self._pubsub.get_message(timeout=POLL)

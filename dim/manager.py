@@ -217,10 +217,8 @@ class Manager:
             if self._callbacks.healthcheck is not None:
                 node.health = HealthLoop(node, self._callbacks.healthcheck)
             try:
-                node.listener.subscribe()  # before the join is announced (see there)
                 self._first_beat(node)
             except BaseException:
-                node.listener.close()
                 # the beat may have run on the server though its reply was lost: take
                 # the membership back out rather than leave a ghost for node_ttl
                 try:
@@ -234,7 +232,8 @@ class Manager:
             self._parts = (reconciler, leader)
             self._client = client
             self._dispatcher.start(f"dim-events-{node.node_id}")
-            for loop in node.loops():
+            # the listener first: the reconciler's first read waits for its subscription
+            for loop in sorted(node.loops(), key=lambda loop: loop is not node.listener):
                 loop.start()
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)

@@ -190,6 +190,11 @@ class Reconciler(Loop["Node"]):
         else:
             self.wake(read=True)
 
+    def has_read(self) -> bool:
+        """A read of the share has been sent (it may have missed a hint)."""
+        with self.table.lock:
+            return self._have_read or self._reading
+
     def _await(self, hint: share.Hint) -> bool:
         """Keep a hint that comes while a read is under way, which may already bring it (a
         joining node's first read, sent before or after the write): once the read is in,
@@ -368,6 +373,10 @@ class Reconciler(Loop["Node"]):
                 else:
                     wait = self._check_at - now
         read = self._need_read
+        if self._need_read and not self._have_read and node.listener is not None:
+            # the first read after the subscription: a write after it is heard as a
+            # hint (a join costs one read); not for long if subscribing fails
+            node.subscribed.wait(min(1.0, interval))
         if self._need_read:
             self._need_read = False
             with self.table.lock:

@@ -52,6 +52,8 @@ class ReconcilerRole(Runnable, Protocol):
 
     def wake(self, read: bool = False) -> None: ...  # read: this node's share again
 
+    def has_read(self) -> bool: ...
+
     def saw_version(self, version: Optional[str], sent: float) -> None: ...
 
     def renewed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -278,17 +279,33 @@ def test_a_joining_node_hears_the_answer_to_its_join(
     hints: HintRecorder,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A node subscribes before its first heartbeat announces it, so the leader's
-    ``assigned`` hint, with the new share inline, reaches it: it reads its share once (at
-    its start, before or after the leader's write) and never again for the join."""
+    """A node's first read of its share waits for its subscription (here slower than the
+    reconciler's start), so the leader's ``assigned`` hint, with the new share inline,
+    reaches it if the read came first: it reads its share once (before or after the
+    leader's write) and never again."""
     settings = _slow_heartbeats(redis_client, service)
     reads = _reads_of_share(monkeypatch)
+    reconciling = threading.Event()  # the new node's reconciler has begun its first tick
+    tick, subscribe = Reconciler.tick, HintListener._open
+
+    def ticking(self: Reconciler) -> float:
+        if self.node.node_id == "new":
+            reconciling.set()
+        return tick(self)
+
+    def subscribing(self: HintListener) -> Any:
+        if self.node.node_id == "new":
+            assert reconciling.wait(5)
+        return subscribe(self)
+
+    monkeypatch.setattr(Reconciler, "tick", ticking)
+    monkeypatch.setattr(HintListener, "_open", subscribing)
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
     try:
         cluster.add(2)
         cluster.wait_settled(5)
         start = hints.mark()
-        (new,) = cluster.add(1)
+        (new,) = cluster.add(1, node_name="new")
         cluster.wait_settled(5)  # within a heartbeat
         assert cluster.counts() == [2, 3, 3]
         # the hint went to its inbox, with its share
@@ -350,39 +367,31 @@ def test_a_hint_that_crosses_a_read_is_applied_once_the_read_is_in(
 
 
 def test_a_successor_never_applies_its_predecessors_old_share(
-    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    redis_client: redis.Redis,
+    service: str,
+    hints: HintRecorder,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A static node waiting for its predecessor's name is already subscribed, and hears
-    the leader place the predecessor (no share before: ``p`` 0, the share inline). The
-    predecessor is dropped and one of its configs removed; the successor joins, reads no
-    share, and then gets that old hint: it must not take it for the answer to its own
-    join (it would claim and create the removed config)."""
-    settings = STEADY
+    """The leader placed a static node's predecessor with a hint (no share before: ``p``
+    0, the share inline). The predecessor is dropped and one of its configs removed; its
+    successor joins and reads no share, and then that old hint reaches it late (held up
+    on the way): it must not take it for the answer to its own join, which would claim
+    and create the removed config."""
     keys = Keys(service)
     seconds, micros = redis_client.time()
     redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
     redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    subscribed = threading.Event()  # the successor listens (before its name is free)
-    joined = threading.Event()  # the successor's first read is in: hints may come
-    old_heard = threading.Event()  # ... and it has heard the predecessor's old hint
+    joined = threading.Event()  # the successor's first read is in
+    old_heard = threading.Event()  # ... then it has heard the predecessor's old hint
     ticked = threading.Event()  # ... and its reconciler has acted on it
     versions: dict[str, int] = {}
-
-    subscribe = HintListener.subscribe
-
-    def subscribing(self: HintListener) -> None:
-        subscribe(self)
-        if self.node.node_id == "s":
-            subscribed.set()
 
     handle = HintListener.handle
 
     def handling(self: HintListener, data: Any) -> Any:
-        if self.node.node_id != "s":
-            return handle(self, data)
-        assert joined.wait(10)  # the old hint comes after the successor's first read
         message = handle(self, data)
-        if message is not None and message.version == versions.get("old"):
+        if self.node.node_id == "s" and message and message.version == versions.get("old"):
             old_heard.set()
         return message
 
@@ -407,11 +416,8 @@ def test_a_successor_never_applies_its_predecessors_old_share(
 
     def answering(self: Store, *a: Any, **kw: Any) -> Any:
         deltas = a[4] if len(a) > 4 else kw["deltas"]
-        if "s" in deltas:
-            if "old" not in versions:
-                assert subscribed.wait(10)  # the successor hears where its predecessor is
-            else:
-                assert ticked.wait(10)  # the answer to the successor's join comes late
+        if "s" in deltas and "old" in versions:
+            assert ticked.wait(10)  # the answer to the successor's join comes late
         reply = write(self, *a, **kw)
         if "s" in deltas:
             versions.setdefault("old", reply[0])
@@ -426,7 +432,6 @@ def test_a_successor_never_applies_its_predecessors_old_share(
         return claim(self, node_id, ckeys, *a, **kw)
 
     for cls, name, fn in [
-        (HintListener, "subscribe", subscribing),
         (HintListener, "handle", handling),
         (Store, "read_desired", reading),
         (Reconciler, "tick", ticking),
@@ -435,7 +440,7 @@ def test_a_successor_never_applies_its_predecessors_old_share(
     ]:
         monkeypatch.setattr(cls, name, fn)
 
-    cluster = Cluster(redis_url, service, [{"id": i} for i in range(6)], settings=settings)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(6)], settings=STEADY)
     fake = Store(redis.Redis.from_url(redis_url), service)
     crashed = threading.Event()
     info = {"host": "h", "pid": "1", "started": "0", "weight": "1.0", "version": __version__}
@@ -458,39 +463,31 @@ def test_a_successor_never_applies_its_predecessors_old_share(
             )
             crashed.wait(0.05)
 
-    successor = cluster.make(node_name="s")
-    errors: list[BaseException] = []
-
-    def start_successor() -> None:
-        try:
-            successor.start()
-        except BaseException as exc:
-            errors.append(exc)
-
     beats = threading.Thread(target=predecessor, daemon=True)
-    joiner = threading.Thread(target=start_successor, daemon=True)
+    successor = cluster.make(node_name="s")
     try:
         (a,) = cluster.add(1, node_name="a")
         cluster.wait_settled(5)
+        start = hints.mark()
         beats.start()
-        wait_until(lambda: redis_client.zscore(keys.nodes, "s") is not None, 5)
-        joiner.start()  # waits for the name
-        # the leader places the predecessor, in a hint the successor hears
-        wait_until(lambda: len(a.instances) == 3, 5)
+        wait_until(lambda: len(a.instances) == 3, 5)  # the leader placed the predecessor
+        (old,) = [m for to, m in hints.sent(Kind.ASSIGNED, start) if to == "s"]
+        assert old.previous == 0 and old.added
         theirs = {int(c) for c in redis_client.smembers(keys.desired("s"))}
-        assert len(theirs) == 3
         crashed.set()
         beats.join()
-        redis_client.persist(keys.node("s"))  # the name stays taken until we free it
         wait_until(lambda: len(a.instances) == 6, 5)  # the predecessor is dropped
         gone = min(theirs)
         cluster.configs = [c for c in cluster.configs if c["id"] != gone]
         a.refresh()
         wait_until(lambda: len(a.instances) == 5, 5)
-        redis_client.delete(keys.node("s"))  # the name is free: the successor joins
-        joiner.join(10)
-        assert not errors, errors
+        successor.start()
         cluster.managers.append(successor)
+        assert joined.wait(10)
+        wait_until(lambda: successor._node is not None and successor._node.subscribed.is_set(), 5)
+        late = {"k": "assigned", "n": old.node, "e": old.epoch, "v": old.version, "p": 0}
+        late.update(a=old.added, r=old.moved)  # as the leader's script wrote it
+        redis_client.publish(keys.inbox("s"), json.dumps(late))  # the old hint, late
         cluster.wait_settled(5)
         assert ticked.is_set()
         assert str(gone) not in claimed
@@ -498,19 +495,16 @@ def test_a_successor_never_applies_its_predecessors_old_share(
         assert cluster.ledger.overlaps() == []
     finally:
         crashed.set()
-        joined.set()
         cluster.stop()
-        if successor not in cluster.managers:
-            successor.stop()
         fake.client.close()
 
 
 def test_a_start_survives_a_failed_subscription(
     redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Subscribing before the join is a shortcut: when it fails, even with an error that
-    is not a RedisError (a cluster moving a slot), the node starts, and its listener
-    subscribes on its own and hears the hints."""
+    """When subscribing fails, even with an error that is not a RedisError (a cluster
+    moving a slot), the node starts, and its listener subscribes again and hears the
+    hints."""
     from redis.client import PubSub
     from redis.exceptions import SlotNotCoveredError
 
