@@ -50,10 +50,12 @@ class HintListener(Loop["Node"]):
         node = self.node
         if self._pubsub is None:
             self._pubsub = self._open()
+            # hints may have been missed while we were not subscribed: the leader looks
+            # at the membership again; the reconciler reads only if a read went out
+            # before (its first read waits for this subscription)
             if node.subscribed.is_set() or node.reconciler.has_read():
-                # hints may have been missed while we were not subscribed
                 node.reconciler.wake(read=True)
-                node.leader.wake()
+            node.leader.wake()
             node.subscribed.set()
         try:
             while not node.stop_event.is_set():

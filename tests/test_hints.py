@@ -15,6 +15,7 @@ from dim import Manager, __version__
 from dim import change as change_set
 from dim.change import Change
 from dim.keys import Keys
+from dim.leader import LeaderLoop
 from dim.listener import HintListener
 from dim.messages import Kind, Message, decode
 from dim.reconciler import Reconciler
@@ -312,6 +313,43 @@ def test_a_joining_node_hears_the_answer_to_its_join(
         assert [to for to, m in hints.sent(Kind.ASSIGNED, start) if m.added] == [new.node_id]
         assert reads.count(new.node_id) == 1
         assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
+def test_a_join_during_the_leaders_own_start_is_heard(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first node leads from its first heartbeat; its leader loop reads the
+    membership before its listener has subscribed, and a second node joins in that gap
+    (its ``joined`` hint reaches nobody). Once subscribed, the listener wakes the leader:
+    the join is seen at once, not at the next heartbeat."""
+    settings = _slow_heartbeats(redis_client, service)
+    first_tick = threading.Event()
+    joined = threading.Event()
+    tick, subscribe = LeaderLoop.tick, HintListener._open
+
+    def ticking(self: LeaderLoop) -> float:
+        wait = tick(self)
+        if self.node.node_id == "L" and self.node.is_leader:
+            first_tick.set()
+        return wait
+
+    def subscribing(self: HintListener) -> Any:
+        if self.node.node_id == "L":
+            assert joined.wait(5)
+        return subscribe(self)
+
+    monkeypatch.setattr(LeaderLoop, "tick", ticking)
+    monkeypatch.setattr(HintListener, "_open", subscribing)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
+    try:
+        cluster.add(1, node_name="L")
+        assert first_tick.wait(5)
+        cluster.add(1, node_name="Y")
+        joined.set()
+        cluster.wait_settled(3)  # within a heartbeat (6 s)
+        assert cluster.counts() == [4, 4]
     finally:
         cluster.stop()
 
