@@ -258,6 +258,8 @@ def test_hanging_healthcheck_counts_as_unhealthy(redis_url: str, service: str) -
             assert manager.wait_until_stable(10)
             hang.set()
             wait_until(lambda: manager.instances.get(1, {}).get("gen", 0) >= 2, 10)
+            # listeners hear events on a thread of their own: the event may come after
+            wait_until(lambda: unhealthy, 5, message="no INSTANCE_UNHEALTHY event")
             assert isinstance(unhealthy[0].error, TimeoutError)
     finally:
         stuck.set()

@@ -549,7 +549,8 @@ def test_one_bad_item_does_not_freeze_the_list(
                 f"distinct errors {sorted({str(e.error) for e in errors})})"
             ),
         )
-        assert errors, "no CONFIG_ERROR event"
+        # listeners hear events on a thread of their own: the event may come after
+        wait_until(lambda: errors, 5, message="no CONFIG_ERROR event")
         text = str(errors[0].error)
         assert isinstance(errors[0].error, ConfigError)
         assert all(n in text for n in needles), text
