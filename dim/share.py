@@ -53,12 +53,7 @@ def after_read(
         gone = set(share.removed)
         out = {c: v for c, v in desired.items() if c not in gone}
         places = {c: p for c, p in {**placements, **share.placements}.items() if c in slots}
-    for ckey, text in share.entries.items():
-        config = decode(ckey, text)
-        if config is not None:
-            out[ckey] = config
-        else:
-            out.pop(ckey, None)
+    _put(out, share.entries)
     return out, places
 
 
@@ -71,16 +66,24 @@ def after_delta(
     """The share and placements after a delta the leader sent inline."""
     added, moved = delta
     out = {c: v for c, v in desired.items() if c not in moved}
-    for ckey, text in added.items():
-        config = decode(ckey, text)
-        if config is not None:
-            out[ckey] = config
+    _put(out, added)
     places = {c: p for c, p in placements.items() if c in slots}
     for ckey, to in moved.items():
         if ckey in slots:
             # moved on (a node) or gone (None): either way it stops here
             places[ckey] = ConfigPlace(to, slots[ckey].config.json if to else None)
     return out, places
+
+
+def _put(share: dict[str, Config], entries: Mapping[str, Optional[str]]) -> None:
+    """Add or change these configs in ``share``; one gone (None) or that does not parse
+    (logged) leaves it, as a read and a delta alike."""
+    for ckey, text in entries.items():
+        config = decode(ckey, text)
+        if config is not None:
+            share[ckey] = config
+        else:
+            share.pop(ckey, None)
 
 
 def keep(

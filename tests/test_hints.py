@@ -273,6 +273,18 @@ def _reads_of_share(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[
     return reads
 
 
+def _subscribe_after(monkeypatch: pytest.MonkeyPatch, node_id: str, event: threading.Event) -> None:
+    """Node ``node_id``'s listener subscribes only once ``event`` is set."""
+    subscribe = HintListener._open
+
+    def subscribing(self: HintListener) -> Any:
+        if self.node.node_id == node_id:
+            assert event.wait(5)
+        return subscribe(self)
+
+    monkeypatch.setattr(HintListener, "_open", subscribing)
+
+
 def test_a_joining_node_hears_the_answer_to_its_join(
     redis_url: str,
     redis_client: redis.Redis,
@@ -287,20 +299,15 @@ def test_a_joining_node_hears_the_answer_to_its_join(
     settings = _slow_heartbeats(redis_client, service)
     reads = _reads_of_share(monkeypatch)
     reconciling = threading.Event()  # the new node's reconciler has begun its first tick
-    tick, subscribe = Reconciler.tick, HintListener._open
+    tick = Reconciler.tick
 
     def ticking(self: Reconciler) -> float:
         if self.node.node_id == "new":
             reconciling.set()
         return tick(self)
 
-    def subscribing(self: HintListener) -> Any:
-        if self.node.node_id == "new":
-            assert reconciling.wait(5)
-        return subscribe(self)
-
     monkeypatch.setattr(Reconciler, "tick", ticking)
-    monkeypatch.setattr(HintListener, "_open", subscribing)
+    _subscribe_after(monkeypatch, "new", reconciling)
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
     try:
         cluster.add(2)
@@ -327,7 +334,7 @@ def test_a_join_during_the_leaders_own_start_is_heard(
     settings = _slow_heartbeats(redis_client, service)
     first_tick = threading.Event()
     joined = threading.Event()
-    tick, subscribe = LeaderLoop.tick, HintListener._open
+    tick = LeaderLoop.tick
 
     def ticking(self: LeaderLoop) -> float:
         wait = tick(self)
@@ -335,13 +342,8 @@ def test_a_join_during_the_leaders_own_start_is_heard(
             first_tick.set()
         return wait
 
-    def subscribing(self: HintListener) -> Any:
-        if self.node.node_id == "L":
-            assert joined.wait(5)
-        return subscribe(self)
-
     monkeypatch.setattr(LeaderLoop, "tick", ticking)
-    monkeypatch.setattr(HintListener, "_open", subscribing)
+    _subscribe_after(monkeypatch, "L", joined)
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(8)], settings=settings)
     try:
         cluster.add(1, node_name="L")

@@ -27,6 +27,16 @@ def test_a_delta_adds_changes_and_moves_configs() -> None:
     assert where == {"a": ConfigPlace("n2", _config("a")), "c": ConfigPlace(None, None)}
 
 
+def test_a_config_that_does_not_parse_leaves_the_share_by_delta_as_by_read() -> None:
+    """A delta applies what a read of the same version would bring: a changed config
+    whose JSON does not parse (foreign data) leaves the share either way."""
+    desired = {c: decode(c, _config(c)) for c in ("a", "b")}
+    slots = {c: Slot(cfg) for c, cfg in desired.items() if cfg is not None}
+    by_delta, _ = share.after_delta(desired, {}, slots, ({"b": "not json"}, {}))
+    by_read, _ = share.after_read(desired, {}, slots, ShareRead("2", {"b": "not json"}, {}, ()))
+    assert sorted(by_delta) == sorted(by_read) == ["a"]
+
+
 def test_a_read_replaces_the_share_or_applies_its_delta() -> None:
     desired = {c: decode(c, _config(c)) for c in ("a", "b")}
     slots = {c: Slot(cfg) for c, cfg in desired.items() if cfg is not None}
