@@ -823,6 +823,11 @@ class Cluster:
                 "acting": sum(v for p, v in per.items() if p in acting),
                 "others": sorted(v for p, v in per.items() if p not in acting),
                 "acting_count": len(acting & set(per)),
+                # per process: the node that left (its stop), and each other acting one
+                "stopping": sum(per[p] for p in stopped if p in per),
+                "acting_each": sorted(
+                    v for p, v in per.items() if p in acting and p not in stopped
+                ),
             }
         ready = [r["t"] for r in window if r["ev"] == "ready"]
         if ready and result["changes"]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -194,6 +195,16 @@ def digest(cell: dict[str, Any]) -> list[dict[str, Any]]:
                 "cpu_others_max": summary(
                     max(r["cpu"]["others"], default=0.0) for r in ok if "cpu" in r
                 ),
+                # per process: the node that left (its stop()), and the median of the
+                # other acting processes' medians
+                "cpu_stopping": summary(
+                    r["cpu"]["stopping"] for r in ok if r.get("cpu", {}).get("stopping")
+                ),
+                "cpu_acting_each": summary(
+                    statistics.median(r["cpu"]["acting_each"])
+                    for r in ok
+                    if r.get("cpu", {}).get("acting_each")
+                ),
                 "cpu_all": summary(
                     r["cpu"]["acting"] + sum(r["cpu"]["others"]) for r in ok if "cpu" in r
                 ),
@@ -225,6 +236,8 @@ def show(rows: list[dict[str, Any]], rtt: float) -> None:
                 row["duplicated_configs"],
                 ms(row["cpu_all"]["median"]),
                 ms(row["cpu_acting"]["median"]),
+                ms(row["cpu_stopping"]["median"]),
+                ms(row["cpu_acting_each"]["median"], 2),
                 ms(row["cpu_others_max"]["median"], 2),
             ]
         )
@@ -246,6 +259,8 @@ def show(rows: list[dict[str, Any]], rtt: float) -> None:
             "dups",
             "CPU ms",
             "acting",
+            "stop",
+            "each",
             "idle max",
         ],
         table,

@@ -86,37 +86,49 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Optional[Event]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
+        # the kinds some listener hears (every kind: None), kept with the listeners so
+        # that emit() reads one attribute: an event nobody hears wakes no thread
+        self._wanted: frozenset[EventType] = frozenset()
+
+    def _listened(self) -> None:
+        kinds: set[EventType] = set()
+        for _, types in self._listeners:
+            kinds.update(EventType if types is None else types)
+        self._wanted = frozenset(kinds)
 
     def add(self, listener: Listener, types: Optional[frozenset[EventType]]) -> None:
         with self._lock:
             self._listeners.append((listener, types))
+            self._listened()
 
     def remove(self, listener: Listener) -> None:
         with self._lock:
             self._listeners = [(f, t) for f, t in self._listeners if f is not listener]
+            self._listened()
 
     def wants(self, kind: EventType) -> bool:
         """Whether some listener hears events of this kind (is it worth making one?)."""
-        with self._lock:
-            return any(types is None or kind in types for _, types in self._listeners)
+        return kind in self._wanted
 
     def emit(self, event: Event) -> None:
         level = logging.WARNING if event.error is not None else logging.DEBUG
-        log.log(
-            level,
-            "event %s node=%s config=%r error=%r",
-            event.type.value,
-            event.node_id,
-            event.config_id,
-            event.error,
-            extra=fields(
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "event %s node=%s config=%r error=%r",
+                event.type.value,
                 event.node_id,
-                config=event.config_id,
-                token=event.token,
-                epoch=event.data.get("epoch"),
-            ),
-        )
-        self._queue.put(event)
+                event.config_id,
+                event.error,
+                extra=fields(
+                    event.node_id,
+                    config=event.config_id,
+                    token=event.token,
+                    epoch=event.data.get("epoch"),
+                ),
+            )
+        if event.type in self._wanted:
+            self._queue.put(event)
 
     def start(self, name: str) -> None:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -493,7 +493,8 @@ class Manager:
 def _fresh_dispatcher(old: Dispatcher) -> Dispatcher:
     """A new dispatcher with the same listeners, so a restarted manager keeps them."""
     new = Dispatcher()
-    new._listeners = list(old._listeners)
+    for listener, types in old._listeners:
+        new.add(listener, types)
     return new
 
 

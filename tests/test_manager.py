@@ -176,6 +176,40 @@ def test_events_reach_listeners(redis_url: str, service: str) -> None:
     } <= types
 
 
+def test_listeners_added_and_removed_while_running(redis_url: str, service: str) -> None:
+    """An event nobody listens to is dropped, yet a listener added later hears what
+    follows, one removed hears nothing more, and a restart keeps the listeners."""
+    configs = [1]
+    heard: list[Any] = []
+
+    def created(event: Any) -> None:
+        heard.append(event.config_id)
+
+    manager = Manager(
+        lambda: list(configs), lambda c: object(), redis=redis_url, service=service, settings=FAST
+    )
+    with manager:
+        assert manager.wait_until_stable(10)
+        manager.add_listener(created, EventType.INSTANCE_CREATED)
+        configs.append(2)
+        manager.refresh()
+        wait_until(lambda: heard == [2], 5)
+        manager.remove_listener(created)
+        manager.add_listener(created, EventType.INSTANCE_DISCONNECTED)
+        configs.remove(1)
+        manager.refresh()
+        wait_until(lambda: heard == [2, 1], 5)
+        configs.append(3)
+        manager.refresh()
+        wait_until(lambda: set(manager.instances) == {2, 3}, 5)
+    # the disconnects of the stop, heard on the last dispatcher before it ended
+    assert sorted(heard[2:]) == [2, 3]
+    heard.clear()
+    with manager:
+        assert manager.wait_until_stable(10)
+    assert sorted(heard) == [2, 3]  # the restarted node's stop, heard by the kept listener
+
+
 def test_status_shows_the_cluster(cluster: Cluster) -> None:
     """status() names the leader, every node, and where each config is assigned and runs."""
     cluster.add(2)
