@@ -241,10 +241,11 @@ def inline_deltas(
 ) -> dict[str, str]:
     """For each node whose delta can ride in its ``assigned`` hint, the hint's extra
     fields (``,"a":{ckey: json},"r":{ckey: node or null}``; protocol.rst §4.1), at most
-    ``limit`` characters. A delta stays out (the node reads it) when it changes an
-    assignment entry in place (``u`` without new content: a repair) or removes a config
-    that still exists but has no node (it may keep running: the node must read where
-    it stands). ``changed``: the configs whose content the write changes."""
+    ``limit`` characters with the ``,"c":[ckey]`` the leader-write script may add. A
+    delta stays out (the node reads it) when it changes an assignment entry in place
+    (``u`` without new content: a repair) or removes a config that still exists but has
+    no node (it may keep running: the node must read where it stands). ``changed``: the
+    configs whose content the write changes."""
     out: dict[str, str] = {}
     changed = set(changed)
     for node, delta in deltas.items():
@@ -260,6 +261,8 @@ def inline_deltas(
         moved = {c: assignment.get(c) for c in delta["r"]}
         text = ',"a":' + json.dumps(added, separators=(",", ":"))
         text += ',"r":' + json.dumps(moved, separators=(",", ":"))
-        if len(text) <= limit:
+        # room for the script to name the added configs another node still holds
+        held = ',"c":' + json.dumps(delta["a"], separators=(",", ":")) if delta["a"] else ""
+        if len(text) + len(held) <= limit:
             out[node] = text
     return out

@@ -107,7 +107,9 @@ class HintListener(Loop["Node"]):
                 delta = None
                 if message.added is not None and message.moved is not None:
                     delta = (message.added, message.moved)
-                node.reconciler.assigned(message.version, message.previous, message.targets, delta)
+                node.reconciler.assigned(
+                    message.version, message.previous, message.targets, delta, message.ckeys
+                )
         if kind is Kind.LEADER_LEFT:
             node.heartbeat.wake()
         return message

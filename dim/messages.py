@@ -51,6 +51,8 @@ class Message:
     node: str
     version: Optional[int] = None
     epoch: Optional[int] = None
+    # the claims a ``released`` or ``failed`` hint names; in an ``assigned`` hint's
+    # delta, the configs it adds that another node's claim held at the write
     ckeys: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     previous: Optional[int] = None  # the version an ``assigned`` hint follows

@@ -52,6 +52,8 @@ class Reconciler(Loop["Node"]):
         )
         self._placements: dict[str, ConfigPlace] = {}
         self._hinted: set[str] = set()  # claims announced as released since the last try
+        # added by a delta while another node held them: claimed once it releases them
+        self._held: set[str] = set()
         self._retry_all_at = 0.0  # when to retry every pending claim, hint or not
         self._read_version: Optional[str] = None  # the version of the share last read
         # the latest assignment version this node knows of (from its heartbeat, a hint,
@@ -131,6 +133,8 @@ class Reconciler(Loop["Node"]):
     def released(self, ckeys: tuple[str, ...]) -> None:
         """Another node released claims: retry ours now if we wait for one of them."""
         with self.table.lock:
+            # (announced before the tick that makes their slots: claimed there at once)
+            self._held = self._held.difference(ckeys) if ckeys else set()
             waiting = {c for c, s in self.table.slots.items() if s.state is State.CLAIMING}
             if not waiting or (ckeys and waiting.isdisjoint(ckeys)):
                 return
@@ -146,15 +150,16 @@ class Reconciler(Loop["Node"]):
         previous: Optional[int],
         targets: tuple[str, ...],
         delta: Optional[share.Delta] = None,
+        held: tuple[str, ...] = (),
     ) -> None:
         """The leader wrote version ``version`` after ``previous``; ``targets`` are the
         nodes whose share it changed (empty: not said; a hint in this node's inbox).
 
         With ``delta`` (the configs added or changed, and where each removed config
         went), a node that holds share version ``previous`` applies it without a read
-        (protocol.rst §4.1). A node not named skips the read if it had read
-        ``previous`` and handles nothing outside its share: its share is the same.
-        """
+        (protocol.rst §4.1), and claims what it adds that another node held (``held``)
+        once its release is announced. A node not named skips the read if it had read
+        ``previous`` and handles nothing outside its share: its share is the same."""
         node = self.node
         if version is not None:
             with self.table.lock:
@@ -164,13 +169,14 @@ class Reconciler(Loop["Node"]):
             with self.table.lock:
                 applies = self._have_read and self._follows(previous, str(version))
                 if applies:
-                    self._apply_delta(str(version), delta)
+                    self._apply_delta(str(version), delta, held)
             if applies:
                 self.table.notify()
                 super().wake()
                 return
         if version is None or previous is None or not targets or node.node_id in targets:
-            if version is None or not self._await(share.Hint(str(version), previous, delta)):
+            hint = share.Hint(str(version), previous, delta, held)
+            if version is None or not self._await(hint):
                 self.wake(read=True)
             return
         with self.table.lock:
@@ -209,19 +215,9 @@ class Reconciler(Loop["Node"]):
     def _follows(self, previous: int, version: str) -> bool:
         """Under the table's lock: the delta of write ``version`` from share version
         ``previous`` applies to the share this node holds."""
-        if self._need_read or self._full:
-            return False
-        if self._read_version == str(previous):
-            return True  # share versions are unique: exactly that share
-        # no share before the write ("p": 0), none read, nothing handled, and the write
-        # came after that read (an older "p": 0 hint may be a predecessor's, under the
-        # same static name): a joining node whose first read beat the leader's answer
-        return (
-            previous == 0
-            and self._read_version is None
-            and not self.table.desired
-            and not self.table.slots
-            and share.newer(version, str(self._read_fence))
+        empty = not self.table.desired and not self.table.slots
+        return not (self._need_read or self._full) and share.follows(
+            previous, version, self._read_version, self._read_fence, empty
         )
 
     def _after_read(self, hint: share.Hint) -> None:
@@ -232,17 +228,18 @@ class Reconciler(Loop["Node"]):
             return  # written before the read ran: the read brought it, or what followed
         delta, previous = hint.delta, hint.previous
         if delta is not None and previous is not None and self._follows(previous, hint.version):
-            self._apply_delta(hint.version, delta)
+            self._apply_delta(hint.version, delta, hint.held)
             return
         self._need_read = True
         super().wake()
 
-    def _apply_delta(self, version: str, delta: share.Delta) -> None:
+    def _apply_delta(self, version: str, delta: share.Delta, held: tuple[str, ...]) -> None:
         """Under the table's lock: the share after a delta the leader sent inline."""
         table = self.table
         table.desired, self._placements = share.after_delta(
             table.desired, self._placements, table.slots, delta
         )
+        self._held.update(c for c in held if c in delta[0] and c not in table.slots)
         self._read_version = version
         self._known_at = self.node.clock()
         if self._version is None or share.newer(version, self._version):
@@ -484,6 +481,8 @@ class Reconciler(Loop["Node"]):
                 if ckey not in self.table.slots:
                     self.table.slots[ckey] = Slot(config)
                     fresh.add(ckey)
+            fresh -= self._held  # ... but those held elsewhere once their release is heard
+            self._held = set()
             hinted, self._hinted = self._hinted, set()
             everything = retry_all or now >= self._retry_all_at
             if everything:

@@ -74,6 +74,7 @@ class ReconcilerRole(Runnable, Protocol):
         previous: Optional[int],
         targets: tuple[str, ...],
         delta: Optional[tuple[Mapping[str, str], Mapping[str, Optional[str]]]] = None,
+        held: tuple[str, ...] = (),
     ) -> None: ...
 
     def unhealthy(self, slot: Slot, instance: Any, error: Optional[BaseException]) -> None: ...

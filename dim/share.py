@@ -28,6 +28,7 @@ class Hint:
     version: str
     previous: Optional[int]
     delta: Optional[Delta]
+    held: tuple[str, ...] = ()  # configs the delta adds that another node still held
 
 
 def newer(a: str, b: str) -> bool:
@@ -36,6 +37,18 @@ def newer(a: str, b: str) -> bool:
         return int(a) > int(b)
     except ValueError:
         return False
+
+
+def follows(previous: int, version: str, held: Optional[str], read_fence: int, empty: bool) -> bool:
+    """The delta of write ``version`` from share version ``previous`` applies to a node
+    that holds share version ``held`` (None: none read; its last read ran at fence
+    ``read_fence``), and, with ``empty``, wants and handles nothing."""
+    if held == str(previous):
+        return True  # share versions are unique: exactly that share
+    # no share before the write ("p": 0), none read, nothing handled, and the write
+    # came after that read (an older "p": 0 hint may be a predecessor's, under the
+    # same static name): a joining node whose first read beat the leader's answer
+    return previous == 0 and held is None and empty and newer(version, str(read_fence))
 
 
 def after_read(

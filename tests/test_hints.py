@@ -17,7 +17,7 @@ from dim.change import Change
 from dim.keys import Keys
 from dim.leader import LeaderLoop
 from dim.listener import HintListener
-from dim.messages import Kind, Message, decode
+from dim.messages import MAX_MESSAGE_BYTES, Kind, Message, decode
 from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
@@ -623,6 +623,136 @@ def test_a_graceful_move_waits_for_no_heartbeat(
         first.stop()
 
 
+def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node given a config that the node leaving still runs does not try to claim it
+    while it is held: the leader's hint says so, and the release's hint wakes the one
+    claim that takes it (no failed claim first; a 6 s heartbeat, so no retry helps)."""
+    slow = _slow_heartbeats(redis_client, service)
+    gate = threading.Event()
+    configs = [{"id": i} for i in range(6)]
+
+    def manager(disconnect: Any) -> Manager:
+        return Manager(
+            get_config=lambda: list(configs),
+            create=lambda config: config["id"],
+            disconnect=disconnect,
+            redis=redis_url,
+            service=service,
+            settings=slow,
+        )
+
+    lead = manager(lambda instance: None)
+    lead.start()
+    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
+    stays = manager(lambda instance: None)
+    stays.start()
+    goes = manager(lambda instance: gate.wait(10))
+    goes.start()
+    stopper = threading.Thread(target=goes.stop)
+    try:
+        wait_until(
+            lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
+            4,
+            message="the joins did not settle",
+        )
+        assert lead.is_leader and not stays.is_leader
+        held = {str(c) for c in goes.instances}
+        claims: list[list[str]] = []
+        claim = Store.claim
+
+        def counted(self: Store, node_id: str, ckeys: list[str], *a: Any) -> Any:
+            if node_id == stays.node_id:
+                claims.append([c for c in ckeys if c in held])
+            return claim(self, node_id, ckeys, *a)
+
+        monkeypatch.setattr(Store, "claim", counted)
+        planned = threading.Event()
+        tick = Reconciler.tick
+
+        def ticked(self: Reconciler) -> float:
+            wait = tick(self)
+            # a tick that found its share grown by a config the leaving node holds
+            if self.node.node_id == stays.node_id and held & set(self.table.slots):
+                planned.set()
+            return wait
+
+        monkeypatch.setattr(Reconciler, "tick", ticked)
+        stopper.start()
+        assert planned.wait(4), "the node staying was not given a config of the one leaving"
+        gate.set()  # the disconnects return, the claims are released
+        wait_until(lambda: len(stays.instances) == 3, 4, message="the release was not heard")
+        assert [c for c in claims if c] == [[c] for c in held & set(map(str, stays.instances))]
+    finally:
+        gate.set()
+        stopper.join(15)
+        goes.stop()
+        stays.stop()
+        lead.stop()
+
+
+def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release of a config still held at the leader's write may be heard before the
+    reconciler plans its claim: the claim then goes out at once, not at a heartbeat."""
+    slow = _slow_heartbeats(redis_client, service)
+    configs = [{"id": i} for i in range(6)]
+    gate, heard = threading.Event(), threading.Event()
+
+    def manager(disconnect: Any) -> Manager:
+        return Manager(
+            get_config=lambda: list(configs),
+            create=lambda config: config["id"],
+            disconnect=disconnect,
+            redis=redis_url,
+            service=service,
+            settings=slow,
+        )
+
+    lead = manager(lambda instance: None)
+    lead.start()
+    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
+    stays = manager(lambda instance: None)
+    stays.start()
+    goes = manager(lambda instance: gate.wait(10))
+    goes.start()
+    stopper = threading.Thread(target=goes.stop)
+    try:
+        wait_until(
+            lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
+            4,
+            message="the joins did not settle",
+        )
+        assert lead.is_leader and not stays.is_leader
+        reconciler = stays._node.reconciler  # type: ignore[union-attr]
+        tick, released = Reconciler.tick, Reconciler.released
+
+        def held_tick(self: Reconciler) -> float:
+            if self is reconciler and self._held:
+                gate.set()  # the delta is in, its claims not planned: release them now
+                assert heard.wait(5)
+            return tick(self)
+
+        def released_hint(self: Reconciler, ckeys: tuple[str, ...]) -> None:
+            released(self, ckeys)
+            if self is reconciler:
+                heard.set()
+
+        monkeypatch.setattr(Reconciler, "tick", held_tick)
+        monkeypatch.setattr(Reconciler, "released", released_hint)
+        stopper.start()
+        wait_until(lambda: len(stays.instances) == 3, 4, message="the release was lost")
+        assert heard.is_set()
+    finally:
+        gate.set()
+        stopper.join(15)
+        goes.stop()
+        stays.stop()
+        lead.stop()
+
+
 def test_a_read_at_the_version_held_returns_only_where_configs_stand(
     redis_client: redis.Redis, service: str
 ) -> None:
@@ -647,6 +777,61 @@ def test_a_read_at_the_version_held_returns_only_where_configs_stand(
     assert read.version == str(v1)
     assert read.entries == {} and read.removed == ()
     assert read.placements["x"].node == "b"
+
+
+def test_an_assigned_hint_names_what_another_node_holds_and_stays_small(
+    redis_client: redis.Redis, service: str
+) -> None:
+    """The leader's hint names the configs it adds to a node's share that another
+    node's claim holds at the write (not those free, nor the node's own), and a delta
+    that would leave no room for those names is not sent inline: no hint outgrows the
+    size every node accepts."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    redis_client.set(keys.leader, "a:5")
+    store = Store(redis_client, service)
+    inbox = redis_client.pubsub(ignore_subscribe_messages=True)
+    inbox.subscribe(f"{keys.events}:a")
+    limit = MAX_MESSAGE_BYTES - 120 - len(json.dumps("a"))  # as the leader computes it
+
+    def write(configs: dict[str, str]) -> bytes:
+        change = Change(assign={c: "a" for c in configs}, configs=configs, add={"a": list(configs)})
+        deltas = change_set.deltas(change, change.assign, ["a"], configs, limit)
+        store.leader_write("a:5", change, 5, "a", deltas)
+        got = inbox.get_message(timeout=5)
+        while got is None or got["type"] != "message":
+            got = inbox.get_message(timeout=5)
+        return got["data"]
+
+    try:
+        redis_client.set(keys.claim("1"), "b:7")
+        redis_client.set(keys.claim("2"), "a:3")  # its own (an earlier incarnation)
+        raw = write({c: f'["{c}",{{}}]' for c in ("1", "2", "3")})
+        hint = decode(raw)
+        assert hint.added is not None and sorted(hint.added) == ["1", "2", "3"]
+        assert hint.ckeys == ("1",)
+        # ten configs, all held by b, whose delta alone just fits the limit
+        held = [f"held-config-{i}" for i in range(10)]
+        for c in held:
+            redis_client.set(keys.claim(c), "b:7")
+
+        def padded(n: int) -> dict[str, str]:
+            return {c: json.dumps([c, {"p": "x" * n}]) for c in held}
+
+        def inline(n: int) -> int:
+            configs = padded(n)
+            text = ',"a":' + json.dumps(configs, separators=(",", ":")) + ',"r":{}'
+            return len(text)
+
+        pad = max(n for n in range(100) if inline(n) <= limit)
+        raw = write(padded(pad))
+        assert len(raw) <= MAX_MESSAGE_BYTES
+        hint = decode(raw)
+        assert hint.added is None  # no room to name them: the node reads
+    finally:
+        inbox.close()
 
 
 def _count_reads(managers: list[Manager]) -> list[str]:

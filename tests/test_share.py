@@ -66,3 +66,15 @@ def test_what_a_node_keeps_outside_its_share() -> None:
 def test_share_versions_compare_as_numbers() -> None:
     assert share.newer("10", "9") and not share.newer("9", "10")
     assert not share.newer("x", "1")  # not a version: never newer
+
+
+def test_a_delta_follows_only_the_share_it_was_computed_from() -> None:
+    """A delta applies to the very share version it follows; a "no share before" delta
+    only to a node that read none, handles nothing, and read before the write."""
+    assert share.follows(5, "9", "5", 0, empty=False)
+    assert not share.follows(5, "9", "4", 0, empty=False)
+    assert not share.follows(5, "9", None, 0, empty=True)
+    assert share.follows(0, "9", None, 8, empty=True)
+    assert not share.follows(0, "9", None, 9, empty=True)  # written before the read ran
+    assert not share.follows(0, "9", None, 8, empty=False)  # it handles something
+    assert not share.follows(0, "9", "3", 8, empty=True)  # it holds another share

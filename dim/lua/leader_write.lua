@@ -16,7 +16,9 @@
 --   "u": [ckeys of its share whose config or assignment changed]}: its share version
 --   becomes the new version, and its delta ({"p": previous share version, "v": new, ...})
 --   is stored for read_desired; "h", when present, is appended to that node's hint
---   (the delta inline: ',"a":{ckey: json},"r":{ckey: node or null}')
+--   (the delta inline: ',"a":{ckey: json},"r":{ckey: node or null}'), followed by
+--   ',"c":[ckey]' naming the configs it adds that another node's claim still holds
+--   (the node claims those when their release is announced, protocol.rst §4.1)
 -- returns header .. {new version (a fence value, so versions only grow, across resets
 --   too) or a refusal: -1 the leader is not ARGV[2], -2 a reset window opened that the
 --   plan does not know of (the leader reloads its view), -3 a late request;
@@ -114,9 +116,21 @@ for target, d in pairs(cjson.decode(targets_json)) do
     redis.call('HSET', shares_key, target, version)
     redis.call('HSET', deltas_key, target,
       cjson.encode({p = prev, v = version, a = d['a'], r = d['r'], u = d['u']}))
+    local held = ''
+    if d['h'] then
+      -- read in this script, so a release runs after it and finds the new assignee
+      local names = {}
+      for _, ckey in ipairs(d['a'] or {}) do
+        local holder = redis.call('GET', prefix .. 'claim:' .. ckey)
+        if holder and string.sub(holder, 1, #target + 1) ~= target .. ':' then
+          names[#names + 1] = ckey
+        end
+      end
+      if #names > 0 then held = ',"c":' .. cjson.encode(names) end
+    end
     hints[#hints + 1] = {channel .. ':' .. target,
       hint_prefix .. ',"v":' .. version .. ',"p":' .. (prev == '' and '0' or prev)
-        .. (d['h'] or '') .. '}'}
+        .. (d['h'] or '') .. held .. '}'}
   end
 end
 for _, h in ipairs(hints) do redis.call('PUBLISH', h[1], h[2]) end
