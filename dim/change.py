@@ -261,8 +261,10 @@ def inline_deltas(
         moved = {c: assignment.get(c) for c in delta["r"]}
         text = ',"a":' + json.dumps(added, separators=(",", ":"))
         text += ',"r":' + json.dumps(moved, separators=(",", ":"))
-        # room for the script to name the added configs another node still holds
-        held = ',"c":' + json.dumps(delta["a"], separators=(",", ":")) if delta["a"] else ""
+        # room for the script to name the added configs another node still holds (its
+        # JSON writes each "/" as "\/")
+        names = json.dumps(delta["a"], separators=(",", ":")).replace("/", "\\/")
+        held = ',"c":' + names if delta["a"] else ""
         if len(text) + len(held) <= limit:
             out[node] = text
     return out

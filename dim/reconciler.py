@@ -239,6 +239,7 @@ class Reconciler(Loop["Node"]):
         table.desired, self._placements = share.after_delta(
             table.desired, self._placements, table.slots, delta
         )
+        self._held.difference_update([*delta[0], *delta[1]])  # the latest word counts
         self._held.update(c for c in held if c in delta[0] and c not in table.slots)
         self._read_version = version
         self._known_at = self.node.clock()
@@ -369,13 +370,13 @@ class Reconciler(Loop["Node"]):
                     self._need_read = True
                 else:
                     wait = self._check_at - now
-        read = self._need_read
+        read = False  # (set where it reads: a read asked for meanwhile retries every claim)
         if self._need_read and not self._have_read and node.listener is not None:
             # the first read after the subscription: a write after it is heard as a
             # hint (a join costs one read); not for long if subscribing fails
             node.subscribed.wait(min(1.0, interval))
         if self._need_read:
-            self._need_read = False
+            self._need_read, read = False, True
             with self.table.lock:
                 full, self._full = self._full, False
                 before = self._read_version

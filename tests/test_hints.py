@@ -834,6 +834,121 @@ def test_an_assigned_hint_names_what_another_node_holds_and_stays_small(
         inbox.close()
 
 
+def test_named_configs_fit_the_hint_however_the_script_escapes_them(
+    redis_client: redis.Redis, service: str
+) -> None:
+    """The leader-write script's JSON writes each ``/`` of a config key as ``\\/``: an
+    inline delta whose named configs have many keeps the hint within the size every
+    node accepts (with versions and epoch of production size)."""
+    keys = Keys(service)
+    seconds, micros = redis_client.time()
+    epoch = seconds * 1_000_000 + micros  # a real epoch is a fence value
+    redis_client.set(keys.fence, epoch)
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    redis_client.set(keys.leader, f"a:{epoch}")
+    redis_client.hset(keys.shares, "a", epoch + 1)  # the share version before: a fence value
+    store = Store(redis_client, service)
+    inbox = redis_client.pubsub(ignore_subscribe_messages=True)
+    inbox.subscribe(f"{keys.events}:a")
+    limit = MAX_MESSAGE_BYTES - 120 - len(json.dumps("a"))  # as the leader computes it
+    held = [f"s3://b/{i}/x" for i in range(10)]  # 40 slashes in all
+    for c in held:
+        redis_client.set(keys.claim(c), "b:7")
+
+    def padded(n: int) -> dict[str, str]:
+        return {c: json.dumps([c, {"p": "x" * (n if c == held[0] else 0)}]) for c in held}
+
+    def change_of(configs: dict[str, str]) -> Change:
+        return Change(assign={c: "a" for c in configs}, configs=configs, add={"a": held})
+
+    def inline(configs: dict[str, str]) -> bool:
+        change = change_of(configs)
+        return "h" in change_set.deltas(change, change.assign, ["a"], configs, limit)["a"]
+
+    configs = padded(max(n for n in range(1000) if inline(padded(n))))
+    change = change_of(configs)
+    try:
+        deltas = change_set.deltas(change, change.assign, ["a"], configs, limit)
+        store.leader_write(f"a:{epoch}", change, epoch, "a", deltas)
+        got = inbox.get_message(timeout=5)
+        while got is None or got["type"] != "message":
+            got = inbox.get_message(timeout=5)
+        raw = got["data"]
+        assert len(raw) <= MAX_MESSAGE_BYTES
+        assert decode(raw).ckeys == tuple(held)
+    finally:
+        inbox.close()
+
+
+def test_a_config_removed_then_given_back_free_is_claimed_at_once(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config named as held elsewhere, then removed, released and given back free
+    before the node planned its claim, is claimed at once: the first hint's word is
+    not kept past the later ones (a 6 s heartbeat, so no retry helps)."""
+    slow = _slow_heartbeats(redis_client, service)
+    keys = Keys(service)
+    gate, resume, blocked = threading.Event(), threading.Event(), threading.Event()
+    configs = [{"id": i} for i in range(6)]
+
+    def manager(disconnect: Any) -> Manager:
+        return Manager(
+            get_config=lambda: list(configs),
+            create=lambda config: config["id"],
+            disconnect=disconnect,
+            redis=redis_url,
+            service=service,
+            settings=slow,
+        )
+
+    lead = manager(lambda instance: None)
+    lead.start()
+    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
+    stays = manager(lambda instance: None)
+    stays.start()
+    goes = manager(lambda instance: gate.wait(10))
+    goes.start()
+    stopper = threading.Thread(target=goes.stop)
+    try:
+        wait_until(
+            lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
+            4,
+            message="the joins did not settle",
+        )
+        assert lead.is_leader and not stays.is_leader
+        reconciler = stays._node.reconciler  # type: ignore[union-attr]
+        tick = Reconciler.tick
+
+        def busy_tick(self: Reconciler) -> float:
+            # the reconciler is busy elsewhere while three writes land
+            if self is reconciler and self._held and not resume.is_set():
+                blocked.set()
+                assert resume.wait(10)
+            return tick(self)
+
+        monkeypatch.setattr(Reconciler, "tick", busy_tick)
+        stopper.start()
+        assert blocked.wait(4), "no config was named as held"
+        x = sorted(reconciler._held)[0]
+        configs[:] = [c for c in configs if str(c["id"]) != x]
+        lead.refresh()  # removed: no assignee
+        wait_until(lambda: x not in reconciler.table.desired, 4, message="not removed")
+        gate.set()  # released, and announced to nobody
+        wait_until(lambda: not redis_client.exists(keys.claim(x)), 4, message="not released")
+        configs.append({"id": int(x)})
+        lead.refresh()  # given back, free
+        wait_until(lambda: x in reconciler.table.desired, 4, message="not given back")
+        resume.set()
+        wait_until(lambda: int(x) in stays.instances, 3, message=f"{x} waited for a heartbeat")
+    finally:
+        gate.set()
+        resume.set()
+        stopper.join(15)
+        goes.stop()
+        stays.stop()
+        lead.stop()
+
+
 def _count_reads(managers: list[Manager]) -> list[str]:
     """Record the node of every read of a share from now on."""
     reads: list[str] = []
