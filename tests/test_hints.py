@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -623,14 +624,13 @@ def test_a_graceful_move_waits_for_no_heartbeat(
         first.stop()
 
 
-def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
-    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A node given a config that the node leaving still runs does not try to claim it
-    while it is held: the leader's hint says so, and the release's hint wakes the one
-    claim that takes it (no failed claim first; a 6 s heartbeat, so no retry helps)."""
-    slow = _slow_heartbeats(redis_client, service)
-    gate = threading.Event()
+@contextlib.contextmanager
+def _one_leaves(
+    redis_url: str, service: str, settings: Any, gate: threading.Event
+) -> Iterator[Any]:
+    """Three nodes with six configs, two each: ``lead`` leads, ``stays`` does not, and
+    ``goes`` disconnects only once ``gate`` is set; ``stopper`` is a thread (not started)
+    that stops ``goes``. Yields (configs, lead, stays, goes, stopper); stops them all."""
     configs = [{"id": i} for i in range(6)]
 
     def manager(disconnect: Any) -> Manager:
@@ -640,24 +640,42 @@ def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
             disconnect=disconnect,
             redis=redis_url,
             service=service,
-            settings=slow,
+            settings=settings,
         )
 
     lead = manager(lambda instance: None)
     lead.start()
-    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
-    stays = manager(lambda instance: None)
-    stays.start()
-    goes = manager(lambda instance: gate.wait(10))
-    goes.start()
+    stays, goes = manager(lambda instance: None), manager(lambda instance: gate.wait(10))
     stopper = threading.Thread(target=goes.stop)
     try:
+        wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
+        stays.start()
+        goes.start()
         wait_until(
             lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
             4,
             message="the joins did not settle",
         )
         assert lead.is_leader and not stays.is_leader
+        yield configs, lead, stays, goes, stopper
+    finally:
+        gate.set()
+        if stopper.is_alive():
+            stopper.join(15)
+        goes.stop()
+        stays.stop()
+        lead.stop()
+
+
+def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node given a config that the node leaving still runs does not try to claim it
+    while it is held: the leader's hint says so, and the release's hint wakes the one
+    claim that takes it (no failed claim first; a 6 s heartbeat, so no retry helps)."""
+    slow = _slow_heartbeats(redis_client, service)
+    gate = threading.Event()
+    with _one_leaves(redis_url, service, slow, gate) as (_, _, stays, goes, stopper):
         held = {str(c) for c in goes.instances}
         claims: list[list[str]] = []
         claim = Store.claim
@@ -684,12 +702,6 @@ def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
         gate.set()  # the disconnects return, the claims are released
         wait_until(lambda: len(stays.instances) == 3, 4, message="the release was not heard")
         assert [c for c in claims if c] == [[c] for c in held & set(map(str, stays.instances))]
-    finally:
-        gate.set()
-        stopper.join(15)
-        goes.stop()
-        stays.stop()
-        lead.stop()
 
 
 def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
@@ -698,34 +710,8 @@ def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
     """The release of a config still held at the leader's write may be heard before the
     reconciler plans its claim: the claim then goes out at once, not at a heartbeat."""
     slow = _slow_heartbeats(redis_client, service)
-    configs = [{"id": i} for i in range(6)]
     gate, heard = threading.Event(), threading.Event()
-
-    def manager(disconnect: Any) -> Manager:
-        return Manager(
-            get_config=lambda: list(configs),
-            create=lambda config: config["id"],
-            disconnect=disconnect,
-            redis=redis_url,
-            service=service,
-            settings=slow,
-        )
-
-    lead = manager(lambda instance: None)
-    lead.start()
-    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
-    stays = manager(lambda instance: None)
-    stays.start()
-    goes = manager(lambda instance: gate.wait(10))
-    goes.start()
-    stopper = threading.Thread(target=goes.stop)
-    try:
-        wait_until(
-            lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
-            4,
-            message="the joins did not settle",
-        )
-        assert lead.is_leader and not stays.is_leader
+    with _one_leaves(redis_url, service, slow, gate) as (_, _, stays, _, stopper):
         reconciler = stays._node.reconciler  # type: ignore[union-attr]
         tick, released = Reconciler.tick, Reconciler.released
 
@@ -745,12 +731,6 @@ def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
         stopper.start()
         wait_until(lambda: len(stays.instances) == 3, 4, message="the release was lost")
         assert heard.is_set()
-    finally:
-        gate.set()
-        stopper.join(15)
-        goes.stop()
-        stays.stop()
-        lead.stop()
 
 
 def test_a_read_at_the_version_held_returns_only_where_configs_stand(
@@ -889,33 +869,7 @@ def test_a_config_removed_then_given_back_free_is_claimed_at_once(
     slow = _slow_heartbeats(redis_client, service)
     keys = Keys(service)
     gate, resume, blocked = threading.Event(), threading.Event(), threading.Event()
-    configs = [{"id": i} for i in range(6)]
-
-    def manager(disconnect: Any) -> Manager:
-        return Manager(
-            get_config=lambda: list(configs),
-            create=lambda config: config["id"],
-            disconnect=disconnect,
-            redis=redis_url,
-            service=service,
-            settings=slow,
-        )
-
-    lead = manager(lambda instance: None)
-    lead.start()
-    wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
-    stays = manager(lambda instance: None)
-    stays.start()
-    goes = manager(lambda instance: gate.wait(10))
-    goes.start()
-    stopper = threading.Thread(target=goes.stop)
-    try:
-        wait_until(
-            lambda: [len(m.instances) for m in (lead, stays, goes)] == [2, 2, 2],
-            4,
-            message="the joins did not settle",
-        )
-        assert lead.is_leader and not stays.is_leader
+    with _one_leaves(redis_url, service, slow, gate) as (configs, lead, stays, _, stopper):
         reconciler = stays._node.reconciler  # type: ignore[union-attr]
         tick = Reconciler.tick
 
@@ -928,25 +882,20 @@ def test_a_config_removed_then_given_back_free_is_claimed_at_once(
 
         monkeypatch.setattr(Reconciler, "tick", busy_tick)
         stopper.start()
-        assert blocked.wait(4), "no config was named as held"
-        x = sorted(reconciler._held)[0]
-        configs[:] = [c for c in configs if str(c["id"]) != x]
-        lead.refresh()  # removed: no assignee
-        wait_until(lambda: x not in reconciler.table.desired, 4, message="not removed")
-        gate.set()  # released, and announced to nobody
-        wait_until(lambda: not redis_client.exists(keys.claim(x)), 4, message="not released")
-        configs.append({"id": int(x)})
-        lead.refresh()  # given back, free
-        wait_until(lambda: x in reconciler.table.desired, 4, message="not given back")
-        resume.set()
+        try:
+            assert blocked.wait(4), "no config was named as held"
+            x = sorted(reconciler._held)[0]
+            configs[:] = [c for c in configs if str(c["id"]) != x]
+            lead.refresh()  # removed: no assignee
+            wait_until(lambda: x not in reconciler.table.desired, 4, message="not removed")
+            gate.set()  # released, and announced to nobody
+            wait_until(lambda: not redis_client.exists(keys.claim(x)), 4, message="not released")
+            configs.append({"id": int(x)})
+            lead.refresh()  # given back, free
+            wait_until(lambda: x in reconciler.table.desired, 4, message="not given back")
+        finally:
+            resume.set()
         wait_until(lambda: int(x) in stays.instances, 3, message=f"{x} waited for a heartbeat")
-    finally:
-        gate.set()
-        resume.set()
-        stopper.join(15)
-        goes.stop()
-        stays.stop()
-        lead.stop()
 
 
 def _count_reads(managers: list[Manager]) -> list[str]:
