@@ -86,8 +86,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Optional[Event]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
-        # the kinds some listener hears (every kind: None), kept with the listeners so
-        # that emit() reads one attribute: an event nobody hears wakes no thread
+        # the kinds some listener hears (all of them for a listener of every kind), kept
+        # with the listeners so that emit() reads one attribute: an event nobody hears
+        # wakes no thread
         self._wanted: frozenset[EventType] = frozenset()
 
     def _listened(self) -> None:
