@@ -21,7 +21,7 @@ from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
 from dim.logs import NodeLog, fields
 from dim.settings import Settings
-from dim.usercode import Call, Runners
+from dim.usercode import Runners
 
 log = logging.getLogger("dim.reconciler")
 
@@ -112,43 +112,16 @@ class InstanceCalls:
         """Call ``disconnect`` within ``disconnect_timeout``; never raises. An overrun is
         reported (``DISCONNECT_TIMEOUT``): the caller then lets the claim go while the
         instance may still run, and only its fencing token protects from it."""
-        call = self.disconnect_call(instance)
-        if call is not None:
-            try:
-                self.start(call)
-            except Exception as exc:  # RuntimeError: can't start new thread
-                self.disconnected(config, None, token, 0.0, exc)
-                return
-        self.disconnected(config, call, token, self._settings.disconnect_timeout)
-
-    def disconnect_call(
-        self, instance: Any, on_done: Optional[Callable[[], None]] = None
-    ) -> Optional[Call]:
-        """The call of ``disconnect(instance)``, not started yet (None: nothing to call);
-        ``on_done`` runs on its thread once it returned."""
-        if self.callbacks.disconnect is None or instance is None:
-            return None
-        return Call(self.callbacks.disconnect, instance, None, on_done)
-
-    def start(self, call: Call) -> None:
-        """Run a call on a call thread (one kept idle from an earlier call, if any)."""
-        self._runners.submit(call)
-
-    def disconnected(
-        self,
-        config: Config,
-        call: Optional[Call],
-        token: Optional[int],
-        timeout: float,
-        error: Optional[BaseException] = None,
-    ) -> None:
-        """Wait at most ``timeout`` for a started disconnect call (``error``: it could not
-        start) and report how it went: an overrun as ``DISCONNECT_TIMEOUT``, and always
-        ``INSTANCE_DISCONNECTED``. Never raises."""
         s = self._settings
-        if call is not None:
+        error: Optional[BaseException] = None
+        if self.callbacks.disconnect is not None and instance is not None:
             try:
-                call.result(timeout, f"disconnect of config {config.id!r}")
+                self._runners.call(
+                    self.callbacks.disconnect,
+                    instance,
+                    s.disconnect_timeout,
+                    f"disconnect of config {config.id!r}",
+                )
             except CallTimeout as exc:
                 error = exc
                 self._log.error(
@@ -165,13 +138,12 @@ class InstanceCalls:
                 )
             except Exception as exc:
                 error = exc
-        if error is not None and not isinstance(error, CallTimeout):
-            self._log.warning(
-                "disconnect of config %r raised: %r",
-                config.id,
-                error,
-                extra=fields(config=config.id, token=token),
-            )
+                self._log.warning(
+                    "disconnect of config %r raised: %r",
+                    config.id,
+                    exc,
+                    extra=fields(config=config.id, token=token),
+                )
         self._emit(
             Event(EventType.INSTANCE_DISCONNECTED, self._node_id, config.id, token, error=error)
         )

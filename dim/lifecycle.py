@@ -1,8 +1,7 @@
 """The create and stop tasks of slots, on worker threads: the lifecycle of an instance.
 
 :class:`Lifecycle` owns the worker pool (creates, at most ``max_workers`` at once) and
-the stop threads (never bounded: a stop never waits for a worker; a graceful stop runs
-its disconnects on call threads instead, :meth:`Lifecycle.stop_all`), and the tasks that
+the stop threads (never bounded: a stop never waits for a worker), and the tasks that
 could not get a thread (retried on every tick of the reconciler). A create attempt
 starts only while the claim is sure to outlive it and the disconnect of what it
 returns; a task whose slot was cancelled meanwhile undoes what it made and lets go of
@@ -13,7 +12,6 @@ module carries it out.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -29,32 +27,12 @@ from dim.messages import Message
 from dim.renewal import covers
 from dim.slots import Slot, State, TransitionError
 from dim.table import SlotTable
-from dim.usercode import Call, Runners, block_signals
+from dim.usercode import Runners, block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
 
 log = logging.getLogger("dim.reconciler")
-
-
-class Disconnect:
-    """The disconnect of a graceful stop, on a call thread (:meth:`Lifecycle.stop_all`):
-    finished once, by that thread when it returns or by the stop when it overruns."""
-
-    __slots__ = ("_lock", "call", "due", "settled", "slot")
-
-    def __init__(self, slot: Slot, due: float) -> None:
-        self.slot = slot
-        self.due = due
-        self.call: Optional[Call] = None
-        self.settled = False
-        self._lock = threading.Lock()
-
-    def settle(self) -> bool:
-        """True for the one caller that finishes it."""
-        with self._lock:
-            first, self.settled = not self.settled, True
-        return first
 
 
 class Lifecycle:
@@ -195,55 +173,6 @@ class Lifecycle:
         for slot in retry:
             self.spawn_stop(slot)
 
-    def stop_all(self, slots: list[Slot], timeout: float) -> None:
-        """A graceful stop of slots the caller took: start every disconnect at once, and
-        wait at most ``timeout`` for the table to empty.
-
-        Each disconnect runs on a call thread, one kept idle from earlier calls where
-        there is one, and that thread finishes its slot (releases its claim) when it
-        returns; one that overruns ``disconnect_timeout`` is reported and finished here.
-        No stop thread each: starting them one after the other spread a node's
-        disconnects over milliseconds. A slot with nothing to call, or no thread to call
-        it on, is stopped as any other (:meth:`spawn_stop`).
-        """
-        node = self.node
-        due = node.clock() + node.settings.disconnect_timeout
-        pending = []
-        for slot in slots:
-            stop = Disconnect(slot, due)
-            stop.call = self.calls.disconnect_call(
-                slot.instance, functools.partial(self._disconnected, stop)
-            )
-            try:
-                if stop.call is not None:
-                    self.calls.start(stop.call)
-                    pending.append(stop)
-                    continue
-            except Exception:  # RuntimeError: can't start new thread
-                pass
-            self.spawn_stop(slot)
-        deadline = node.clock() + timeout
-        while True:
-            now = node.clock()
-            for stop in pending:
-                if now >= stop.due and stop.call is not None and stop.call.abandon():
-                    self._disconnected(stop)  # overran: the outcome says so
-            pending = [stop for stop in pending if not stop.settled]
-            with self.table.changed:
-                if not self.table.slots or node.clock() >= deadline:
-                    return
-                wake = min([deadline, *(stop.due for stop in pending)])
-                self.table.changed.wait(min(0.05, max(0.0, wake - node.clock())))
-
-    def _disconnected(self, stop: Disconnect) -> None:
-        """A disconnect of :meth:`stop_all` returned (on its thread) or overran."""
-        if stop.settle():
-            self._guard(self._report_stop, stop.slot, stop.call)
-
-    def _report_stop(self, slot: Slot, call: Call) -> None:
-        self.calls.disconnected(slot.config, call, slot.token, 0.0)
-        self._after_stop(slot)
-
     def _stop_task(self, slot: Slot) -> None:
         block_signals()
         self._guard(self._run_stop, slot)
@@ -251,10 +180,6 @@ class Lifecycle:
     def _run_stop(self, slot: Slot) -> None:
         """Disconnect the slot's instance; then recreate it (new token) or finish it."""
         self.calls.disconnect(slot.config, slot.instance, slot.token)
-        self._after_stop(slot)
-
-    def _after_stop(self, slot: Slot) -> None:
-        """The slot's disconnect returned or overran: recreate it or finish it."""
         with self.table.lock:
             slot.stopped()
             again = (

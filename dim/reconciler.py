@@ -581,7 +581,12 @@ class Reconciler(Loop["Node"]):
                     del self.table.slots[ckey]
                 elif slot.take_stop():
                     victims.append(slot)
-        self.lifecycle.stop_all(victims, timeout)
+        for slot in victims:
+            self.lifecycle.spawn_stop(slot)
+        deadline = node.clock() + timeout
+        with self.table.changed:
+            while self.table.slots and node.clock() < deadline:
+                self.table.changed.wait(min(0.05, max(0.0, deadline - node.clock())))
         self.lifecycle.close()
         self.claims.release_orphans()
         with self.table.lock:

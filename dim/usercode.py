@@ -138,12 +138,6 @@ class Runners:
         (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it. ``on_done`` is
         called on that thread once the outcome is in."""
         job = Call(fn, arg, on_late, on_done)
-        self.submit(job)
-        return job
-
-    def submit(self, job: Call) -> None:
-        """Run a call the caller made (it may keep it before it runs) on a thread, as
-        :meth:`start` does."""
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
         if inbox is None:
@@ -159,8 +153,9 @@ class Runners:
                 # the interpreter is shutting down and starts no threads (3.12+): call it
                 # here, without a time limit, rather than not at all
                 job.run()
-                return
+                return job
         inbox.put(job)
+        return job
 
     def _serve(self, inbox: queue.SimpleQueue[Optional[Call]]) -> None:
         block_signals()
