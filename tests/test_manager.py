@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -208,6 +210,62 @@ def test_listeners_added_and_removed_while_running(redis_url: str, service: str)
     with manager:
         assert manager.wait_until_stable(10)
     assert sorted(heard) == [2, 3]  # the restarted node's stop, heard by the kept listener
+
+
+def test_a_graceful_stop_lets_an_overrunning_disconnect_go_at_its_deadline(
+    redis_url: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stop() starts every disconnect at once: those that return release their claims at
+    once, one that overruns ``disconnect_timeout`` is reported and its claim let go then
+    (the config moves while it still runs), and its late return changes nothing (each
+    instance is reported disconnected once)."""
+    caplog.set_level(logging.DEBUG, logger="dim.events")
+    settings = FAST.replace(disconnect_timeout=1.0)
+    gate = threading.Event()
+    hung: list[Any] = []
+    configs = [{"id": i} for i in range(4)]
+
+    def manager(disconnect: Any) -> Manager:
+        return Manager(
+            get_config=lambda: list(configs),
+            create=lambda config: config["id"],
+            disconnect=disconnect,
+            redis=redis_url,
+            service=service,
+            settings=settings,
+        )
+
+    goes = manager(lambda instance: gate.wait(10) if instance in hung else None)
+    goes.start()
+    stays = manager(lambda instance: None)
+    heard: list[Any] = []
+    goes.add_listener(heard.append, EventType.DISCONNECT_TIMEOUT)
+    stopper = threading.Thread(target=goes.stop)
+    node = goes.node_id
+    try:
+        wait_until(lambda: len(goes.instances) == 4, 10, message="the first node waited")
+        stays.start()
+        wait_until(lambda: len(stays.instances) == 2, 10, message="the join did not settle")
+        hung.append(min(goes.instances))
+        others = set(goes.instances) - set(hung)
+        stopper.start()
+        wait_until(lambda: others <= set(stays.instances), 2, message="not released at once")
+        assert hung[0] not in stays.instances  # still running on the node that stops
+        wait_until(lambda: set(stays.instances) == {0, 1, 2, 3}, 5, message="never let go")
+        assert not gate.is_set()  # it moved while its disconnect still ran
+        stopper.join(5)
+        assert not stopper.is_alive()
+        assert [e.config_id for e in heard] == hung
+    finally:
+        gate.set()
+        stopper.join(15)
+        stays.stop()
+    reported = Counter(
+        r.getMessage().split("config=")[1].split(" ")[0]
+        for r in caplog.records
+        if r.getMessage().startswith(f"event instance_disconnected node={node} ")
+    )
+    assert reported == Counter({"0": 1, "1": 1, "2": 1, "3": 1})
 
 
 def test_status_shows_the_cluster(cluster: Cluster) -> None:
