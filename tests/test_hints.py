@@ -512,7 +512,13 @@ def test_a_successor_never_applies_its_predecessors_old_share(
         start = hints.mark()
         beats.start()
         wait_until(lambda: len(a.instances) == 3, 5)  # the leader placed the predecessor
-        (old,) = [m for to, m in hints.sent(Kind.ASSIGNED, start) if to == "s"]
+
+        def to_s() -> list[Message]:
+            return [m for to, m in hints.sent(Kind.ASSIGNED, start) if to == "s"]
+
+        # (the recorder hears it on its own thread: on a loaded machine, after a moved)
+        wait_until(to_s, 5, message="no assigned hint went to the predecessor")
+        (old,) = to_s()
         assert old.previous == 0 and old.added
         theirs = {int(c) for c in redis_client.smembers(keys.desired("s"))}
         crashed.set()
