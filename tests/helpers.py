@@ -281,6 +281,25 @@ class HintRecorder:
         self.pubsub.close()
 
 
+def id_manager(
+    redis_url: str,
+    service: str,
+    configs: list[dict[str, Any]],
+    settings: Settings,
+    disconnect: Callable[[Any], Any],
+) -> Manager:
+    """A manager of ``configs`` (read anew at every ``get_config``, so the test may change
+    the list) whose instance of a config is its id."""
+    return Manager(
+        get_config=lambda: list(configs),
+        create=lambda config: config["id"],
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+
+
 def dim_env(**extra: str) -> dict[str, str]:
     """The environment for ``python -m dim``: this checkout first, no DIM_* leaking in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIM_")}

@@ -23,7 +23,7 @@ from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster, HintRecorder
+from .helpers import FAST, Cluster, HintRecorder, id_manager
 
 # for the tests that count share reads: a loaded machine that stalls a heartbeat for
 # half a second must not fence a node (a fence is followed by a whole read)
@@ -640,14 +640,7 @@ def _one_leaves(
     configs = [{"id": i} for i in range(6)]
 
     def manager(disconnect: Any) -> Manager:
-        return Manager(
-            get_config=lambda: list(configs),
-            create=lambda config: config["id"],
-            disconnect=disconnect,
-            redis=redis_url,
-            service=service,
-            settings=settings,
-        )
+        return id_manager(redis_url, service, configs, settings, disconnect)
 
     lead = manager(lambda instance: None)
     lead.start()

@@ -14,7 +14,7 @@ from dim import EventType, Manager, StateError
 from dim.keys import Keys
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, id_manager
 
 
 @pytest.fixture
@@ -226,14 +226,7 @@ def test_a_graceful_stop_lets_an_overrunning_disconnect_go_at_its_deadline(
     configs = [{"id": i} for i in range(4)]
 
     def manager(disconnect: Any) -> Manager:
-        return Manager(
-            get_config=lambda: list(configs),
-            create=lambda config: config["id"],
-            disconnect=disconnect,
-            redis=redis_url,
-            service=service,
-            settings=settings,
-        )
+        return id_manager(redis_url, service, configs, settings, disconnect)
 
     goes = manager(lambda instance: gate.wait(10) if instance in hung else None)
     goes.start()
