@@ -21,7 +21,7 @@ from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
 from dim.logs import NodeLog, fields
 from dim.settings import Settings
-from dim.usercode import Runners
+from dim.usercode import Call, Runners
 
 log = logging.getLogger("dim.reconciler")
 
@@ -35,6 +35,11 @@ class UserCallbacks:
 
 class Cancelled(Exception):
     """A create attempt may not start (cancelled, fenced, or the claim not covering it)."""
+
+
+class NotStarted(Exception):
+    """No thread could be started for a ``disconnect`` (the process is at its thread
+    limit): nothing was called, the instance still runs."""
 
 
 class InstanceCalls:
@@ -108,20 +113,29 @@ class InstanceCalls:
             reraise=True,
         )
 
-    def disconnect(self, config: Config, instance: Any, token: Optional[int]) -> None:
-        """Call ``disconnect`` within ``disconnect_timeout``; never raises. An overrun is
-        reported (``DISCONNECT_TIMEOUT``): the caller then lets the claim go while the
-        instance may still run, and only its fencing token protects from it."""
+    def disconnect(
+        self, config: Config, instance: Any, token: Optional[int], *, here: bool = False
+    ) -> None:
+        """Call ``disconnect`` within ``disconnect_timeout`` (``here``: on this thread,
+        without a time limit). An overrun is reported (``DISCONNECT_TIMEOUT``): the caller
+        then lets the claim go while the instance may still run, and only its fencing token
+        protects from it. Raises only :class:`NotStarted`, when no thread could be started
+        for the call: the caller must hold the claim and try again."""
         s = self._settings
         error: Optional[BaseException] = None
-        if self.callbacks.disconnect is not None and instance is not None:
+        callback = self.callbacks.disconnect
+        if callback is not None and instance is not None:
+            name = f"disconnect of config {config.id!r}"
+            if here:
+                job = Call(callback, instance, None)
+                job.run()
+            else:
+                try:
+                    job = self._runners.start(callback, instance)
+                except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+                    raise NotStarted(f"no thread for the {name}: {exc!r}") from exc
             try:
-                self._runners.call(
-                    self.callbacks.disconnect,
-                    instance,
-                    s.disconnect_timeout,
-                    f"disconnect of config {config.id!r}",
-                )
+                job.result(s.disconnect_timeout, name)
             except CallTimeout as exc:
                 error = exc
                 self._log.error(
@@ -157,7 +171,11 @@ class InstanceCalls:
             config.id,
             extra=fields(config=config.id),
         )
-        self.disconnect(config, instance, None)
+        try:
+            self.disconnect(config, instance, None)
+        except NotStarted:
+            # this thread ran the late create and serves nobody now: it disconnects
+            self.disconnect(config, instance, None, here=True)
 
     def close(self) -> None:
         self._runners.close()

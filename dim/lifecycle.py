@@ -21,7 +21,7 @@ import redis
 from dim.claims import ClaimBook
 from dim.errors import CallTimeout
 from dim.events import Event, EventType
-from dim.instances import Cancelled, InstanceCalls
+from dim.instances import Cancelled, InstanceCalls, NotStarted
 from dim.logs import NodeLog, fields
 from dim.messages import Message
 from dim.renewal import covers
@@ -56,6 +56,10 @@ class Lifecycle:
         # every tick tries them again, fenced or not
         self._unstarted: list[Slot] = []
         self._unstarted_error: Optional[BaseException] = None
+        self._stops_due = 0.0  # not retried before then
+        # a graceful stop is past its deadline: no tick retries a stop any more, so a stop
+        # that cannot get a thread runs where it is
+        self._final = False
         # creates whose worker thread could not be started: (slot, token), retried too
         self._unstarted_creates: list[tuple[Slot, int]] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -119,10 +123,19 @@ class Lifecycle:
         try:
             self._tasks.start(self._stop_task, slot)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            with self.table.lock:
-                slot.disconnecting = False
-                self._unstarted.append(slot)
-                self._unstarted_error = exc
+            if not self._stop_later(slot, exc):
+                self._guard(self._run_stop, slot, True)
+
+    def _stop_later(self, slot: Slot, error: BaseException) -> bool:
+        """The disconnect of the slot could not start: it waits for a tick to retry it.
+        False if no tick will (a graceful stop is past its deadline): the caller runs it."""
+        with self.table.lock:
+            if self._final:
+                return False
+            slot.disconnecting = False
+            self._unstarted.append(slot)
+            self._unstarted_error = error
+            return True
 
     def start_create(self, slot: Slot, token: int) -> None:
         """Hand the create of a claimed slot to the worker pool. Never raises: when no
@@ -159,7 +172,13 @@ class Lifecycle:
             self.start_create(slot, token)
 
     def retry_stops(self) -> None:
+        """Try the stops that could not start again, at most once per heartbeat (a stop
+        whose disconnect could not start wakes the reconciler: no busy loop)."""
+        now = self.node.clock()
         with self.table.lock:
+            if not self._unstarted or now < self._stops_due:
+                return
+            self._stops_due = now + self.node.settings.heartbeat_interval
             slots, self._unstarted = self._unstarted, []
             error = self._unstarted_error
             retry = [s for s in slots if self.table.slots.get(s.ckey) is s and s.take_stop()]
@@ -173,13 +192,38 @@ class Lifecycle:
         for slot in retry:
             self.spawn_stop(slot)
 
+    def wait_stopped(self, deadline: float) -> None:
+        """The end of a graceful stop: wait until every slot is gone, at most until
+        ``deadline``. The disconnects still waiting for a thread then start once more, and
+        one that gets no thread runs where it is (this thread, or its stop thread),
+        without a time limit, rather than not at all (the instance would run on, its
+        claim left to lapse under it); this waits for them."""
+        clock = self.node.clock
+        with self.table.changed:
+            while self.table.slots and clock() < deadline:
+                self.table.changed.wait(min(0.05, max(0.0, deadline - clock())))
+            self._final = True
+            slots, self._unstarted = self._unstarted, []
+            last = [s for s in slots if self.table.slots.get(s.ckey) is s and s.take_stop()]
+        for slot in last:
+            self.spawn_stop(slot)
+        with self.table.changed:
+            while any(self.table.slots.get(s.ckey) is s for s in last):
+                self.table.changed.wait(0.05)
+
     def _stop_task(self, slot: Slot) -> None:
         block_signals()
         self._guard(self._run_stop, slot)
 
-    def _run_stop(self, slot: Slot) -> None:
-        """Disconnect the slot's instance; then recreate it (new token) or finish it."""
-        self.calls.disconnect(slot.config, slot.instance, slot.token)
+    def _run_stop(self, slot: Slot, last: bool = False) -> None:
+        """Disconnect the slot's instance; then recreate it (new token) or finish it.
+        ``last``: if no thread can be started for the disconnect, call it here."""
+        try:
+            self.calls.disconnect(slot.config, slot.instance, slot.token)
+        except NotStarted as exc:
+            if not last and self._stop_later(slot, exc):
+                return  # the instance runs: the claim stays held
+            self.calls.disconnect(slot.config, slot.instance, slot.token, here=True)
         with self.table.lock:
             slot.stopped()
             again = (
@@ -298,7 +342,19 @@ class Lifecycle:
             node.emit(Event(EventType.INSTANCE_CREATED, node.node_id, slot.config.id, slot.token))
             return
         # moved away, fenced or stopping while we created: undo, then let go of the claim
-        self.calls.disconnect(slot.config, instance, slot.token)
+        with self.table.lock:
+            held = self.table.slots.get(slot.ckey) is slot and slot.state is State.CREATING
+            if held:  # stopped like any instance: the claim is held until it is down
+                slot.created(instance)
+                slot.recreate = None
+                slot.take_stop()
+        if held:
+            self._run_stop(slot)
+            return
+        try:
+            self.calls.disconnect(slot.config, instance, slot.token)
+        except NotStarted:
+            self.calls.disconnect(slot.config, instance, slot.token, here=True)
         self.finish(slot)
 
     def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:

@@ -281,7 +281,9 @@ class Manager:
         one second for the event listeners, plus a few Redis round trips, whatever the
         callbacks do: every disconnect starts at once, one that overruns its budget is
         reported (``DISCONNECT_TIMEOUT``) and left behind, and neither ``get_config``
-        nor a ``healthcheck`` is waited for.
+        nor a ``healthcheck`` is waited for. One exception: a disconnect that still gets
+        no thread at the deadline (the process is at its thread limit) runs where it is,
+        without a time limit, and is waited for, rather than not run at all.
 
         :param timeout: how long to wait for the disconnects (default:
             ``settings.stop_timeout``).

@@ -583,10 +583,7 @@ class Reconciler(Loop["Node"]):
                     victims.append(slot)
         for slot in victims:
             self.lifecycle.spawn_stop(slot)
-        deadline = node.clock() + timeout
-        with self.table.changed:
-            while self.table.slots and node.clock() < deadline:
-                self.table.changed.wait(min(0.05, max(0.0, deadline - node.clock())))
+        self.lifecycle.wait_stopped(node.clock() + timeout)
         self.lifecycle.close()
         self.claims.release_orphans()
         with self.table.lock:

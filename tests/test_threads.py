@@ -174,6 +174,8 @@ class ThreadLimit:
         self.prefix = prefix
         self.failing = threading.Event()
         self.refused = 0
+        # called with the count before a refusal: a thread start that is slow to fail
+        self.stall: Callable[[int], object] = lambda refused: None
 
     def set(self) -> None:
         self.failing.set()
@@ -189,6 +191,7 @@ def _thread_limit(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Iterator[Thre
     def start(self: threading.Thread) -> None:
         if limit.failing.is_set() and self.name.startswith(limit.prefix):
             limit.refused += 1
+            limit.stall(limit.refused)
             raise RuntimeError("can't start new thread")
         original(self)
 
@@ -281,6 +284,293 @@ def test_a_stop_that_could_not_start_is_retried(
             assert _threads(f"dim-{role}-{manager.node_id}"), f"the {role} thread died"
     finally:
         no_stop_threads.clear()
+        cluster.stop()
+
+
+@pytest.fixture
+def no_call_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
+    yield from _thread_limit(monkeypatch, "dim-call-")
+
+
+def test_a_disconnect_that_could_not_start_keeps_its_claim(
+    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+) -> None:
+    """A node that cannot start the thread for a disconnect (its stop thread started, the
+    call's did not) keeps the claim: the instance still runs, so the config's new owner
+    waits. The disconnect is tried again on every tick and runs once threads can be
+    started; then the config moves, and it never ran in two places."""
+    gate = threading.Event()
+    holder: dict[str, Optional[str]] = {"node": None}
+
+    def disconnect(node: str, instance: Any) -> None:
+        if node == holder["node"]:
+            gate.wait(10)  # holds the one call thread a node of max_workers=1 keeps idle
+
+    keys = Keys(service)
+    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
+    configs = [{"id": i} for i in range(4)]
+    cluster = Cluster(redis_url, service, configs, settings, disconnect=disconnect)
+    try:
+        (first,) = cluster.add(1)
+        cluster.wait_settled()
+        holder["node"] = first.node_id
+        no_call_threads.prefix = f"dim-call-{first.node_id}"
+        no_call_threads.set()
+        cluster.add(1)  # two configs move: one disconnect holds the thread, one cannot start
+        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
+
+        def released_while_running() -> Optional[str]:
+            for iv in cluster.ledger.intervals():
+                if iv.end is None and iv.node == holder["node"]:
+                    owner = redis_client.get(keys.claim(str(iv.cid)))
+                    if owner is None or not owner.decode().startswith(f"{iv.node}:"):
+                        return f"config {iv.cid} runs on {iv.node}, its claim is {owner!r}"
+            return None
+
+        _holds(released_while_running, 1.0, "a claim was let go while its instance ran")
+        assert no_call_threads.refused >= 3, "the disconnect was not tried again"
+        no_call_threads.clear()
+        gate.set()
+        cluster.wait_balanced(timeout=15)
+        assert cluster.ledger.overlaps() == []
+        assert cluster.ledger.create_count() == 6
+        assert cluster.ledger.disconnect_count() == 2
+    finally:
+        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_graceful_stop_holds_each_claim_until_its_disconnect_could_run(
+    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+) -> None:
+    """stop() while no thread can be started for a disconnect: the claim of that instance
+    stays held, the disconnect is tried again while stop() waits, and it runs (and the
+    claim is released) once threads can be started again, within stop()'s bound."""
+    gate = threading.Event()
+    keys = Keys(service)
+    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
+    cluster = Cluster(
+        redis_url,
+        service,
+        [{"id": i} for i in range(2)],
+        settings,
+        disconnect=lambda node, instance: gate.wait(10),
+    )
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        node = manager.node_id
+        no_call_threads.prefix = f"dim-call-{node}"
+        no_call_threads.set()
+        stopping = threading.Thread(target=manager.stop, name="test-stop")
+        stopping.start()
+        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
+
+        def released_while_running() -> Optional[str]:
+            for iv in cluster.ledger.intervals():
+                owner = redis_client.get(keys.claim(str(iv.cid)))
+                if iv.end is None and (owner is None or not owner.decode().startswith(f"{node}:")):
+                    return f"config {iv.cid} runs, its claim is {owner!r}"
+            return None
+
+        _holds(released_while_running, 0.5, "a claim was let go while its instance ran")
+        no_call_threads.clear()
+        gate.set()
+        stopping.join(settings.stop_timeout + 5)
+        assert not stopping.is_alive(), "stop() did not return"
+        assert cluster.ledger.disconnect_count() == 2
+        assert [c for c in ("0", "1") if redis_client.exists(keys.claim(c))] == []
+    finally:
+        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_disconnect_that_cannot_start_is_tried_once_per_heartbeat(
+    redis_url: str, service: str, no_call_threads: ThreadLimit
+) -> None:
+    """A disconnect whose thread cannot be started is tried again once per heartbeat, not
+    in a loop: the failed try wakes the reconciler, which must not try again at once."""
+    gate = threading.Event()
+    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
+    cluster = Cluster(
+        redis_url,
+        service,
+        [{"id": 0}, {"id": 1}],
+        settings,
+        disconnect=lambda node, instance: gate.wait(10),
+    )
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        no_call_threads.prefix = f"dim-call-{manager.node_id}"
+        no_call_threads.set()
+        cluster.configs = []  # both stop: one disconnect holds the idle call thread
+        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
+        start, before = time.monotonic(), no_call_threads.refused
+
+        def too_often() -> Optional[str]:
+            tries = no_call_threads.refused - before
+            allowed = 2 + 1.5 * (time.monotonic() - start) / settings.heartbeat_interval
+            return f"{tries} tries in {time.monotonic() - start:.2f} s" if tries > allowed else None
+
+        _holds(too_often, 1.0, "the disconnect was tried more than once per heartbeat")
+        assert no_call_threads.refused - before >= 2, "the disconnect was not tried again"
+    finally:
+        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_graceful_stop_disconnects_on_its_own_thread_when_no_other_starts(
+    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+) -> None:
+    """When no thread can be started for a disconnect until stop()'s deadline, stop()
+    calls it on its own thread rather than leave the instance running with a claim that
+    lapses: it is disconnected, reported, and its claim released."""
+    gate = threading.Event()
+    held: list[Any] = []
+
+    def disconnect(node: str, instance: Any) -> None:
+        if not held:
+            held.append(instance.config["id"])
+            gate.wait(10)  # holds the node's one idle call thread past disconnect_timeout
+
+    keys = Keys(service)
+    settings = FAST.replace(max_workers=1)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], settings, disconnect=disconnect)
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        seen = _events(manager, EventType.INSTANCE_DISCONNECTED)
+        no_call_threads.prefix = f"dim-call-{manager.node_id}"
+        no_call_threads.set()
+        manager.stop()
+        assert no_call_threads.refused >= 1, "every disconnect found a thread"
+        (other,) = {0, 1} - set(held)
+        assert [iv.end is not None for iv in cluster.ledger.intervals(other)] == [True]
+        assert [e.config_id for e in seen if e.error is None] == [other]
+        assert not redis_client.exists(keys.claim(str(other)))
+    finally:
+        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_disconnect_retried_across_the_stop_deadline_still_runs(
+    redis_url: str, service: str, no_call_threads: ThreadLimit
+) -> None:
+    """A retry of a disconnect still failing to get its thread when stop() passes its
+    deadline (and returns) is not dropped: it runs on its stop thread."""
+    gate, late = threading.Event(), threading.Event()
+    held: list[Any] = []
+
+    def disconnect(node: str, instance: Any) -> None:
+        if not held:
+            held.append(instance.config["id"])
+            gate.wait(10)  # holds the node's one idle call thread
+
+    cluster = Cluster(
+        redis_url,
+        service,
+        [{"id": 0}, {"id": 1}],
+        FAST.replace(max_workers=1),
+        disconnect=disconnect,
+    )
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        no_call_threads.prefix = f"dim-call-{manager.node_id}"
+        no_call_threads.stall = lambda refused: refused >= 2 and late.wait(10)  # the retries
+        no_call_threads.set()
+        manager.stop(timeout=0.3)
+        late.set()
+        (other,) = {0, 1} - set(held)
+        wait_until(
+            lambda: [iv.end is not None for iv in cluster.ledger.intervals(other)] == [True],
+            5,
+            message="the instance was left running",
+        )
+    finally:
+        no_call_threads.clear()
+        late.set()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_create_that_returns_after_stop_is_undone_without_a_thread(
+    redis_url: str, service: str, no_call_threads: ThreadLimit
+) -> None:
+    """A create still running when stop() returns gives an instance nobody keeps: when no
+    thread can be started for its disconnect, the worker that made it disconnects it."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def create(node: str, config: Any) -> None:
+        entered.set()
+        gate.wait(10)
+
+    settings = FAST.replace(max_workers=1, create_timeout=5.0)
+    cluster = Cluster(redis_url, service, [], settings, create=create)
+    try:
+        (manager,) = cluster.add(1)
+        assert manager.wait_until_stable(10)
+        no_call_threads.prefix = f"dim-call-{manager.node_id}"
+        cluster.configs = [{"id": 0}]
+        manager.refresh()
+        wait_until(entered.is_set, 10, message="create was not called")
+        no_call_threads.set()
+        manager.stop(timeout=0.1)
+        gate.set()
+        wait_until(
+            lambda: [iv.end is not None for iv in cluster.ledger.intervals()] == [True],
+            5,
+            message="the instance was left running",
+        )
+    finally:
+        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_late_instance_is_disconnected_when_no_thread_can_be_started(
+    redis_url: str, service: str, no_call_threads: ThreadLimit
+) -> None:
+    """A create that returns after its timeout gives an instance nobody keeps: it is
+    disconnected on the thread that created it when no other thread can be started,
+    rather than left running."""
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def create(node: str, config: Any) -> None:
+        if not entered.is_set():
+            entered.set()
+            gate.wait(10)  # the first attempt overruns create_timeout (1 s)
+
+    cluster = Cluster(redis_url, service, [], FAST.replace(max_workers=1), create=create)
+    try:
+        (manager,) = cluster.add(1)
+        assert manager.wait_until_stable(10)
+        timeouts = _events(manager, EventType.CREATE_FAILED)
+        no_call_threads.prefix = f"dim-call-{manager.node_id}"
+        cluster.configs = [{"id": 0}]
+        manager.refresh()
+        wait_until(entered.is_set, 10, message="create was not called")
+        no_call_threads.set()  # the first attempt's thread runs; no other can start
+        wait_until(lambda: timeouts, 10, message="the first attempt did not time out")
+        gate.set()
+        wait_until(
+            lambda: [iv for iv in cluster.ledger.intervals() if iv.end is not None],
+            10,
+            message="the late instance was left running",
+        )
+        no_call_threads.clear()
+        cluster.wait_settled(timeout=15)
+        assert cluster.ledger.overlaps() == []
+        assert cluster.ledger.create_count() == 2
+    finally:
+        no_call_threads.clear()
+        gate.set()
         cluster.stop()
 
 
