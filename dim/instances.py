@@ -21,7 +21,7 @@ from dim.errors import CallTimeout, CreateError
 from dim.events import Event, EventType
 from dim.logs import NodeLog, fields
 from dim.settings import Settings
-from dim.usercode import Call, Runners
+from dim.usercode import Call, Runners, Watchdog
 
 log = logging.getLogger("dim.reconciler")
 
@@ -59,6 +59,8 @@ class InstanceCalls:
         self.callbacks = callbacks
         # the threads that run create/disconnect calls, each with its timeout
         self._runners = Runners(f"dim-call-{node_id}", keep=settings.max_workers)
+        # times the disconnects that stop threads run themselves
+        self.watchdog = Watchdog(f"dim-watch-{node_id}")
 
     def create(self, config: Config) -> Any:
         """One ``create`` attempt within ``create_timeout``; an instance returned after it
@@ -114,50 +116,97 @@ class InstanceCalls:
         )
 
     def disconnect(
-        self, config: Config, instance: Any, token: Optional[int], *, here: bool = False
-    ) -> None:
-        """Call ``disconnect`` within ``disconnect_timeout`` (``here``: on this thread,
-        without a time limit). An overrun is reported (``DISCONNECT_TIMEOUT``): the caller
-        then lets the claim go while the instance may still run, and only its fencing token
-        protects from it. Raises only :class:`NotStarted`, when no thread could be started
-        for the call: the caller must hold the claim and try again."""
+        self,
+        config: Config,
+        instance: Any,
+        token: Optional[int],
+        *,
+        here: bool = False,
+        overran: Optional[Callable[[], None]] = None,
+    ) -> bool:
+        """Call ``disconnect`` and report it (``INSTANCE_DISCONNECTED``); False if it
+        overran with ``overran`` given: its overrun was reported instead, and its late
+        return changes nothing.
+
+        By default on a call thread within ``disconnect_timeout``; ``here``: on this
+        thread, without a time limit; ``overran``: on this thread, timed by the watchdog,
+        which at the deadline reports the overrun and calls ``overran``. An overrun is
+        reported (``DISCONNECT_TIMEOUT``): the caller then lets the claim go while the
+        instance may still run, and only its fencing token protects from it. Raises only
+        :class:`NotStarted`, when no thread could be started for the call or its
+        watchdog: the caller must hold the claim and try again."""
         s = self._settings
-        error: Optional[BaseException] = None
         callback = self.callbacks.disconnect
-        if callback is not None and instance is not None:
-            name = f"disconnect of config {config.id!r}"
-            if here:
-                job = Call(callback, instance, None)
-                job.run()
-            else:
-                try:
-                    job = self._runners.start(callback, instance)
-                except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-                    raise NotStarted(f"no thread for the {name}: {exc!r}") from exc
+        if callback is None or instance is None:
+            self._disconnected(config, token, None)
+            return True
+        name = f"disconnect of config {config.id!r}"
+        if overran is not None:
+            then = overran
             try:
-                job.result(s.disconnect_timeout, name)
-            except CallTimeout as exc:
-                error = exc
-                self._log.error(
-                    "disconnect of config %r did not return within %gs: its claim is let go "
-                    "while the instance may still run; only its fencing token (%s) protects "
-                    "from it now",
-                    config.id,
-                    s.disconnect_timeout,
-                    token,
-                    extra=fields(config=config.id, token=token),
+                watch = self.watchdog.watch(
+                    s.disconnect_timeout, lambda: self._overran(config, token, name, then)
                 )
-                self._emit(
-                    Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc)
-                )
-            except Exception as exc:
-                error = exc
-                self._log.warning(
-                    "disconnect of config %r raised: %r",
-                    config.id,
-                    exc,
-                    extra=fields(config=config.id, token=token),
-                )
+            except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+                raise NotStarted(f"no watchdog for the {name}: {exc!r}") from exc
+            job = Call(callback, instance, None)
+            job.run()
+            if watch is not None and not self.watchdog.finish(watch):
+                return False
+        elif here:
+            job = Call(callback, instance, None)
+            job.run()
+        else:
+            try:
+                job = self._runners.start(callback, instance)
+            except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+                raise NotStarted(f"no thread for the {name}: {exc!r}") from exc
+        error: Optional[BaseException] = None
+        try:
+            job.result(s.disconnect_timeout, name)
+        except CallTimeout as exc:
+            error = exc
+            self._report_overrun(config, token, exc)
+        except Exception as exc:
+            error = exc
+            self._log.warning(
+                "disconnect of config %r raised: %r",
+                config.id,
+                exc,
+                extra=fields(config=config.id, token=token),
+            )
+        self._disconnected(config, token, error)
+        return True
+
+    def _overran(
+        self, config: Config, token: Optional[int], name: str, then: Callable[[], None]
+    ) -> None:
+        """On the watchdog: a disconnect on its caller's thread is past its deadline. The
+        caller's part first (the slot goes), then the report (a log handler may block)."""
+        try:
+            then()
+        finally:
+            exc = CallTimeout(
+                f"{name} did not return within {self._settings.disconnect_timeout:g} s"
+            )
+            self._report_overrun(config, token, exc)
+            self._disconnected(config, token, exc)
+
+    def _report_overrun(self, config: Config, token: Optional[int], exc: CallTimeout) -> None:
+        self._log.error(
+            "disconnect of config %r did not return within %gs: its claim is let go "
+            "while the instance may still run; only its fencing token (%s) protects "
+            "from it now",
+            config.id,
+            self._settings.disconnect_timeout,
+            token,
+            extra=fields(config=config.id, token=token),
+        )
+        self._emit(Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc))
+
+    def _disconnected(
+        self, config: Config, token: Optional[int], error: Optional[BaseException]
+    ) -> None:
         self._emit(
             Event(EventType.INSTANCE_DISCONNECTED, self._node_id, config.id, token, error=error)
         )
@@ -179,3 +228,4 @@ class InstanceCalls:
 
     def close(self) -> None:
         self._runners.close()
+        self.watchdog.close()

@@ -67,8 +67,11 @@ class Lifecycle:
             thread_name_prefix=f"dim-worker-{node.node_id}",
             initializer=block_signals,
         )
-        # the threads that stop instances: never bounded, so no stop waits for a worker
+        # the threads that stop instances: never bounded, so no stop waits for a worker;
+        # each runs its disconnect itself, timed by the calls' watchdog, which lets go of
+        # the claims of those that overrun in one round trip
         self._tasks = Runners(f"dim-stop-{node.node_id}", keep=node.settings.max_workers)
+        calls.watchdog.after = self._release_overruns
 
     @property
     def pending(self) -> bool:
@@ -211,19 +214,57 @@ class Lifecycle:
             while any(self.table.slots.get(s.ckey) is s for s in last):
                 self.table.changed.wait(0.05)
 
+    def _release_overruns(self) -> None:
+        """On the watchdog, after a batch of overruns: their claims go in one round trip,
+        on a stop thread (a Redis call here would make the watchdog late for the next
+        deadline while Redis is slow). Without a thread, the next release takes them
+        along, or they lapse: nobody renews them."""
+        try:
+            self._tasks.start(self._release_task, None)
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            self._log.warning("node %s: no thread to release claims: %r", self.node.node_id, exc)
+
+    def _release_task(self, _: None) -> None:
+        try:
+            self.claims.flush()
+        except Exception:
+            self._log.exception("node %s: releasing claims failed", self.node.node_id)
+
+    def _overran(self, slot: Slot) -> None:
+        """On the watchdog: the slot's disconnect is past its deadline. The slot goes
+        while the instance may still run (reported: ``DISCONNECT_TIMEOUT``); its claim is
+        released with the batch, and a config still wanted here is claimed anew."""
+        with self.table.lock:
+            slot.stopped()
+            slot.recreate = None
+            self.finish(slot, flush=False)
+        self._wake()
+
     def _stop_task(self, slot: Slot) -> None:
         block_signals()
         self._guard(self._run_stop, slot)
 
     def _run_stop(self, slot: Slot, last: bool = False) -> None:
-        """Disconnect the slot's instance; then recreate it (new token) or finish it.
-        ``last``: if no thread can be started for the disconnect, call it here."""
+        """Disconnect the slot's instance on this thread, timed by the watchdog (``last``:
+        on a call thread with its timeout, or here without one when no thread starts);
+        then recreate it (new token) or finish it."""
+        config, instance, token = slot.config, slot.instance, slot.token
         try:
-            self.calls.disconnect(slot.config, slot.instance, slot.token)
-        except NotStarted as exc:
-            if not last and self._stop_later(slot, exc):
+            if last:  # a call thread times it if one starts; else it runs here
+                done = self.calls.disconnect(config, instance, token)
+            else:
+                overran = lambda: self._overran(slot)  # noqa: E731
+                done = self.calls.disconnect(config, instance, token, overran=overran)
+        except NotStarted as exc:  # no watchdog, or no call thread
+            if last:
+                done = self.calls.disconnect(config, instance, token, here=True)
+            elif self._stop_later(slot, exc):
                 return  # the instance runs: the claim stays held
-            self.calls.disconnect(slot.config, slot.instance, slot.token, here=True)
+            else:  # no tick will try again (stop() is past its deadline)
+                self._run_stop(slot, True)
+                return
+        if not done:
+            return  # it overran: the watchdog let the slot go at its deadline
         with self.table.lock:
             slot.stopped()
             again = (
@@ -349,7 +390,7 @@ class Lifecycle:
                 slot.recreate = None
                 slot.take_stop()
         if held:
-            self._run_stop(slot)
+            self.spawn_stop(slot)
             return
         try:
             self.calls.disconnect(slot.config, instance, slot.token)
@@ -396,7 +437,7 @@ class Lifecycle:
         )
         self._gave_up()  # when this node leads, it hears no hint of its own
 
-    def finish(self, slot: Slot) -> None:
+    def finish(self, slot: Slot, flush: bool = True) -> None:
         """The slot's instance is gone: forget it and let go of its claim.
 
         Once the slot is gone no heartbeat renews the claim, and a release never runs
@@ -405,12 +446,12 @@ class Lifecycle:
         answers (:class:`~dim.claims.ClaimBook`).
         """
         token = slot.token
-        flush = False
+        release = False
         with self.table.lock:
             if self.table.slots.get(slot.ckey) is slot:
                 del self.table.slots[slot.ckey]
             if token is not None and not slot.lost:
-                flush = self.claims.queue(slot.ckey, token, self.node.fenced)
+                release = self.claims.queue(slot.ckey, token, self.node.fenced)
             self.table.changed.notify_all()
-        if flush:
+        if release and flush:
             self.claims.flush()

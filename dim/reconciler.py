@@ -585,6 +585,7 @@ class Reconciler(Loop["Node"]):
             self.lifecycle.spawn_stop(slot)
         self.lifecycle.wait_stopped(node.clock() + timeout)
         self.lifecycle.close()
+        self.claims.flush()  # the overruns' claims (their release thread may not have run)
         self.claims.release_orphans()
         with self.table.lock:
             left = list(self.table.slots.values())

@@ -154,7 +154,7 @@ class Slot:
         it before), False if it is taken already or there is no instance to stop."""
         if self.state is State.RUNNING:
             self._to(State.RUNNING, State.STOPPING)
-        if self.state is not State.STOPPING or self.disconnecting:
+        if self.state is not State.STOPPING or self.disconnecting or self.instance is None:
             return False
         self.disconnecting = True
         return True

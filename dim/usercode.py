@@ -8,11 +8,15 @@ so it does not leak).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import queue
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from dim.errors import CallbackError, CallTimeout
@@ -176,6 +180,121 @@ class Runners:
             idle, self._idle = self._idle, []
         for inbox in idle:
             inbox.put(None)
+
+
+class Watch:
+    """The deadline of one call that runs on its caller's thread (see :class:`Watchdog`)."""
+
+    __slots__ = ("deadline", "finished", "fired", "overran")
+
+    def __init__(self, deadline: float, overran: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.overran = overran
+        self.fired = False  # the deadline passed first: ``overran`` runs (or ran)
+        self.finished = False  # the call returned first
+
+
+class Watchdog:
+    """Times calls that run on the threads of their callers, so that a call needs no
+    thread of its own (a stop thread runs ``disconnect`` itself: no hand-off to another
+    thread and back).
+
+    One thread, started by the first :meth:`watch`, sleeps until the earliest deadline
+    and then runs ``overran`` for every call not returned by its own; ``after`` runs
+    once after each such batch (one round trip for all the claims they let go). Whichever
+    comes first, the return or the deadline, wins: a call that returns late learns it from
+    :meth:`finish`.
+    """
+
+    def __init__(self, name: str, after: Callable[[], None] = lambda: None) -> None:
+        self.name = name
+        self.after = after
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Watch]] = []
+        self._order = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._starting = threading.Lock()
+        self._closed = False
+        # when the thread wakes next on its own (-inf: it is awake and looks again)
+        self._wakes_at = math.inf
+
+    def watch(self, timeout: float, overran: Callable[[], None]) -> Optional[Watch]:
+        """Watch a call starting now. Raises what ``Thread.start`` raises when the
+        watchdog thread cannot be started (RuntimeError at the thread limit); None when
+        the interpreter is shutting down and starts no threads (3.12+), or after
+        :meth:`close`: the call then runs without a time limit rather than not at all."""
+        if self._thread is None and not self._closed:
+            with self._starting:  # not under the condition: a slow start blocks no close
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError as exc:
+                        if sys.is_finalizing() or "shutdown" in str(exc):
+                            return None
+                        raise
+                    self._thread = thread
+        watch = Watch(time.monotonic() + timeout, overran)
+        with self._cond:
+            if self._closed:
+                return None  # after the node stopped (its thread may be gone)
+            heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
+            if watch.deadline < self._wakes_at:
+                self._wakes_at = -math.inf
+                self._cond.notify()
+        return watch
+
+    def finish(self, watch: Watch) -> bool:
+        """The call returned: True if in time, False if its overrun was (being) handled."""
+        with self._cond:
+            if watch.fired:
+                return False
+            watch.finished = True
+            if self._closed:
+                self._cond.notify()  # it may be the last the thread waits for
+            return True
+
+    def close(self) -> None:
+        """The thread exits once no watched call is left (calls still running keep it)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _due(self) -> Optional[list[Watch]]:
+        """Under the lock: the watches past their deadline, after sleeping until there is
+        one; None when closed with nothing left to watch."""
+        while True:
+            now = time.monotonic()
+            due = []
+            while self._heap and (self._heap[0][2].finished or self._heap[0][0] <= now):
+                watch = heapq.heappop(self._heap)[2]
+                if not watch.finished:
+                    watch.fired = True
+                    due.append(watch)
+            if due:
+                self._wakes_at = -math.inf
+                return due
+            if self._closed and all(entry[2].finished for entry in self._heap):
+                return None
+            self._wakes_at = self._heap[0][0] if self._heap else math.inf
+            self._cond.wait(None if not self._heap else self._wakes_at - now)
+
+    def _run(self) -> None:
+        block_signals()
+        while True:
+            with self._cond:
+                due = self._due()
+            if due is None:
+                return
+            for watch in due:
+                try:
+                    watch.overran()
+                except BaseException:  # the watchdog must go on timing the others
+                    log.exception("handling an overrun failed")
+            try:
+                self.after()
+            except BaseException:
+                log.exception("the work after a batch of overruns failed")
 
 
 def call_with_timeout(

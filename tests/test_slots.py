@@ -67,9 +67,11 @@ class SlotMachine(RuleBasedStateMachine):
     @rule()
     def take_stop(self) -> None:
         slot = self.slot
-        was = slot.state, slot.disconnecting
+        was = slot.state, slot.disconnecting, slot.instance
         took = slot.take_stop()  # never raises: False when there is nothing to take
-        assert took == (was[0] in (State.RUNNING, State.STOPPING) and not was[1])
+        # nothing to take: not stopping, taken already, or down (its slot about to go)
+        stoppable = was[0] in (State.RUNNING, State.STOPPING) and was[2] is not None
+        assert took == (stoppable and not was[1])
 
     @rule()
     def stopped(self) -> None:

@@ -292,243 +292,293 @@ def no_call_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
     yield from _thread_limit(monkeypatch, "dim-call-")
 
 
+@pytest.fixture
+def no_watchdog(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
+    """The thread that times disconnects cannot be started (a stop thread runs its
+    disconnect itself; the watchdog starts with a node's first disconnect)."""
+    yield from _thread_limit(monkeypatch, "dim-watch-")
+
+
+def _released_while_running(
+    cluster: Cluster, client: redis.Redis, node: Optional[str]
+) -> Callable[[], Optional[str]]:
+    """A check for :func:`_holds`: an instance of ``node`` runs while its claim is not
+    held by ``node``."""
+    keys = Keys(cluster.service)
+
+    def check() -> Optional[str]:
+        for iv in cluster.ledger.intervals():
+            if iv.end is None and iv.node == node:
+                owner = client.get(keys.claim(str(iv.cid)))
+                if owner is None or not owner.decode().startswith(f"{iv.node}:"):
+                    return f"config {iv.cid} runs on {iv.node}, its claim is {owner!r}"
+        return None
+
+    return check
+
+
+def _closed(cluster: Cluster, config_id: Any = None) -> bool:
+    """Every instance (of ``config_id``) so far is disconnected."""
+    return all(iv.end is not None for iv in cluster.ledger.intervals(config_id))
+
+
 def test_a_disconnect_that_could_not_start_keeps_its_claim(
-    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+    redis_url: str, service: str, redis_client: redis.Redis, no_watchdog: ThreadLimit
 ) -> None:
-    """A node that cannot start the thread for a disconnect (its stop thread started, the
-    call's did not) keeps the claim: the instance still runs, so the config's new owner
-    waits. The disconnect is tried again on every tick and runs once threads can be
-    started; then the config moves, and it never ran in two places."""
-    gate = threading.Event()
-    holder: dict[str, Optional[str]] = {"node": None}
-
-    def disconnect(node: str, instance: Any) -> None:
-        if node == holder["node"]:
-            gate.wait(10)  # holds the one call thread a node of max_workers=1 keeps idle
-
-    keys = Keys(service)
-    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
-    configs = [{"id": i} for i in range(4)]
-    cluster = Cluster(redis_url, service, configs, settings, disconnect=disconnect)
+    """A node that cannot start the thread that times its disconnects (its stop threads
+    started) keeps the claims: the instances still run, so the configs' new owner waits.
+    The disconnects are tried again on every tick and run once threads can be started;
+    then the configs move, and none ran in two places."""
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)])
     try:
         (first,) = cluster.add(1)
         cluster.wait_settled()
-        holder["node"] = first.node_id
-        no_call_threads.prefix = f"dim-call-{first.node_id}"
-        no_call_threads.set()
-        cluster.add(1)  # two configs move: one disconnect holds the thread, one cannot start
-        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
-
-        def released_while_running() -> Optional[str]:
-            for iv in cluster.ledger.intervals():
-                if iv.end is None and iv.node == holder["node"]:
-                    owner = redis_client.get(keys.claim(str(iv.cid)))
-                    if owner is None or not owner.decode().startswith(f"{iv.node}:"):
-                        return f"config {iv.cid} runs on {iv.node}, its claim is {owner!r}"
-            return None
-
-        _holds(released_while_running, 1.0, "a claim was let go while its instance ran")
-        assert no_call_threads.refused >= 3, "the disconnect was not tried again"
-        no_call_threads.clear()
-        gate.set()
+        no_watchdog.prefix = f"dim-watch-{first.node_id}"
+        no_watchdog.set()
+        cluster.add(1)  # two configs move
+        wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
+        check = _released_while_running(cluster, redis_client, first.node_id)
+        _holds(check, 1.0, "a claim was let go while its instance ran")
+        assert no_watchdog.refused >= 3, "the disconnects were not tried again"
+        no_watchdog.clear()
         cluster.wait_balanced(timeout=15)
         assert cluster.ledger.overlaps() == []
         assert cluster.ledger.create_count() == 6
         assert cluster.ledger.disconnect_count() == 2
     finally:
-        no_call_threads.clear()
-        gate.set()
+        no_watchdog.clear()
         cluster.stop()
 
 
 def test_a_graceful_stop_holds_each_claim_until_its_disconnect_could_run(
-    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+    redis_url: str, service: str, redis_client: redis.Redis, no_watchdog: ThreadLimit
 ) -> None:
-    """stop() while no thread can be started for a disconnect: the claim of that instance
-    stays held, the disconnect is tried again while stop() waits, and it runs (and the
-    claim is released) once threads can be started again, within stop()'s bound."""
-    gate = threading.Event()
+    """stop() while no thread can be started to time the disconnects: the claims stay
+    held, the disconnects are tried again while stop() waits, and they run (and the
+    claims are released) once threads can be started again, within stop()'s bound."""
     keys = Keys(service)
-    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
-    cluster = Cluster(
-        redis_url,
-        service,
-        [{"id": i} for i in range(2)],
-        settings,
-        disconnect=lambda node, instance: gate.wait(10),
-    )
+    settings = FAST.replace(disconnect_timeout=5.0)
+    cluster = Cluster(redis_url, service, [{"id": i} for i in range(2)], settings)
     try:
         (manager,) = cluster.add(1)
         cluster.wait_settled()
-        node = manager.node_id
-        no_call_threads.prefix = f"dim-call-{node}"
-        no_call_threads.set()
+        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
+        no_watchdog.set()
         stopping = threading.Thread(target=manager.stop, name="test-stop")
         stopping.start()
-        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
-
-        def released_while_running() -> Optional[str]:
-            for iv in cluster.ledger.intervals():
-                owner = redis_client.get(keys.claim(str(iv.cid)))
-                if iv.end is None and (owner is None or not owner.decode().startswith(f"{node}:")):
-                    return f"config {iv.cid} runs, its claim is {owner!r}"
-            return None
-
-        _holds(released_while_running, 0.5, "a claim was let go while its instance ran")
-        no_call_threads.clear()
-        gate.set()
+        wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
+        check = _released_while_running(cluster, redis_client, manager.node_id)
+        _holds(check, 0.5, "a claim was let go while its instance ran")
+        no_watchdog.clear()
         stopping.join(settings.stop_timeout + 5)
         assert not stopping.is_alive(), "stop() did not return"
         assert cluster.ledger.disconnect_count() == 2
         assert [c for c in ("0", "1") if redis_client.exists(keys.claim(c))] == []
     finally:
-        no_call_threads.clear()
-        gate.set()
+        no_watchdog.clear()
         cluster.stop()
 
 
 def test_a_disconnect_that_cannot_start_is_tried_once_per_heartbeat(
-    redis_url: str, service: str, no_call_threads: ThreadLimit
+    redis_url: str, service: str, no_watchdog: ThreadLimit
 ) -> None:
-    """A disconnect whose thread cannot be started is tried again once per heartbeat, not
-    in a loop: the failed try wakes the reconciler, which must not try again at once."""
-    gate = threading.Event()
-    settings = FAST.replace(max_workers=1, disconnect_timeout=5.0)
-    cluster = Cluster(
-        redis_url,
-        service,
-        [{"id": 0}, {"id": 1}],
-        settings,
-        disconnect=lambda node, instance: gate.wait(10),
-    )
+    """A disconnect that cannot start is tried again once per heartbeat, not in a loop:
+    the failed try wakes the reconciler, which must not try again at once."""
+    cluster = Cluster(redis_url, service, [{"id": 0}])
     try:
         (manager,) = cluster.add(1)
         cluster.wait_settled()
-        no_call_threads.prefix = f"dim-call-{manager.node_id}"
-        no_call_threads.set()
-        cluster.configs = []  # both stop: one disconnect holds the idle call thread
-        wait_until(lambda: no_call_threads.refused >= 1, 10, message="no disconnect was tried")
-        start, before = time.monotonic(), no_call_threads.refused
+        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
+        no_watchdog.set()
+        cluster.configs = []
+        wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
+        start, before = time.monotonic(), no_watchdog.refused
 
         def too_often() -> Optional[str]:
-            tries = no_call_threads.refused - before
-            allowed = 2 + 1.5 * (time.monotonic() - start) / settings.heartbeat_interval
-            return f"{tries} tries in {time.monotonic() - start:.2f} s" if tries > allowed else None
+            tries, spent = no_watchdog.refused - before, time.monotonic() - start
+            allowed = 2 + 1.5 * spent / FAST.heartbeat_interval
+            return f"{tries} tries in {spent:.2f} s" if tries > allowed else None
 
         _holds(too_often, 1.0, "the disconnect was tried more than once per heartbeat")
-        assert no_call_threads.refused - before >= 2, "the disconnect was not tried again"
+        assert no_watchdog.refused - before >= 2, "the disconnect was not tried again"
     finally:
-        no_call_threads.clear()
-        gate.set()
+        no_watchdog.clear()
         cluster.stop()
 
 
-def test_a_graceful_stop_disconnects_on_its_own_thread_when_no_other_starts(
-    redis_url: str, service: str, redis_client: redis.Redis, no_call_threads: ThreadLimit
+def test_a_graceful_stop_disconnects_even_when_no_thread_can_be_started(
+    redis_url: str, service: str, redis_client: redis.Redis, no_watchdog: ThreadLimit
 ) -> None:
-    """When no thread can be started for a disconnect until stop()'s deadline, stop()
-    calls it on its own thread rather than leave the instance running with a claim that
-    lapses: it is disconnected, reported, and its claim released."""
-    gate = threading.Event()
-    held: list[Any] = []
-
-    def disconnect(node: str, instance: Any) -> None:
-        if not held:
-            held.append(instance.config["id"])
-            gate.wait(10)  # holds the node's one idle call thread past disconnect_timeout
-
+    """When no thread can be started to time the disconnects until stop()'s deadline,
+    stop() runs them without a time limit and waits for them, rather than leave the
+    instances running with claims that lapse: they are disconnected, reported, and their
+    claims released."""
     keys = Keys(service)
-    settings = FAST.replace(max_workers=1)
-    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], settings, disconnect=disconnect)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}])
     try:
         (manager,) = cluster.add(1)
         cluster.wait_settled()
         seen = _events(manager, EventType.INSTANCE_DISCONNECTED)
-        no_call_threads.prefix = f"dim-call-{manager.node_id}"
-        no_call_threads.set()
-        manager.stop()
-        assert no_call_threads.refused >= 1, "every disconnect found a thread"
-        (other,) = {0, 1} - set(held)
-        assert [iv.end is not None for iv in cluster.ledger.intervals(other)] == [True]
-        assert [e.config_id for e in seen if e.error is None] == [other]
-        assert not redis_client.exists(keys.claim(str(other)))
+        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
+        no_watchdog.set()
+        manager.stop(timeout=0.3)
+        assert no_watchdog.refused >= 2, "a disconnect found its watchdog"
+        assert _closed(cluster)
+        assert sorted(e.config_id for e in seen if e.error is None) == [0, 1]
+        assert [c for c in ("0", "1") if redis_client.exists(keys.claim(c))] == []
     finally:
-        no_call_threads.clear()
-        gate.set()
+        no_watchdog.clear()
         cluster.stop()
 
 
 def test_a_disconnect_retried_across_the_stop_deadline_still_runs(
-    redis_url: str, service: str, no_call_threads: ThreadLimit
+    redis_url: str, service: str, no_watchdog: ThreadLimit
 ) -> None:
     """A retry of a disconnect still failing to get its thread when stop() passes its
     deadline (and returns) is not dropped: it runs on its stop thread."""
-    gate, late = threading.Event(), threading.Event()
-    held: list[Any] = []
-
-    def disconnect(node: str, instance: Any) -> None:
-        if not held:
-            held.append(instance.config["id"])
-            gate.wait(10)  # holds the node's one idle call thread
-
-    cluster = Cluster(
-        redis_url,
-        service,
-        [{"id": 0}, {"id": 1}],
-        FAST.replace(max_workers=1),
-        disconnect=disconnect,
-    )
+    late = threading.Event()
+    cluster = Cluster(redis_url, service, [{"id": 0}])
     try:
         (manager,) = cluster.add(1)
         cluster.wait_settled()
-        no_call_threads.prefix = f"dim-call-{manager.node_id}"
-        no_call_threads.stall = lambda refused: refused >= 2 and late.wait(10)  # the retries
-        no_call_threads.set()
+        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
+        no_watchdog.stall = lambda refused: refused >= 2 and late.wait(10)  # the retries
+        no_watchdog.set()
         manager.stop(timeout=0.3)
+        assert not _closed(cluster)
         late.set()
-        (other,) = {0, 1} - set(held)
-        wait_until(
-            lambda: [iv.end is not None for iv in cluster.ledger.intervals(other)] == [True],
-            5,
-            message="the instance was left running",
-        )
+        wait_until(lambda: _closed(cluster), 5, message="the instance was left running")
     finally:
-        no_call_threads.clear()
+        no_watchdog.clear()
         late.set()
-        gate.set()
         cluster.stop()
 
 
-def test_a_create_that_returns_after_stop_is_undone_without_a_thread(
-    redis_url: str, service: str, no_call_threads: ThreadLimit
-) -> None:
-    """A create still running when stop() returns gives an instance nobody keeps: when no
-    thread can be started for its disconnect, the worker that made it disconnects it."""
+def test_a_create_that_returns_after_stop_is_undone(redis_url: str, service: str) -> None:
+    """A create still running when stop() returns gives an instance nobody keeps: it is
+    disconnected (without a time limit: the node's watchdog is gone)."""
     gate, entered = threading.Event(), threading.Event()
 
     def create(node: str, config: Any) -> None:
         entered.set()
         gate.wait(10)
 
-    settings = FAST.replace(max_workers=1, create_timeout=5.0)
+    settings = FAST.replace(create_timeout=5.0)
     cluster = Cluster(redis_url, service, [], settings, create=create)
     try:
         (manager,) = cluster.add(1)
         assert manager.wait_until_stable(10)
-        no_call_threads.prefix = f"dim-call-{manager.node_id}"
         cluster.configs = [{"id": 0}]
         manager.refresh()
         wait_until(entered.is_set, 10, message="create was not called")
-        no_call_threads.set()
         manager.stop(timeout=0.1)
         gate.set()
-        wait_until(
-            lambda: [iv.end is not None for iv in cluster.ledger.intervals()] == [True],
-            5,
-            message="the instance was left running",
-        )
+        wait_until(lambda: _closed(cluster), 5, message="the instance was left running")
     finally:
-        no_call_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_last_disconnect_without_a_stop_thread_keeps_its_time_limit(
+    redis_url: str, service: str, no_stop_threads: ThreadLimit
+) -> None:
+    """A disconnect that got no stop thread until stop()'s deadline runs on a call thread
+    with its time limit when one starts: a disconnect that hangs does not hold stop()."""
+    gate = threading.Event()
+    cluster = Cluster(redis_url, service, [{"id": 0}], disconnect=lambda node, i: gate.wait(20))
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        no_stop_threads.prefix = f"dim-stop-{manager.node_id}"
+        no_stop_threads.set()
+        stopping = threading.Thread(target=manager.stop, kwargs={"timeout": 0.3})
+        stopping.start()
+        stopping.join(0.3 + FAST.disconnect_timeout + 5)
+        assert not stopping.is_alive(), "stop() waited for a disconnect past its time limit"
+        assert no_stop_threads.refused >= 1
+    finally:
+        no_stop_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
+def test_an_overrun_is_let_go_on_time_while_redis_stalls_another_release(
+    own_redis: RedisServer, service: str
+) -> None:
+    """Two disconnects hang, the second started 0.4 s after the first; Redis stalls from
+    just before the first one's deadline until after the second one's. Each overrun is
+    still reported at its own deadline: letting go of the first (its claim's release waits
+    for Redis) does not hold up the second."""
+    gate = threading.Event()
+    started: dict[Any, float] = {}
+    reported: dict[Any, float] = {}
+
+    def disconnect(node: str, instance: Any) -> None:
+        started[instance.config["id"]] = time.monotonic()
+        gate.wait(20)
+
+    # a heartbeat of 1 s gives Redis calls a 1 s timeout: a stall holds a release that long
+    settings = FAST.replace(heartbeat_interval=1.0, node_ttl=6.0, leader_ttl=6.0)
+    cluster = Cluster(
+        own_redis.url, service, [{"id": 0}, {"id": 1}], settings, disconnect=disconnect
+    )
+    try:
+        (manager,) = cluster.add(1)
+        manager.add_listener(
+            lambda e: reported.setdefault(e.config_id, time.monotonic()),
+            EventType.DISCONNECT_TIMEOUT,
+        )
+        cluster.wait_settled()
+        cluster.configs = [{"id": 1}]
+        manager.refresh()
+        wait_until(lambda: 0 in started, 10, message="the first disconnect did not start")
+        wait_until(lambda: time.monotonic() >= started[0] + 0.4, 5)  # the fault's moment
+        cluster.configs = []
+        manager.refresh()
+        wait_until(lambda: 1 in started, 10, message="the second disconnect did not start")
+        deadline = settings.disconnect_timeout
+        assert started[1] < started[0] + deadline - 0.15, "the fault would come too late"
+        wait_until(lambda: time.monotonic() >= started[0] + deadline - 0.15, 5)
+        own_redis.pause()
+        wait_until(lambda: 1 in reported, 10, message="the second overrun was not reported")
+        own_redis.resume()
+        late = {c: reported[c] - started[c] - deadline for c in (0, 1)}
+        assert max(late.values()) < 0.5, f"reported this late after their deadlines: {late}"
+    finally:
+        if own_redis.paused:
+            own_redis.resume()
+        gate.set()
+        cluster.stop()
+
+
+def test_a_graceful_stop_releases_the_claims_of_its_overruns_before_it_returns(
+    redis_url: str, service: str, redis_client: redis.Redis, no_stop_threads: ThreadLimit
+) -> None:
+    """Disconnects that overrun at stop() are let go at their deadlines, and their claims
+    are released by the time stop() returns, even when no thread can be started then to
+    release them."""
+    gate = threading.Event()
+    started: list[Any] = []
+
+    def disconnect(node: str, instance: Any) -> None:
+        started.append(instance.config["id"])
+        gate.wait(20)
+
+    keys = Keys(service)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], disconnect=disconnect)
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        stopping = threading.Thread(target=manager.stop, name="test-stop")
+        stopping.start()
+        wait_until(lambda: len(started) == 2, 10, message="the disconnects did not start")
+        no_stop_threads.prefix = f"dim-stop-{manager.node_id}"
+        no_stop_threads.set()
+        stopping.join(FAST.stop_timeout + 5)
+        assert not stopping.is_alive(), "stop() did not return"
+        assert [c for c in ("0", "1") if redis_client.exists(keys.claim(c))] == []
+    finally:
+        no_stop_threads.clear()
         gate.set()
         cluster.stop()
 
