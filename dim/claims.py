@@ -39,6 +39,11 @@ class ClaimBook:
             self._releasing[ckey] = token
             return True
 
+    @property
+    def queued(self) -> bool:
+        """Some claim waits for its release."""
+        return bool(self._releasing)
+
     def flush(self) -> None:
         """Release every queued claim in one round trip with one hint.
 

@@ -75,8 +75,16 @@ class Lifecycle:
 
     @property
     def pending(self) -> bool:
-        """Some task waits for a thread."""
-        return bool(self._unstarted or self._unstarted_creates)
+        """Some task waits for a thread, or some claim for its release."""
+        return bool(self._unstarted or self._unstarted_creates or self.claims.queued)
+
+    def retry(self) -> None:
+        """On every tick while :attr:`pending`: the stops and creates that could not get
+        a thread, and the releases whose thread could not start (overruns')."""
+        self.retry_stops()
+        self.retry_creates()
+        if self.claims.queued:
+            self.claims.flush()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -217,8 +225,8 @@ class Lifecycle:
     def _release_overruns(self) -> None:
         """On the watchdog, after a batch of overruns: their claims go in one round trip,
         on a stop thread (a Redis call here would make the watchdog late for the next
-        deadline while Redis is slow). Without a thread, the next release takes them
-        along, or they lapse: nobody renews them."""
+        deadline while Redis is slow). Without a thread, the reconciler's next tick
+        releases them (:meth:`retry`)."""
         try:
             self._tasks.start(self._release_task, None)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError

@@ -343,8 +343,7 @@ class Reconciler(Loop["Node"]):
         node = self.node
         interval = node.settings.heartbeat_interval
         if self.lifecycle.pending:
-            self.lifecycle.retry_stops()
-            self.lifecycle.retry_creates()
+            self.lifecycle.retry()
         if node.fenced or self.table.closing:
             return interval
         now = node.clock()

@@ -583,6 +583,44 @@ def test_a_graceful_stop_releases_the_claims_of_its_overruns_before_it_returns(
         cluster.stop()
 
 
+def test_an_overruns_claim_is_released_at_the_next_tick_when_no_thread_starts(
+    redis_url: str, service: str, redis_client: redis.Redis, no_stop_threads: ThreadLimit
+) -> None:
+    """A disconnect that overruns as its config moves away is let go at its deadline;
+    when no thread can be started then to release its claim, the next tick of the
+    reconciler releases it, rather than leave the config to wait out the claim's TTL."""
+    gate = threading.Event()
+    started: list[Any] = []
+
+    def disconnect(node: str, instance: Any) -> None:
+        started.append(instance.config["id"])
+        gate.wait(20)
+
+    keys = Keys(service)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], disconnect=disconnect)
+    try:
+        (manager,) = cluster.add(1)
+        overran = _events(manager, EventType.DISCONNECT_TIMEOUT)
+        cluster.wait_settled()
+        cluster.configs = [{"id": 1}]
+        manager.refresh()
+        wait_until(lambda: started == [0], 10, message="the disconnect did not start")
+        no_stop_threads.prefix = f"dim-stop-{manager.node_id}"
+        no_stop_threads.set()
+        wait_until(lambda: overran, 10, message="the overrun was not reported")
+        # unreleased, the claim would live its lease (1.6 s) past its last renewal
+        wait_until(
+            lambda: not redis_client.exists(keys.claim("0")),
+            FAST.lease / 3,
+            message="the claim was not released",
+        )
+        assert no_stop_threads.refused >= 1, "the release found a thread"
+    finally:
+        no_stop_threads.clear()
+        gate.set()
+        cluster.stop()
+
+
 def test_a_late_instance_is_disconnected_when_no_thread_can_be_started(
     redis_url: str, service: str, no_call_threads: ThreadLimit
 ) -> None:
