@@ -551,12 +551,11 @@ def test_an_overrun_is_let_go_on_time_while_redis_stalls_another_release(
         cluster.stop()
 
 
-def test_a_graceful_stop_releases_the_claims_of_its_overruns_before_it_returns(
-    redis_url: str, service: str, redis_client: redis.Redis, no_stop_threads: ThreadLimit
-) -> None:
-    """Disconnects that overrun at stop() are let go at their deadlines, and their claims
-    are released by the time stop() returns, even when no thread can be started then to
-    release them."""
+def _hanging_disconnects(
+    redis_url: str, service: str
+) -> tuple[Cluster, threading.Event, list[Any]]:
+    """A cluster of configs 0 and 1 whose disconnects record their config id, then hang
+    until the gate is set."""
     gate = threading.Event()
     started: list[Any] = []
 
@@ -564,8 +563,18 @@ def test_a_graceful_stop_releases_the_claims_of_its_overruns_before_it_returns(
         started.append(instance.config["id"])
         gate.wait(20)
 
-    keys = Keys(service)
     cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], disconnect=disconnect)
+    return cluster, gate, started
+
+
+def test_a_graceful_stop_releases_the_claims_of_its_overruns_before_it_returns(
+    redis_url: str, service: str, redis_client: redis.Redis, no_stop_threads: ThreadLimit
+) -> None:
+    """Disconnects that overrun at stop() are let go at their deadlines, and their claims
+    are released by the time stop() returns, even when no thread can be started then to
+    release them."""
+    cluster, gate, started = _hanging_disconnects(redis_url, service)
+    keys = Keys(service)
     try:
         (manager,) = cluster.add(1)
         cluster.wait_settled()
@@ -589,15 +598,8 @@ def test_an_overruns_claim_is_released_at_the_next_tick_when_no_thread_starts(
     """A disconnect that overruns as its config moves away is let go at its deadline;
     when no thread can be started then to release its claim, the next tick of the
     reconciler releases it, rather than leave the config to wait out the claim's TTL."""
-    gate = threading.Event()
-    started: list[Any] = []
-
-    def disconnect(node: str, instance: Any) -> None:
-        started.append(instance.config["id"])
-        gate.wait(20)
-
+    cluster, gate, started = _hanging_disconnects(redis_url, service)
     keys = Keys(service)
-    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], disconnect=disconnect)
     try:
         (manager,) = cluster.add(1)
         overran = _events(manager, EventType.DISCONNECT_TIMEOUT)
