@@ -537,7 +537,6 @@ class LeaderLoop(Loop["Node"]):
         targets.update(n for n in live if n not in self._live)
         limit = MAX_MESSAGE_BYTES - 120 - len(json.dumps(node.node_id))
         jsons = {c: cfg.json for c, cfg in configs.items()}
-        sent = node.clock()
         wrote = self._write(change, new, targets, jsons, limit)
         version, kept = wrote.version, list(wrote.kept)
         if version == WriteRefused.DEPOSED:
@@ -568,11 +567,10 @@ class LeaderLoop(Loop["Node"]):
             self._read = True
             self._repair = self._repair_full = True
         self._written_version = version
-        # its own share changed: the write's hint to its own inbox brings the delta, as
-        # to any node; the reconciler reads the share if the hint has not come within
-        # HINT_WAIT (not at the next heartbeat: that delay was most of a graceful move)
-        if node.node_id in targets:
-            node.reconciler.saw_version(str(version), sent)
+        # the leader hears no hint of its own: pick up its own share now, not at the next
+        # heartbeat (that delay was most of a graceful join or leave)
+        if node.node_id in targets:  # its own share changed: no hint tells it
+            node.reconciler.wake(read=True)
         self._wrote = True
         if unplaced != self._unplaced:
             announce.unplaced(node, self._log, unplaced, configs)

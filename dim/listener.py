@@ -84,9 +84,9 @@ class HintListener(Loop["Node"]):
             self.dropped += 1
             self._log.warning("dropping pub/sub message on %s: %s", node.store.keys.events, exc)
             return None
+        if message.node == node.node_id:
+            return message
         kind = message.kind
-        if message.node == node.node_id and kind is not Kind.ASSIGNED:
-            return message  # (the leader's hint to its own inbox carries its share's delta)
         if kind in (Kind.JOINED, Kind.LEFT) and node.is_leader:
             node.leader.wake()
         if kind is Kind.FAILED:

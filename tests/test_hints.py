@@ -703,44 +703,6 @@ def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
         assert [c for c in claims if c] == [[c] for c in held & set(map(str, stays.instances))]
 
 
-def test_the_leader_takes_its_own_share_from_its_hint(
-    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The leader hears the hint of its own write like any node: it applies the delta
-    inline, without reading its share, and claims a config the node leaving still holds
-    once, on its release (no failed claim first)."""
-    slow = _slow_heartbeats(redis_client, service)
-    gate = threading.Event()
-    with _one_leaves(redis_url, service, slow, gate) as (_, lead, _, goes, stopper):
-        held = {str(c) for c in goes.instances}
-        claims: list[list[str]] = []
-        claim = Store.claim
-
-        def counted(self: Store, node_id: str, ckeys: list[str], *a: Any) -> Any:
-            if node_id == lead.node_id:
-                claims.append([c for c in ckeys if c in held])
-            return claim(self, node_id, ckeys, *a)
-
-        monkeypatch.setattr(Store, "claim", counted)
-        reads = _reads_of_share(monkeypatch)
-        planned = threading.Event()
-        tick = Reconciler.tick
-
-        def ticked(self: Reconciler) -> float:
-            wait = tick(self)
-            if self.node.node_id == lead.node_id and held & set(self.table.slots):
-                planned.set()
-            return wait
-
-        monkeypatch.setattr(Reconciler, "tick", ticked)
-        stopper.start()
-        assert planned.wait(4), "the leader was not given a config of the node leaving"
-        gate.set()  # the disconnects return, the claims are released
-        wait_until(lambda: len(lead.instances) == 3, 4, message="the release was not heard")
-        assert lead.node_id not in reads
-        assert [c for c in claims if c] == [[c] for c in held & set(map(str, lead.instances))]
-
-
 def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
     redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
