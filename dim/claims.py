@@ -66,14 +66,22 @@ class ClaimBook:
 
     def release(self, tokens: dict[str, int]) -> None:
         """Delete claims still held with exactly these tokens; callers hold the claims
-        lock and have already dropped the slots."""
+        lock and have already dropped the slots.
+
+        A release that fails is queued again (:attr:`queued`: the reconciler's tick
+        sends it), so a connection blip does not leave the config waiting out its lease.
+        Sending it late is safe: a claim taken since has another token and stays."""
         node_id = self._node_id
         try:
             self._store.release(node_id, tokens)
         except redis.RedisError as exc:
-            # the claims lapse by TTL since nobody renews them any more
+            with self._mutex:
+                for ckey, token in tokens.items():
+                    if self._releasing.get(ckey, 0) < token:
+                        self._releasing[ckey] = token
             self._log.warning(
-                "node %s could not release %d claims (they will expire): %r",
+                "node %s could not release %d claims (sent again at the next tick; "
+                "unrenewed, they lapse by themselves): %r",
                 node_id,
                 len(tokens),
                 exc,

@@ -115,6 +115,39 @@ def test_releases_are_batched_and_go_to_the_new_owner(
         stays.stop()
 
 
+def test_a_release_that_fails_is_sent_again(redis_url: str, service: str) -> None:
+    """A release whose round trip fails (a connection reset) is sent again at the next
+    tick: the config moves at once, not when its claim lapses a lease later."""
+    settings = FAST.replace(heartbeat_interval=0.1, node_ttl=1.2, leader_ttl=1.2)
+    cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}], settings)
+    try:
+        (first,) = cluster.add(1)
+        cluster.wait_settled()
+        store = first._node.store  # type: ignore[union-attr]
+        release = store.release
+        failed: list[float] = []
+
+        def reset_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(time.monotonic())
+                raise redis.ConnectionError("Connection reset by peer")
+            return release(*args, **kwargs)
+
+        store.release = reset_once  # type: ignore[method-assign]
+        (second,) = cluster.add(1)
+        wait_until(lambda: failed, 10, message="the first node released nothing")
+        wait_until(
+            lambda: cluster.ledger.create_count(second.node_id) >= 1,
+            10,
+            message="the config never moved",
+        )
+        waited = time.monotonic() - failed[0]
+        assert waited < settings.lease / 2, f"moved {waited:.2f} s after the failed release"
+        assert cluster.ledger.overlaps() == []
+    finally:
+        cluster.stop()
+
+
 def test_assigned_hint_goes_only_to_the_nodes_it_changes(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
