@@ -112,6 +112,9 @@ class Dispatcher:
         return kind in self._wanted
 
     def emit(self, event: Event) -> None:
+        # queued before it is logged: a log handler that blocks holds up no listener
+        if event.type in self._wanted:
+            self._queue.put(event)
         level = logging.WARNING if event.error is not None else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(
@@ -128,8 +131,6 @@ class Dispatcher:
                     epoch=event.data.get("epoch"),
                 ),
             )
-        if event.type in self._wanted:
-            self._queue.put(event)
 
     def start(self, name: str) -> None:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -60,7 +60,7 @@ class InstanceCalls:
         # the threads that run create/disconnect calls, each with its timeout
         self._runners = Runners(f"dim-call-{node_id}", keep=settings.max_workers)
         # times the disconnects that stop threads run themselves
-        self.watchdog = Watchdog(f"dim-watch-{node_id}")
+        self.watchdog = Watchdog(f"dim-watch-{node_id}", reporter=self._report_apart)
 
     def create(self, config: Config) -> Any:
         """One ``create`` attempt within ``create_timeout``; an instance returned after it
@@ -142,10 +142,11 @@ class InstanceCalls:
             return True
         name = f"disconnect of config {config.id!r}"
         if overran is not None:
-            then = overran
             try:
                 watch = self.watchdog.watch(
-                    s.disconnect_timeout, lambda: self._overran(config, token, name, then)
+                    s.disconnect_timeout,
+                    overran,
+                    lambda: self._overrun_reported(config, token, name),
                 )
             except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
                 raise NotStarted(f"no watchdog for the {name}: {exc!r}") from exc
@@ -178,21 +179,31 @@ class InstanceCalls:
         self._disconnected(config, token, error)
         return True
 
-    def _overran(
-        self, config: Config, token: Optional[int], name: str, then: Callable[[], None]
-    ) -> None:
-        """On the watchdog: a disconnect on its caller's thread is past its deadline. The
-        caller's part first (the slot goes), then the report (a log handler may block)."""
+    def _overrun_reported(self, config: Config, token: Optional[int], name: str) -> None:
+        """A disconnect on its caller's thread went past its deadline, and the watchdog
+        let it go: report it, as the overrun and as the end of the instance."""
+        exc = CallTimeout(f"{name} did not return within {self._settings.disconnect_timeout:g} s")
+        self._report_overrun(config, token, exc)
+        self._disconnected(config, token, exc)
+
+    def _report_apart(self, reports: list[Callable[[], None]]) -> None:
+        """The watchdog's reports, on a call thread: a log handler that blocks holds up
+        that thread, not the watchdog. Here when no thread can be started."""
+
+        def run(_: None) -> None:
+            for report in reports:
+                try:
+                    report()
+                except Exception:  # one failed report must not cost the others
+                    self._log.exception("reporting an overrun failed")
+
         try:
-            then()
-        finally:
-            exc = CallTimeout(
-                f"{name} did not return within {self._settings.disconnect_timeout:g} s"
-            )
-            self._report_overrun(config, token, exc)
-            self._disconnected(config, token, exc)
+            self._runners.start(run, None)
+        except Exception:  # RuntimeError: can't start new thread; MemoryError
+            run(None)
 
     def _report_overrun(self, config: Config, token: Optional[int], exc: CallTimeout) -> None:
+        self._emit(Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc))
         self._log.error(
             "disconnect of config %r did not return within %gs: its claim is let go "
             "while the instance may still run; only its fencing token (%s) protects "
@@ -202,7 +213,6 @@ class InstanceCalls:
             token,
             extra=fields(config=config.id, token=token),
         )
-        self._emit(Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc))
 
     def _disconnected(
         self, config: Config, token: Optional[int], error: Optional[BaseException]

@@ -185,11 +185,14 @@ class Runners:
 class Watch:
     """The deadline of one call that runs on its caller's thread (see :class:`Watchdog`)."""
 
-    __slots__ = ("deadline", "finished", "fired", "overran")
+    __slots__ = ("deadline", "finished", "fired", "overran", "report")
 
-    def __init__(self, deadline: float, overran: Callable[[], None]) -> None:
+    def __init__(
+        self, deadline: float, overran: Callable[[], None], report: Callable[[], None]
+    ) -> None:
         self.deadline = deadline
         self.overran = overran
+        self.report = report
         self.fired = False  # the deadline passed first: ``overran`` runs (or ran)
         self.finished = False  # the call returned first
 
@@ -203,12 +206,20 @@ class Watchdog:
     and then runs ``overran`` for every call not returned by its own; ``after`` runs
     once after each such batch (one round trip for all the claims they let go). Whichever
     comes first, the return or the deadline, wins: a call that returns late learns it from
-    :meth:`finish`.
+    :meth:`finish`. The batch's ``report`` calls (logging, which a handler may block) go
+    to ``reporter``, which runs them elsewhere, so they never make the watchdog late for
+    the next deadline.
     """
 
-    def __init__(self, name: str, after: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        name: str,
+        after: Callable[[], None] = lambda: None,
+        reporter: Callable[[list[Callable[[], None]]], None] = lambda reports: None,
+    ) -> None:
         self.name = name
         self.after = after
+        self.reporter = reporter
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Watch]] = []
         self._order = itertools.count()
@@ -218,7 +229,9 @@ class Watchdog:
         # when the thread wakes next on its own (-inf: it is awake and looks again)
         self._wakes_at = math.inf
 
-    def watch(self, timeout: float, overran: Callable[[], None]) -> Optional[Watch]:
+    def watch(
+        self, timeout: float, overran: Callable[[], None], report: Callable[[], None]
+    ) -> Optional[Watch]:
         """Watch a call starting now. Raises what ``Thread.start`` raises when the
         watchdog thread cannot be started (RuntimeError at the thread limit); None when
         the interpreter is shutting down and starts no threads (3.12+), or after
@@ -234,7 +247,7 @@ class Watchdog:
                             return None
                         raise
                     self._thread = thread
-        watch = Watch(time.monotonic() + timeout, overran)
+        watch = Watch(time.monotonic() + timeout, overran, report)
         with self._cond:
             if self._closed:
                 return None  # after the node stopped (its thread may be gone)
@@ -295,6 +308,10 @@ class Watchdog:
                 self.after()
             except BaseException:
                 log.exception("the work after a batch of overruns failed")
+            try:
+                self.reporter([watch.report for watch in due])
+            except BaseException:
+                log.exception("reporting a batch of overruns failed")
 
 
 def call_with_timeout(

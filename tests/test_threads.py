@@ -551,6 +551,55 @@ def test_an_overrun_is_let_go_on_time_while_redis_stalls_another_release(
         cluster.stop()
 
 
+class _BlockFirstOverrunLog(logging.Handler):
+    """A log handler that blocks on the first overrun it is given, until ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.gate = threading.Event()
+        self.blocked = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "did not return within" in str(record.msg) and not self.blocked.is_set():
+            self.blocked.set()
+            self.gate.wait(30)
+
+
+def test_an_overrun_is_let_go_on_time_while_a_log_handler_blocks_on_another(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """The report of one overrun (its log record, its event) never holds up the next: a
+    log handler that blocks on the first overrun's record does not keep the second one's
+    claim held past its deadline, nor its DISCONNECT_TIMEOUT unsent."""
+    cluster, gate, started = _hanging_disconnects(redis_url, service)
+    handler = _BlockFirstOverrunLog()
+    dim_log = logging.getLogger("dim")
+    keys = Keys(service)
+    try:
+        (manager,) = cluster.add(1)
+        reported: list[Any] = []
+        manager.add_listener(lambda e: reported.append(e.config_id), EventType.DISCONNECT_TIMEOUT)
+        cluster.wait_settled()
+        dim_log.addHandler(handler)
+        cluster.configs = [{"id": 1}]
+        manager.refresh()
+        assert handler.blocked.wait(10), "the first overrun was not logged"
+        cluster.configs = []
+        manager.refresh()
+        wait_until(lambda: 1 in started, 10, message="the second disconnect did not start")
+        wait_until(
+            lambda: redis_client.get(keys.claim("1")) is None and 1 in reported,
+            FAST.disconnect_timeout + 2.0,
+            message="the second overrun was not let go while a log handler blocked",
+        )
+        assert redis_client.get(keys.claim("0")) is None
+    finally:
+        handler.gate.set()
+        dim_log.removeHandler(handler)
+        gate.set()
+        cluster.stop()
+
+
 def _hanging_disconnects(
     redis_url: str, service: str
 ) -> tuple[Cluster, threading.Event, list[Any]]:
