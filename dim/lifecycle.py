@@ -123,25 +123,28 @@ class Lifecycle:
             self.table.notify()
             self._wake()
 
-    def spawn_stop(self, slot: Slot) -> None:
+    def spawn_stop(self, slot: Slot, here: bool = False) -> None:
         """Run the disconnect of a slot now, on a thread of its own (the caller took it).
 
         Never raises: when no thread can be started (the process is at its thread limit),
-        the slot waits for its disconnect again and every tick of the reconciler retries it,
-        fenced or not. Its claim is held meanwhile (renewed, or left to expire when
-        fenced), so nobody else starts the config while the instance may run.
+        the slot waits for its disconnect again and the reconciler retries it once per
+        heartbeat. Its claim is held meanwhile, renewed, so nobody else starts the config
+        while the instance may run. ``here`` (the reconciler's retry): when fenced, where
+        nobody renews the claim, a stop that still gets no thread runs on this thread
+        instead, before the claim can lapse under the instance.
         """
         try:
             self._tasks.start(self._stop_task, slot)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            if not self._stop_later(slot, exc):
+            if not self._stop_later(slot, exc, here):
                 self._guard(self._run_stop, slot, True)
 
-    def _stop_later(self, slot: Slot, error: BaseException) -> bool:
+    def _stop_later(self, slot: Slot, error: BaseException, here: bool = False) -> bool:
         """The disconnect of the slot could not start: it waits for a tick to retry it.
-        False if no tick will (a graceful stop is past its deadline): the caller runs it."""
+        False if the caller must run it: no tick will (a graceful stop is past its
+        deadline), or ``here`` while fenced (see :meth:`spawn_stop`)."""
         with self.table.lock:
-            if self._final:
+            if self._final or (here and self.node.fenced):
                 return False
             slot.disconnecting = False
             self._unstarted.append(slot)
@@ -201,7 +204,7 @@ class Lifecycle:
                 error,
             )
         for slot in retry:
-            self.spawn_stop(slot)
+            self.spawn_stop(slot, here=True)
 
     def wait_stopped(self, deadline: float) -> None:
         """The end of a graceful stop: wait until every slot is gone, at most until
@@ -266,9 +269,9 @@ class Lifecycle:
         except NotStarted as exc:  # no watchdog, or no call thread
             if last:
                 done = self.calls.disconnect(config, instance, token, here=True)
-            elif self._stop_later(slot, exc):
+            elif self._stop_later(slot, exc, here=True):
                 return  # the instance runs: the claim stays held
-            else:  # no tick will try again (stop() is past its deadline)
+            else:  # no tick will try again in time (stop() is past its deadline, or fenced)
                 self._run_stop(slot, True)
                 return
         if not done:
