@@ -123,28 +123,25 @@ class Lifecycle:
             self.table.notify()
             self._wake()
 
-    def spawn_stop(self, slot: Slot, here: bool = False) -> None:
+    def spawn_stop(self, slot: Slot) -> None:
         """Run the disconnect of a slot now, on a thread of its own (the caller took it).
 
         Never raises: when no thread can be started (the process is at its thread limit),
-        the slot waits for its disconnect again and the reconciler retries it once per
-        heartbeat. Its claim is held meanwhile, renewed, so nobody else starts the config
-        while the instance may run. ``here`` (the reconciler's retry): when fenced, where
-        nobody renews the claim, a stop that still gets no thread runs on this thread
-        instead, before the claim can lapse under the instance.
+        the slot waits for its disconnect again and every tick of the reconciler retries it,
+        fenced or not. Its claim is held meanwhile (renewed, or left to expire when
+        fenced), so nobody else starts the config while the instance may run.
         """
         try:
             self._tasks.start(self._stop_task, slot)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            if not self._stop_later(slot, exc, here):
+            if not self._stop_later(slot, exc):
                 self._guard(self._run_stop, slot, True)
 
-    def _stop_later(self, slot: Slot, error: BaseException, here: bool = False) -> bool:
+    def _stop_later(self, slot: Slot, error: BaseException) -> bool:
         """The disconnect of the slot could not start: it waits for a tick to retry it.
-        False if the caller must run it: no tick will (a graceful stop is past its
-        deadline), or ``here`` while fenced (see :meth:`spawn_stop`)."""
+        False if no tick will (a graceful stop is past its deadline): the caller runs it."""
         with self.table.lock:
-            if self._final or (here and self.node.fenced):
+            if self._final:
                 return False
             slot.disconnecting = False
             self._unstarted.append(slot)
@@ -204,7 +201,7 @@ class Lifecycle:
                 error,
             )
         for slot in retry:
-            self.spawn_stop(slot, here=True)
+            self.spawn_stop(slot)
 
     def wait_stopped(self, deadline: float) -> None:
         """The end of a graceful stop: wait until every slot is gone, at most until
@@ -269,9 +266,9 @@ class Lifecycle:
         except NotStarted as exc:  # no watchdog, or no call thread
             if last:
                 done = self.calls.disconnect(config, instance, token, here=True)
-            elif self._stop_later(slot, exc, here=True):
+            elif self._stop_later(slot, exc):
                 return  # the instance runs: the claim stays held
-            else:  # no tick will try again in time (stop() is past its deadline, or fenced)
+            else:  # no tick will try again (stop() is past its deadline)
                 self._run_stop(slot, True)
                 return
         if not done:

@@ -170,7 +170,7 @@ class ThreadLimit:
     the way it does in a process at its thread limit (RuntimeError: can't start new
     thread)."""
 
-    def __init__(self, prefix: str | tuple[str, ...]) -> None:
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.failing = threading.Event()
         self.refused = 0
@@ -184,9 +184,7 @@ class ThreadLimit:
         self.failing.clear()
 
 
-def _thread_limit(
-    monkeypatch: pytest.MonkeyPatch, prefix: str | tuple[str, ...]
-) -> Iterator[ThreadLimit]:
+def _thread_limit(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Iterator[ThreadLimit]:
     limit = ThreadLimit(prefix)
     original = threading.Thread.start
 
@@ -738,41 +736,6 @@ def test_fence_disconnects_once_threads_start_again(
         assert own_redis.paused
     finally:
         no_stop_threads.clear()
-        if own_redis.paused:
-            own_redis.resume()
-        cluster.stop()
-
-
-@pytest.fixture
-def no_disconnect_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
-    yield from _thread_limit(monkeypatch, ("dim-stop-", "dim-call-", "dim-watch-"))
-
-
-def test_a_fenced_node_that_gets_no_thread_disconnects_before_its_claims_lapse(
-    own_redis: RedisServer, service: str, no_disconnect_threads: ThreadLimit
-) -> None:
-    """A node cut off from Redis fences while no thread can be started for a disconnect
-    (no stop, call or watchdog thread): nobody renews its claims, so it does not wait
-    for a thread that may never come. Its reconciler runs the disconnects itself, one by
-    one, before the claims can lapse and another node start the configs."""
-    limit = no_disconnect_threads
-    cluster = Cluster(own_redis.url, service, [{"id": i} for i in range(3)])
-    try:
-        (manager,) = cluster.add(1)
-        fenced = _events(manager, EventType.FENCED)
-        cluster.wait_settled()
-        limit.set()
-        own_redis.pause()
-        wait_until(lambda: fenced, 10, message="the node did not fence")
-        s = cluster.settings
-        wait_until(
-            lambda: cluster.ledger.disconnect_count() == 3,
-            s.lease - s.renew_deadline - s.fence_margin,
-            message="the fenced node waited for a thread while its claims lapsed",
-        )
-        assert own_redis.paused and limit.refused > 0
-    finally:
-        limit.clear()
         if own_redis.paused:
             own_redis.resume()
         cluster.stop()
