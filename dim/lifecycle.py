@@ -127,9 +127,13 @@ class Lifecycle:
         """Run the disconnect of a slot now, on a thread of its own (the caller took it).
 
         Never raises: when no thread can be started (the process is at its thread limit),
-        the slot waits for its disconnect again and every tick of the reconciler retries it,
-        fenced or not. Its claim is held meanwhile (renewed, or left to expire when
-        fenced), so nobody else starts the config while the instance may run.
+        the slot waits for its disconnect again and the reconciler retries it once per
+        heartbeat, fenced or not. Its claim is held meanwhile, renewed, so nobody else
+        starts the config while the instance may run. When fenced, nobody renews it:
+        a stop that gets no thread within ``disconnect_timeout + fence_margin`` of the
+        fence lets the claim lapse under the instance (protocol.rst §14.1, "a process
+        out of threads"; running it on the reconciler instead was tried and reverted:
+        one disconnect that hangs there blocks the node for good).
         """
         try:
             self._tasks.start(self._stop_task, slot)
