@@ -111,12 +111,15 @@ class Dispatcher:
         """Whether some listener hears events of this kind (is it worth making one?)."""
         return kind in self._wanted
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, *, queue: bool = True, log_it: bool = True) -> None:
+        """Queue the event for its listeners, then log it. A thread that must not block
+        on a log handler queues it alone (``log_it=False``) and has another thread log it
+        later (``queue=False``)."""
         # queued before it is logged: a log handler that blocks holds up no listener
-        if event.type in self._wanted:
+        if queue and event.type in self._wanted:
             self._queue.put(event)
         level = logging.WARNING if event.error is not None else logging.DEBUG
-        if log.isEnabledFor(level):
+        if log_it and log.isEnabledFor(level):
             log.log(
                 level,
                 "event %s node=%s config=%r error=%r",

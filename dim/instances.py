@@ -49,7 +49,7 @@ class InstanceCalls:
         self,
         node_id: str,
         settings: Settings,
-        emit: Callable[[Event], None],
+        emit: Callable[..., None],
         callbacks: UserCallbacks,
     ) -> None:
         self._node_id = node_id
@@ -142,11 +142,12 @@ class InstanceCalls:
             return True
         name = f"disconnect of config {config.id!r}"
         if overran is not None:
+            events: list[Event] = []
             try:
                 watch = self.watchdog.watch(
                     s.disconnect_timeout,
-                    overran,
-                    lambda: self._overrun_reported(config, token, name),
+                    lambda: self._let_go(config, token, name, overran, events),
+                    lambda: self._log_overrun(config, token, events),
                 )
             except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
                 raise NotStarted(f"no watchdog for the {name}: {exc!r}") from exc
@@ -179,12 +180,32 @@ class InstanceCalls:
         self._disconnected(config, token, error)
         return True
 
-    def _overrun_reported(self, config: Config, token: Optional[int], name: str) -> None:
-        """A disconnect on its caller's thread went past its deadline, and the watchdog
-        let it go: report it, as the overrun and as the end of the instance."""
+    def _let_go(
+        self,
+        config: Config,
+        token: Optional[int],
+        name: str,
+        then: Callable[[], None],
+        events: list[Event],
+    ) -> None:
+        """On the watchdog: a disconnect on its caller's thread is past its deadline. Its
+        events are queued first (so they reach listeners before anything that follows
+        the slot's end: a new instance of the config here), then the slot goes; logging
+        waits for :meth:`_log_overrun`, on another thread (a log handler may block)."""
         exc = CallTimeout(f"{name} did not return within {self._settings.disconnect_timeout:g} s")
-        self._report_overrun(config, token, exc)
-        self._disconnected(config, token, exc)
+        events[:] = [
+            Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc),
+            Event(EventType.INSTANCE_DISCONNECTED, self._node_id, config.id, token, error=exc),
+        ]
+        for event in events:
+            self._emit(event, log_it=False)
+        then()
+
+    def _log_overrun(self, config: Config, token: Optional[int], events: list[Event]) -> None:
+        """The log lines of an overrun the watchdog let go (:meth:`_let_go`)."""
+        self._log_timeout(config, token)
+        for event in events:
+            self._emit(event, queue=False)
 
     def _report_apart(self, reports: list[Callable[[], None]]) -> None:
         """The watchdog's reports, on a call thread: a log handler that blocks holds up
@@ -204,6 +225,9 @@ class InstanceCalls:
 
     def _report_overrun(self, config: Config, token: Optional[int], exc: CallTimeout) -> None:
         self._emit(Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc))
+        self._log_timeout(config, token)
+
+    def _log_timeout(self, config: Config, token: Optional[int]) -> None:
         self._log.error(
             "disconnect of config %r did not return within %gs: its claim is let go "
             "while the instance may still run; only its fencing token (%s) protects "

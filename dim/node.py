@@ -112,8 +112,8 @@ class Node:
     def is_leader(self) -> bool:
         return self.leader_value is not None
 
-    def emit(self, event: Event) -> None:
-        self.dispatcher.emit(event)
+    def emit(self, event: Event, *, queue: bool = True, log_it: bool = True) -> None:
+        self.dispatcher.emit(event, queue=queue, log_it=log_it)
 
     def info(self) -> dict[str, str]:
         """This node's description (constant for its life, built once: every heartbeat

@@ -600,6 +600,57 @@ def test_an_overrun_is_let_go_on_time_while_a_log_handler_blocks_on_another(
         cluster.stop()
 
 
+def test_an_overruns_events_come_before_the_next_instance_of_its_config(
+    redis_url: str, service: str
+) -> None:
+    """An overrun's DISCONNECT_TIMEOUT and INSTANCE_DISCONNECTED reach the listeners before
+    the INSTANCE_CREATED of the config's next instance on the node, even when a log
+    handler holds the overrun's log record until that instance exists."""
+    gate, created = threading.Event(), threading.Event()
+    armed = threading.Event()
+
+    def disconnect(node: str, instance: Any) -> None:
+        if armed.is_set():
+            gate.wait(20)
+
+    class HoldsTheOverrunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "did not return within" in str(record.msg):
+                created.wait(5)
+
+    cluster = Cluster(redis_url, service, [{"id": 0, "v": 1}], disconnect=disconnect)
+    handler = HoldsTheOverrunLog(logging.WARNING)
+    dim_log = logging.getLogger("dim")
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        seen: list[str] = []
+
+        def heard(event: Event) -> None:
+            seen.append(event.type.value)
+            if event.type is EventType.INSTANCE_CREATED:
+                created.set()
+
+        kinds = (
+            EventType.INSTANCE_CREATED,
+            EventType.INSTANCE_DISCONNECTED,
+            EventType.DISCONNECT_TIMEOUT,
+        )
+        manager.add_listener(heard, *kinds)
+        dim_log.addHandler(handler)
+        armed.set()
+        cluster.configs = [{"id": 0, "v": 2}]  # recreated: the disconnect overruns
+        manager.refresh()
+        wait_until(lambda: "instance_created" in seen, 10, message="no new instance")
+        wait_until(lambda: "instance_disconnected" in seen, 10, message="no disconnect")
+        assert seen == ["disconnect_timeout", "instance_disconnected", "instance_created"]
+    finally:
+        created.set()
+        dim_log.removeHandler(handler)
+        gate.set()
+        cluster.stop()
+
+
 def _hanging_disconnects(
     redis_url: str, service: str
 ) -> tuple[Cluster, threading.Event, list[Any]]:
