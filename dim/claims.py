@@ -80,7 +80,7 @@ class ClaimBook:
                     if self._releasing.get(ckey, 0) < token:
                         self._releasing[ckey] = token
             self._log.warning(
-                "node %s could not release %d claims (sent again at the next tick; "
+                "node %s could not release %d claims (queued to be sent again; "
                 "unrenewed, they lapse by themselves): %r",
                 node_id,
                 len(tokens),
