@@ -352,10 +352,13 @@ class Reconciler(Loop["Node"]):
             with self.table.lock:
                 # a config kept running outside our share (share.keep) may be given to
                 # another node by a write that does not touch our share: no hint says
-                # so, so ask where it stands once per heartbeat while we keep one
+                # so, so ask where it stands once per heartbeat while we keep one (not
+                # one a delta moved away: this tick stops it)
                 desired = self.table.desired
                 if any(
-                    c not in desired and s.state in (State.RUNNING, State.CREATING)
+                    c not in desired
+                    and s.state in (State.RUNNING, State.CREATING)
+                    and self._keep(c)
                     for c, s in self.table.slots.items()
                 ):
                     self._need_read = True

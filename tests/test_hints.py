@@ -148,6 +148,41 @@ def test_a_release_that_fails_is_sent_again(redis_url: str, service: str) -> Non
         cluster.stop()
 
 
+def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """A join takes a config from a node that does not lead: the delta in its hint says
+    where the config went, so the node stops it at once, without reading its share,
+    even when its once-a-heartbeat look at configs kept outside its share is due."""
+    settings = _slow_heartbeats(redis_client, service)
+    configs = [{"id": i} for i in range(6)]
+
+    def manager() -> Manager:
+        return id_manager(redis_url, service, configs, settings, lambda instance: None)
+
+    lead, gives, joins = manager(), manager(), manager()
+    try:
+        lead.start()
+        wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
+        gives.start()
+        wait_until(lambda: len(gives.instances) == 3, 4, message="the second node waited")
+        assert lead.is_leader
+        # the look is due (it comes once a heartbeat, 6 s here: the hint's tick is next)
+        gives._node.reconciler._recheck_at = float("-inf")  # type: ignore[union-attr]
+        reads = _count_reads([gives])
+        joins.start()
+        wait_until(
+            lambda: [len(m.instances) for m in (lead, gives, joins)] == [2, 2, 2],
+            4,
+            message="the join did not settle",
+        )
+        assert reads == []
+    finally:
+        joins.stop()
+        gives.stop()
+        lead.stop()
+
+
 def test_assigned_hint_goes_only_to_the_nodes_it_changes(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
