@@ -350,15 +350,14 @@ class Reconciler(Loop["Node"]):
         if now >= self._recheck_at:
             self._recheck_at = now + interval
             with self.table.lock:
-                # a config kept running outside our share (share.keep) may be given to
-                # another node by a write that does not touch our share: no hint says
-                # so, so ask where it stands once per heartbeat while we keep one (not
-                # one a delta moved away: this tick stops it)
+                # a config kept outside our share (share.keep, now or at a plan) may be
+                # given elsewhere by a write that leaves our share alone: no hint says
+                # so: ask where it stands once a heartbeat (one a delta moved stops now)
                 desired = self.table.desired
                 if any(
                     c not in desired
                     and s.state in (State.RUNNING, State.CREATING)
-                    and self._keep(c)
+                    and (s.kept or self._keep(c))
                     for c, s in self.table.slots.items()
                 ):
                     self._need_read = True
@@ -464,6 +463,7 @@ class Reconciler(Loop["Node"]):
             for ckey, slot in list(self.table.slots.items()):
                 want = self.table.desired.get(ckey)
                 if want is None and slot.state is not State.CLAIMING and self._keep(ckey):
+                    slot.kept = True  # read for before it is stopped (see tick)
                     continue
                 if want is None:
                     if slot.state is State.CLAIMING:

@@ -113,6 +113,7 @@ class Slot:
     lost: bool = False  # the claim is somebody else's now: never renew or release it
     timed_out: bool = False  # the last create attempt overran its timeout
     create_for: Optional[int] = None  # the token whose create task has begun
+    kept: bool = False  # kept running outside the share at a plan (dim.share.keep)
 
     @property
     def ckey(self) -> str:

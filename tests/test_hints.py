@@ -19,6 +19,7 @@ from dim.keys import Keys
 from dim.leader import LeaderLoop
 from dim.listener import HintListener
 from dim.messages import MAX_MESSAGE_BYTES, Kind, Message, decode
+from dim.protocol import ConfigPlace
 from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
@@ -181,6 +182,51 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
         joins.stop()
         gives.stop()
         lead.stop()
+
+
+def test_a_config_kept_outside_the_share_is_read_for_before_it_is_stopped(
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config kept running outside the node's share during a reset window, on a
+    placement that says "elsewhere", is not stopped on that placement when the window
+    ends: the node reads where the config stands first (Redis still gives it to the
+    node, so it runs on)."""
+    settings = _slow_heartbeats(redis_client, service).replace(heartbeat_interval=0.5)
+    stopped: list[Any] = []
+    manager = id_manager(redis_url, service, [{"id": 1}, {"id": 2}], settings, stopped.append)
+    ticks: list[float] = []
+    tick = Reconciler.tick
+
+    def counted(self: Reconciler) -> float:
+        wait = tick(self)
+        ticks.append(self.node.clock())
+        return wait
+
+    monkeypatch.setattr(Reconciler, "tick", counted)
+    try:
+        manager.start()
+        wait_until(lambda: len(manager.instances) == 2, 5, message="nothing was created")
+        node = manager._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
+        wait_until(reconciler.is_stable, 5, message="the node did not settle")
+        reads = _count_reads([manager])
+        with reconciler.table.lock:
+            # what a read in a reset window may leave: a config outside the share, placed
+            # elsewhere by stale data, kept while the window lasts
+            ckey, config = next(iter(reconciler.table.desired.items()))
+            del reconciler.table.desired[ckey]
+            reconciler._placements[ckey] = ConfigPlace("elsewhere", config.json)
+            node.store.era.reset_until = window_end = node.clock() + 0.3
+        reconciler.wake()  # a plan in the window keeps it
+        wait_until(
+            lambda: len([t for t in ticks if t > window_end]) >= 2,
+            5,
+            message="the reconciler did not tick after the window",
+        )
+        assert stopped == [] and len(manager.instances) == 2
+        assert reads
+    finally:
+        manager.stop()
 
 
 def test_assigned_hint_goes_only_to_the_nodes_it_changes(
