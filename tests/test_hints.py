@@ -150,7 +150,7 @@ def test_a_release_that_fails_is_sent_again(redis_url: str, service: str) -> Non
 
 
 def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
-    redis_url: str, redis_client: redis.Redis, service: str
+    redis_url: str, redis_client: redis.Redis, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A join takes a config from a node that does not lead: the delta in its hint says
     where the config went, so the node stops it at once, without reading its share,
@@ -169,7 +169,19 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
         wait_until(lambda: len(gives.instances) == 3, 4, message="the second node waited")
         assert lead.is_leader
         # the look is due (it comes once a heartbeat, 6 s here: the hint's tick is next)
-        gives._node.reconciler._recheck_at = float("-inf")  # type: ignore[union-attr]
+        reconciler = gives._node.reconciler  # type: ignore[union-attr]
+        reconciler._recheck_at = float("-inf")
+        looked: list[bool] = []  # per tick: was the look due with a config moved away?
+        tick = Reconciler.tick
+
+        def ticked(self: Reconciler) -> float:
+            if self is reconciler:
+                with self.table.lock:
+                    away = self.table.slots.keys() - self.table.desired.keys()
+                looked.append(bool(away) and self.node.clock() >= self._recheck_at)
+            return tick(self)
+
+        monkeypatch.setattr(Reconciler, "tick", ticked)
         reads = _count_reads([gives])
         joins.start()
         wait_until(
@@ -177,6 +189,7 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
             4,
             message="the join did not settle",
         )
+        assert any(looked), "no tick looked with a config moved away: nothing was tested"
         assert reads == []
     finally:
         joins.stop()
