@@ -215,11 +215,12 @@ class Watchdog:
         self,
         name: str,
         after: Callable[[], None] = lambda: None,
-        reporter: Callable[[list[Callable[[], None]]], None] = lambda reports: None,
+        reporter: Optional[Callable[[list[Callable[[], None]]], None]] = None,
     ) -> None:
         self.name = name
         self.after = after
-        self.reporter = reporter
+        # (by default the watchdog reports itself, one after the other)
+        self.reporter = reporter or (lambda reports: [report() for report in reports])
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Watch]] = []
         self._order = itertools.count()
