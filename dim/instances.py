@@ -1,10 +1,12 @@
 """The user's ``create`` and ``disconnect``, called with their timeouts and reported.
 
-:class:`InstanceCalls` owns the threads that run those calls (each call with its
-timeout on a thread of its own, so a hanging callback costs a thread, never a loop) and
-the retry policy of ``create`` (tenacity: ``create_attempts`` tries with exponential
-backoff, cut short when the attempt is cancelled). It knows nothing of claims or slots:
-the reconciler (:mod:`dim.reconciler`) decides when to call, this module how.
+:class:`InstanceCalls` calls them on the caller's thread, timed by the node's watchdog
+(:class:`~dim.usercode.Watchdog`: at the deadline the caller's task goes on elsewhere,
+so a hanging callback costs a thread, never a loop), owns the call threads for what
+cannot run there, and the retry policy of ``create`` (tenacity: ``create_attempts``
+tries with exponential backoff, cut short when the attempt is cancelled). It knows
+nothing of claims or slots: the reconciler (:mod:`dim.reconciler`) decides when to
+call, this module how.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Cancelled(Exception):
     """A create attempt may not start (cancelled, fenced, or the claim not covering it)."""
 
 
+class Overran(Exception):
+    """The ``create`` attempt on this thread returned after its deadline: its instance was
+    disconnected, and the task it served goes on elsewhere (this thread leaves it)."""
+
+
 class NotStarted(Exception):
     """No thread could be started for a ``disconnect`` (the process is at its thread
     limit): nothing was called, the instance still runs."""
@@ -62,34 +69,69 @@ class InstanceCalls:
         # times the disconnects that stop threads run themselves
         self.watchdog = Watchdog(f"dim-watch-{node_id}", reporter=self._report_apart)
 
-    def create(self, config: Config) -> Any:
-        """One ``create`` attempt within ``create_timeout``; an instance returned after it
-        is disconnected when it arrives. Raises CallTimeout, CreateError (None returned)
-        or what ``create`` raised."""
-        instance = self._runners.call(
-            self.callbacks.create,
-            config.value,
-            self._settings.create_timeout,
-            f"create of config {config.id!r}",
-            on_late=lambda late: self._dispose_late(config, late),
-        )
+    def create(self, config: Config, overran: Callable[[CallTimeout], None]) -> Any:
+        """One ``create`` attempt on this thread, timed by the watchdog. Returns the
+        instance; raises CreateError (None returned) or what ``create`` raised.
+
+        At ``create_timeout`` the watchdog calls ``overran`` with the CallTimeout: the
+        attempt has failed, and the caller's task must go on on another thread. When the
+        call returns after that, its instance is disconnected here and :class:`Overran`
+        is raised: this thread serves the task no more. Without a watchdog thread (the
+        process is at its thread limit) the attempt runs on a call thread with its
+        timeout instead, which raises CallTimeout; after :meth:`close`, :class:`Cancelled`.
+        """
+        s = self._settings
+        name = f"create of config {config.id!r}"
+        callback = self.callbacks.create
+        late = f"{name} did not return within {s.create_timeout:g} s"
+        try:
+            # nothing to report at the deadline: the task that goes on reports the attempt
+            watch = self.watchdog.watch(s.create_timeout, lambda: overran(CallTimeout(late)))
+        except Exception:  # RuntimeError: can't start new thread; MemoryError
+            instance = self._runners.call(
+                callback,
+                config.value,
+                s.create_timeout,
+                name,
+                on_late=lambda late: self._dispose_late(config, late),
+            )
+        else:
+            if watch is None:
+                raise Cancelled()  # the node stopped (or the interpreter is exiting)
+            job = Call(callback, config.value, None)
+            job.run()
+            if not self.watchdog.finish(watch):
+                self._dispose_late(config, job.box.get("value"))
+                raise Overran()
+            instance = job.outcome(name)
         if instance is None:
             raise CreateError(f"create returned None for config id {config.id!r}", config.id)
         return instance
 
     def retrying(
-        self, cancel: threading.Event, config_id: Any, token: Callable[[], Optional[int]]
+        self,
+        cancel: threading.Event,
+        config_id: Any,
+        token: Callable[[], Optional[int]],
+        done: int = 0,
     ) -> tenacity.Retrying:
-        """The retry policy of one create task: stops on ``cancel`` and on
-        :class:`Cancelled`, reports each failed attempt (``CREATE_FAILED``)."""
+        """The retry policy of one create task that goes on after ``done`` attempts (a
+        task resumed after an overrun): stops on ``cancel``, on :class:`Cancelled` and on
+        :class:`Overran`, reports each failed attempt (``CREATE_FAILED``)."""
         s = self._settings
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            # exponential in the attempt's number within the whole task
+            doublings = min(state.attempt_number + done - 1, 64)
+            return float(min(s.create_backoff * 2.0**doublings, s.create_backoff_max))
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
+            attempt = state.attempt_number + done
             self._log.warning(
                 "create of config %r failed (attempt %d of %d): %r",
                 config_id,
-                state.attempt_number,
+                attempt,
                 s.create_attempts,
                 error,
                 extra=fields(config=config_id, token=token()),
@@ -101,16 +143,16 @@ class InstanceCalls:
                     config_id,
                     token(),
                     error=error,
-                    data={"attempt": state.attempt_number},
+                    data={"attempt": attempt},
                 )
             )
 
         return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(s.create_attempts)
+            stop=tenacity.stop_after_attempt(max(1, s.create_attempts - done))
             | tenacity.stop_when_event_set(cancel),
-            wait=tenacity.wait_exponential(multiplier=s.create_backoff, max=s.create_backoff_max),
+            wait=wait,
             sleep=tenacity.sleep_using_event(cancel),
-            retry=tenacity.retry_if_not_exception_type(Cancelled),
+            retry=tenacity.retry_if_not_exception_type((Cancelled, Overran)),
             before_sleep=before_sleep,
             reraise=True,
         )

@@ -11,7 +11,6 @@ module carries it out.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -21,13 +20,13 @@ import redis
 from dim.claims import ClaimBook
 from dim.errors import CallTimeout
 from dim.events import Event, EventType
-from dim.instances import Cancelled, InstanceCalls, NotStarted
+from dim.instances import Cancelled, InstanceCalls, NotStarted, Overran
 from dim.logs import NodeLog, fields
 from dim.messages import Message
 from dim.renewal import covers
 from dim.slots import Slot, State, TransitionError
 from dim.table import SlotTable
-from dim.usercode import Runners, block_signals
+from dim.usercode import Place, Runners, Workers, block_signals
 
 if TYPE_CHECKING:
     from dim.node import Node
@@ -60,13 +59,11 @@ class Lifecycle:
         # a graceful stop is past its deadline: no tick retries a stop any more, so a stop
         # that cannot get a thread runs where it is
         self._final = False
-        # creates whose worker thread could not be started: (slot, token), retried too
-        self._unstarted_creates: list[tuple[Slot, int]] = []
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=node.settings.max_workers,
-            thread_name_prefix=f"dim-worker-{node.node_id}",
-            initializer=block_signals,
-        )
+        # the create tasks: at most max_workers at once, each calling create itself,
+        # timed by the calls' watchdog (a create that overruns gives its place up); a
+        # task whose thread could not be started waits, and every tick tries again
+        self._workers = Workers(f"dim-worker-{node.node_id}", node.settings.max_workers)
+        self._create_error: Optional[BaseException] = None
         # the threads that stop instances: never bounded, so no stop waits for a worker;
         # each runs its disconnect itself, timed by the calls' watchdog, which lets go of
         # the claims of those that overrun in one round trip
@@ -76,7 +73,7 @@ class Lifecycle:
     @property
     def pending(self) -> bool:
         """Some task waits for a thread, or some claim for its release."""
-        return bool(self._unstarted or self._unstarted_creates or self.claims.queued)
+        return bool(self._unstarted or self._workers.stalled or self.claims.queued)
 
     def retry(self) -> None:
         """On every tick while :attr:`pending`: the stops and creates that could not get
@@ -87,7 +84,7 @@ class Lifecycle:
             self.claims.flush()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._workers.close()
         self.calls.close()
         self._tasks.close()
 
@@ -152,39 +149,33 @@ class Lifecycle:
             self._unstarted_error = error
             return True
 
-    def start_create(self, slot: Slot, token: int) -> None:
-        """Hand the create of a claimed slot to the worker pool. Never raises: when no
-        worker thread can be started, every tick of the reconciler tries again (the work item
-        may also still run once a worker starts: :meth:`_create_task` runs only the first
-        of the two)."""
+    def start_create(self, slot: Slot, token: int, first: bool = False) -> None:
+        """Hand the create of a claimed slot to the workers (at most ``max_workers`` run
+        at once; the others wait their turn, ``first``: before the others). Never raises:
+        a create whose thread cannot be started waits, and every tick of the reconciler
+        tries again (a second task for the same incarnation does nothing:
+        :meth:`_create_task`)."""
+
+        def task(place: Place) -> None:
+            self._guard(self._create_task, slot, token, place)
+
         try:
-            self._pool.submit(self._guard, self._create_task, slot, token)
+            self._workers.submit(task, first)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            with self.table.lock:
-                self._unstarted_creates.append((slot, token))
-                self._unstarted_error = exc
+            self._create_error = exc
 
     def retry_creates(self) -> None:
-        with self.table.lock:
-            pending, self._unstarted_creates = self._unstarted_creates, []
-            error = self._unstarted_error
-            retry = [
-                (slot, token)
-                for slot, token in pending
-                if self.table.slots.get(slot.ckey) is slot
-                and slot.state is State.CREATING
-                and slot.token == token
-                and slot.create_for != token
-            ]
-        if retry:
-            self._log.error(
-                "node %s could not start a thread to create %r (%r); trying again",
-                self.node.node_id,
-                [slot.config.id for slot, _ in retry],
-                error,
-            )
-        for slot, token in retry:
-            self.start_create(slot, token)
+        if not self._workers.stalled:
+            return
+        self._log.error(
+            "node %s could not start a thread to create an instance (%r); trying again",
+            self.node.node_id,
+            self._create_error,
+        )
+        try:
+            self._workers.kick()
+        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            self._create_error = exc
 
     def retry_stops(self) -> None:
         """Try the stops that could not start again, at most once per heartbeat (a stop
@@ -231,6 +222,8 @@ class Lifecycle:
         on a stop thread (a Redis call here would make the watchdog late for the next
         deadline while Redis is slow). Without a thread, the reconciler's next tick
         releases them (:meth:`retry`)."""
+        if not self.claims.queued:
+            return  # creates that overran: they let no claim go
         try:
             self._tasks.start(self._release_task, None)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
@@ -338,7 +331,7 @@ class Lifecycle:
                 # the next heartbeat renews this claim for a whole create_lease
                 self.table.changed.wait(s.heartbeat_interval)
 
-    def _create_once(self, slot: Slot, cancel: threading.Event) -> Any:
+    def _create_once(self, slot: Slot, cancel: threading.Event, place: Optional[Place]) -> Any:
         if slot.timed_out:
             # the last attempt overran create_timeout and may still return an instance
             # (disconnected when it does): this one is another incarnation, with a new
@@ -348,25 +341,62 @@ class Lifecycle:
             slot.timed_out = False
         if not self._wait_covered(slot, cancel):
             raise Cancelled()
+        token = slot.token
+        assert token is not None
+        slot.attempts += 1
         try:
-            return self.calls.create(slot.config)
-        except CallTimeout:
+            return self.calls.create(
+                slot.config, lambda exc: self._create_overran(slot, token, place, exc)
+            )
+        except CallTimeout:  # timed on a call thread (no watchdog): the task goes on here
             slot.timed_out = True
             raise
 
-    def _create_task(self, slot: Slot, token: Optional[int] = None) -> None:
+    def _create_overran(
+        self, slot: Slot, token: int, place: Optional[Place], exc: CallTimeout
+    ) -> None:
+        """On the watchdog: the create attempt of ``slot`` under ``token`` is past
+        ``create_timeout``. It failed: its thread gives up its worker place, and the task
+        goes on from the next attempt on another (:meth:`_create_task`), while this one
+        waits for ``create`` to return and disconnects what it returns."""
+        with self.table.lock:
+            slot.timed_out = True
+            slot.overrun = exc
+            slot.create_for = None  # the task may begin again for this token
+        if place is not None:
+            self._workers.leave(place)
+        self.start_create(slot, token, first=True)
+
+    def _create_task(
+        self, slot: Slot, token: Optional[int] = None, place: Optional[Place] = None
+    ) -> None:
         """Create the slot's instance (under ``token``: the slot's current one when None),
-        with retries; a second task for the same token does nothing."""
+        with retries; a second task for the same token does nothing. A task that goes on
+        after an attempt overran (on another thread) first reports that attempt."""
         node = self.node
         with self.table.lock:
             token = slot.token if token is None else token
             if slot.token != token or slot.create_for == token:
-                return  # a create task for this incarnation ran already
+                return  # a create task for this incarnation runs already
             slot.create_for = token
+            done, overrun = slot.attempts, slot.overrun
+            slot.overrun = None
         cancel = slot.cancel
-        retrying = self.calls.retrying(cancel, slot.config.id, lambda: slot.token)
+        if overrun is not None:
+            done -= 1  # the overrun attempt is the first of this retry loop, reported
+
+        def attempt() -> Any:
+            nonlocal overrun
+            if overrun is not None:
+                error, overrun = overrun, None
+                raise error
+            return self._create_once(slot, cancel, place)
+
+        retrying = self.calls.retrying(cancel, slot.config.id, lambda: slot.token, done)
         try:
-            instance = retrying(self._create_once, slot, cancel)
+            instance = retrying(attempt)
+        except Overran:
+            return  # its instance is disconnected; the task went on on another thread
         except Cancelled:
             self.finish(slot)
             return

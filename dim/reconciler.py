@@ -2,9 +2,9 @@
 
 Each config this node deals with has a :class:`~dim.slots.Slot`; its states and
 transitions are listed in :mod:`dim.slots`, and every transition is made here, under
-the reconciler's lock. Normal moves queue their ``create``/``disconnect`` on a pool of
-``max_workers``; the fence and a graceful stop start every disconnect at once on a
-thread of its own, so they never wait on user code or queue behind busy workers.
+the reconciler's lock. Creates run on at most ``max_workers`` worker threads at once;
+every disconnect (a move's, the fence's, a graceful stop's) starts at once on a thread
+of its own, so it never waits on user code or queues behind busy workers.
 """
 
 from __future__ import annotations

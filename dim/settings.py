@@ -83,7 +83,9 @@ class Settings:
         thread, so the leader keeps balancing meanwhile.
     :param connect_timeout: how long ``start()`` retries an unreachable Redis before it
         raises :class:`~dim.RedisUnavailableError`.
-    :param max_workers: how many ``create``/``disconnect`` calls run at once on a node.
+    :param max_workers: how many ``create`` calls run at once on a node (within their
+        ``create_timeout``: one that overruns no longer counts; a ``disconnect`` never
+        waits for a worker).
     :param max_concurrent_moves: at most this many running instances are being moved
         from one node to another at any moment, cluster-wide (None: no limit). Configs
         that run nowhere (a new config, a dead node's) are placed at once whatever the

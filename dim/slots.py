@@ -113,6 +113,10 @@ class Slot:
     lost: bool = False  # the claim is somebody else's now: never renew or release it
     timed_out: bool = False  # the last create attempt overran its timeout
     create_for: Optional[int] = None  # the token whose create task has begun
+    # create attempts begun since the claim (or the recreate), and the failure of the
+    # last one when it overran: the task goes on, on another thread, from there
+    attempts: int = 0
+    overrun: Optional[BaseException] = None
     kept: bool = False  # kept running outside the share at a plan (dim.share.keep)
 
     @property
@@ -137,6 +141,7 @@ class Slot:
         self.lost = False
         self.lease_until = lease_until
         self.cancel = threading.Event()
+        self.attempts, self.overrun = 0, None
 
     def created(self, instance: Any) -> None:
         """CREATING -> RUNNING: ``create`` returned this instance."""
@@ -179,3 +184,4 @@ class Slot:
         self._to(State.STOPPING, State.CREATING)
         self.config = config
         self.cancel = threading.Event()
+        self.attempts, self.overrun = 0, None

@@ -8,6 +8,7 @@ so it does not leak).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -182,13 +183,113 @@ class Runners:
             inbox.put(None)
 
 
+class Place:
+    """One of the :class:`Workers` places, held by the task that runs on it."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False  # given up: the task goes on outside the limit, or ended
+
+
+class Workers:
+    """At most ``limit`` tasks at once, each on a thread (kept idle between tasks, as
+    :class:`Runners` does); the others wait, first come first served.
+
+    A task is called with its :class:`Place`. It may give the place up before it ends
+    (:meth:`leave`: a create that overran its time limit still runs user code, but no
+    longer counts), and a waiting task starts in its place. A thread that ends its task
+    takes the next waiting one itself. Thread starts that fail leave the tasks waiting:
+    :attr:`stalled` says so, and :meth:`kick` tries again.
+    """
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.limit = limit
+        self._runners = Runners(name, keep=limit)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting: collections.deque[Callable[[Place], None]] = collections.deque()
+
+    @property
+    def stalled(self) -> bool:
+        """Tasks wait while a place is free: their thread could not be started."""
+        with self._lock:
+            return bool(self._waiting) and self._running < self.limit
+
+    def submit(self, task: Callable[[Place], None], first: bool = False) -> None:
+        """Run ``task(place)`` on a thread now, or once a place is free (``first``: before
+        the tasks waiting already). Raises what ``Thread.start`` raises when no thread can
+        be started: the task still waits (:meth:`kick` starts it)."""
+        with self._lock:
+            if first:
+                self._waiting.appendleft(task)
+            else:
+                self._waiting.append(task)
+        self.kick()
+
+    def kick(self) -> None:
+        """Start waiting tasks while places are free; raises what ``Thread.start`` raises
+        (the task it was for waits on, first in line)."""
+        while True:
+            with self._lock:
+                if not self._waiting or self._running >= self.limit:
+                    return
+                task = self._waiting.popleft()
+                self._running += 1
+            try:
+                self._runners.start(self._run, (task, Place()))
+            except BaseException:
+                with self._lock:
+                    self._running -= 1
+                    self._waiting.appendleft(task)
+                raise
+
+    def leave(self, place: Place) -> None:
+        """The task on ``place`` gives it up and goes on outside the limit; a waiting task
+        starts in its place (without a thread, it waits for a :meth:`kick`)."""
+        with self._lock:
+            if place.left:
+                return
+            place.left = True
+            self._running -= 1
+        try:
+            self.kick()
+        except Exception:  # RuntimeError: can't start new thread; MemoryError
+            pass  # it waits, stalled, for the owner's next kick (nothing logged here: the
+            # watchdog calls this, and a log handler may block)
+
+    def _run(self, job: tuple[Callable[[Place], None], Place]) -> None:
+        task, place = job
+        while True:
+            try:
+                task(place)
+            except BaseException:  # the tasks guard themselves; this thread goes on
+                log.exception("a task of %s raised", self)
+            with self._lock:
+                if place.left:
+                    return  # the place went to another task
+                if self._waiting:
+                    task = self._waiting.popleft()  # the same place, this thread
+                    continue
+                place.left = True
+                self._running -= 1
+                return
+
+    def close(self) -> None:
+        """Let the idle threads exit (waiting tasks still run, to their end)."""
+        self._runners.close()
+
+    def __repr__(self) -> str:
+        return f"<Workers {self._runners.name} {self._running}/{self.limit} running>"
+
+
 class Watch:
     """The deadline of one call that runs on its caller's thread (see :class:`Watchdog`)."""
 
     __slots__ = ("deadline", "finished", "fired", "overran", "report")
 
     def __init__(
-        self, deadline: float, overran: Callable[[], None], report: Callable[[], None]
+        self, deadline: float, overran: Callable[[], None], report: Optional[Callable[[], None]]
     ) -> None:
         self.deadline = deadline
         self.overran = overran
@@ -231,7 +332,10 @@ class Watchdog:
         self._wakes_at = math.inf
 
     def watch(
-        self, timeout: float, overran: Callable[[], None], report: Callable[[], None]
+        self,
+        timeout: float,
+        overran: Callable[[], None],
+        report: Optional[Callable[[], None]] = None,
     ) -> Optional[Watch]:
         """Watch a call starting now. Raises what ``Thread.start`` raises when the
         watchdog thread cannot be started (RuntimeError at the thread limit); None when
@@ -309,8 +413,11 @@ class Watchdog:
                 self.after()
             except BaseException:
                 log.exception("the work after a batch of overruns failed")
+            reports = [watch.report for watch in due if watch.report is not None]
+            if not reports:
+                continue
             try:
-                self.reporter([watch.report for watch in due])
+                self.reporter(reports)
             except BaseException:
                 log.exception("reporting a batch of overruns failed")
 

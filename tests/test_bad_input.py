@@ -205,6 +205,76 @@ def test_hanging_create_times_out_and_late_instance_is_disconnected(
         assert manager.instances == {1: "fresh"}
 
 
+def test_a_hanging_create_gives_its_worker_place_up(redis_url: str, service: str) -> None:
+    """A create runs on its worker thread; once it overruns create_timeout the worker's
+    place goes to the next create (one place here), while the hanging call still runs
+    and the overrun config is tried again under a new token."""
+    gate = threading.Event()
+    tokens: dict[Any, list[Any]] = {0: [], 1: []}
+    manager: Manager
+
+    def create(config: Any) -> Any:
+        lease = manager.lease(config)
+        tokens[config].append(lease.token if lease else None)
+        if config == 0 and len(tokens[0]) == 1:
+            gate.wait(10)  # the first attempt hangs until the test ends
+            return "late"
+        return f"instance {config}"
+
+    configs = [0]
+    settings = FAST.replace(create_timeout=0.3, max_workers=1)
+    manager = Manager(
+        lambda: list(configs), create, redis=redis_url, service=service, settings=settings
+    )
+    try:
+        manager.start()
+        wait_until(lambda: tokens[0], 10, message="create was not called")
+        configs.append(1)
+        manager.refresh()
+        wait_until(lambda: manager.instances.get(1) == "instance 1", 5)
+        wait_until(lambda: manager.instances.get(0) == "instance 0", 5)
+        assert not gate.is_set()  # the first attempt still hangs
+        first, second = tokens[0]
+        assert first is not None and second is not None and second > first
+    finally:
+        gate.set()
+        manager.stop()
+
+
+def test_a_create_that_always_hangs_fails_after_create_attempts(
+    redis_url: str, service: str
+) -> None:
+    """Attempts that overrun count across the threads that make them: after
+    create_attempts overruns the config is given up (INSTANCE_FAILED), each attempt
+    reported once with its number, and create is not called again meanwhile."""
+    gate = threading.Event()
+    calls: list[Any] = []
+    settings = FAST.replace(create_timeout=0.2, create_attempts=3, failure_cooldown=30.0)
+
+    def create(config: Any) -> Any:
+        calls.append(config)
+        gate.wait(10)
+        return "late"
+
+    manager = Manager(lambda: [7], create, redis=redis_url, service=service, settings=settings)
+    events: list[Any] = []
+    manager.add_listener(events.append, EventType.CREATE_FAILED, EventType.INSTANCE_FAILED)
+    try:
+        manager.start()
+        wait_until(
+            lambda: any(e.type is EventType.INSTANCE_FAILED for e in events),
+            10,
+            message="the config was not given up",
+        )
+        failed = [e.data["attempt"] for e in events if e.type is EventType.CREATE_FAILED]
+        assert failed == [1, 2]
+        assert len(calls) == 3
+        assert "did not return within 0.2 s" in str(events[-1].error)
+    finally:
+        gate.set()
+        manager.stop()
+
+
 def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:
     """An instance whose healthcheck raises is disconnected and created again."""
     cluster = Cluster(redis_url, service, [{"id": 1}], healthcheck=_check_flag)

@@ -294,8 +294,10 @@ def no_call_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
 
 @pytest.fixture
 def no_watchdog(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadLimit]:
-    """The thread that times disconnects cannot be started (a stop thread runs its
-    disconnect itself; the watchdog starts with a node's first disconnect)."""
+    """The thread that times creates and disconnects cannot be started (a worker runs its
+    create and a stop thread its disconnect itself). The watchdog starts with a node's
+    first create: set it before the node starts (its creates then run on call threads,
+    each with its timeout), and count the refusals from where the test begins."""
     yield from _thread_limit(monkeypatch, "dim-watch-")
 
 
@@ -331,10 +333,11 @@ def test_a_disconnect_that_could_not_start_keeps_its_claim(
     then the configs move, and none ran in two places."""
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)])
     try:
-        (first,) = cluster.add(1)
-        cluster.wait_settled()
-        no_watchdog.prefix = f"dim-watch-{first.node_id}"
         no_watchdog.set()
+        (first,) = cluster.add(1)
+        no_watchdog.prefix = f"dim-watch-{first.node_id}"  # the next node has its own
+        cluster.wait_settled()
+        no_watchdog.refused = 0
         cluster.add(1)  # two configs move
         wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
         check = _released_while_running(cluster, redis_client, first.node_id)
@@ -360,10 +363,10 @@ def test_a_graceful_stop_holds_each_claim_until_its_disconnect_could_run(
     settings = FAST.replace(disconnect_timeout=5.0)
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(2)], settings)
     try:
+        no_watchdog.set()
         (manager,) = cluster.add(1)
         cluster.wait_settled()
-        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
-        no_watchdog.set()
+        no_watchdog.refused = 0
         stopping = threading.Thread(target=manager.stop, name="test-stop")
         stopping.start()
         wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
@@ -386,10 +389,10 @@ def test_a_disconnect_that_cannot_start_is_tried_once_per_heartbeat(
     the failed try wakes the reconciler, which must not try again at once."""
     cluster = Cluster(redis_url, service, [{"id": 0}])
     try:
-        (manager,) = cluster.add(1)
-        cluster.wait_settled()
-        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
         no_watchdog.set()
+        cluster.add(1)
+        cluster.wait_settled()
+        no_watchdog.refused = 0
         cluster.configs = []
         wait_until(lambda: no_watchdog.refused >= 1, 10, message="no disconnect was tried")
         start, before = time.monotonic(), no_watchdog.refused
@@ -416,11 +419,11 @@ def test_a_graceful_stop_disconnects_even_when_no_thread_can_be_started(
     keys = Keys(service)
     cluster = Cluster(redis_url, service, [{"id": 0}, {"id": 1}])
     try:
+        no_watchdog.set()
         (manager,) = cluster.add(1)
         cluster.wait_settled()
         seen = _events(manager, EventType.INSTANCE_DISCONNECTED)
-        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
-        no_watchdog.set()
+        no_watchdog.refused = 0
         manager.stop(timeout=0.3)
         assert no_watchdog.refused >= 2, "a disconnect found its watchdog"
         assert _closed(cluster)
@@ -439,11 +442,11 @@ def test_a_disconnect_retried_across_the_stop_deadline_still_runs(
     late = threading.Event()
     cluster = Cluster(redis_url, service, [{"id": 0}])
     try:
+        no_watchdog.set()
         (manager,) = cluster.add(1)
         cluster.wait_settled()
-        no_watchdog.prefix = f"dim-watch-{manager.node_id}"
+        no_watchdog.refused = 0
         no_watchdog.stall = lambda refused: refused >= 2 and late.wait(10)  # the retries
-        no_watchdog.set()
         manager.stop(timeout=0.3)
         assert not _closed(cluster)
         late.set()
@@ -999,8 +1002,9 @@ def test_a_transition_error_in_a_task_lets_the_slot_go_and_the_config_runs_again
 
 def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: str) -> None:
     """A node that runs nothing has its loops and no pool: heartbeat, fence, reconciler,
-    leader, listener and events (and the leader's config thread, kept for get_config);
-    the worker, stop and call threads start with the first instance."""
+    leader, listener and events (and the leader's config thread, kept for get_config).
+    The worker and watchdog threads start with the first instance, whose create runs on
+    its worker (no call thread); stop threads start with the first disconnect."""
     managers = [
         Manager(
             get_config=lambda: [{"id": 1}],
@@ -1025,7 +1029,8 @@ def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: s
         loops = {"heartbeat", "fence", "reconciler", "leader", "listener", "events"}
         assert loops <= roles(idle) <= loops | {"config"}
         assert "config" not in roles(idle) or idle.is_leader
-        assert {"worker", "call"} <= roles(runs)
+        assert {"worker", "watch"} <= roles(runs)
+        assert "call" not in roles(runs)
     finally:
         for m in managers:
             m.stop()
