@@ -11,6 +11,7 @@ call, this module how.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any, Callable, Optional
@@ -68,6 +69,9 @@ class InstanceCalls:
         self._runners = Runners(f"dim-call-{node_id}", keep=settings.max_workers)
         # times the disconnects that stop threads run themselves
         self.watchdog = Watchdog(f"dim-watch-{node_id}", reporter=self._report_apart)
+        # the overruns' log lines that found no thread yet (see _report_apart)
+        self._reports: list[Callable[[], None]] = []
+        self._reports_lock = threading.Lock()
 
     def create(self, config: Config, overran: Callable[[CallTimeout], None]) -> Any:
         """One ``create`` attempt on this thread, timed by the watchdog. Returns the
@@ -101,8 +105,14 @@ class InstanceCalls:
             job = Call(callback, config.value, None)
             job.run()
             if not self.watchdog.finish(watch):
-                self._dispose_late(config, job.box.get("value"))
-                raise Overran()
+                # the task went on on another thread: whatever happens here (a log
+                # handler that raises), this thread leaves it
+                try:
+                    self._dispose_late(config, job.box.get("value"))
+                except BaseException:
+                    with contextlib.suppress(BaseException):
+                        self._log.exception("disposing of the late %s failed", name)
+                raise Overran() from None
             instance = job.outcome(name)
         if instance is None:
             raise CreateError(f"create returned None for config id {config.id!r}", config.id)
@@ -250,11 +260,28 @@ class InstanceCalls:
             self._emit(event, queue=False)
 
     def _report_apart(self, reports: list[Callable[[], None]]) -> None:
-        """The watchdog's reports, on a call thread: a log handler that blocks holds up
-        that thread, not the watchdog. Here when no thread can be started."""
+        """The watchdog's reports (log lines), on a call thread: a log handler that
+        blocks holds up that thread, never the watchdog, which times every create and
+        disconnect. Without a thread they wait for the next try (:meth:`flush_reports`,
+        on each tick of the reconciler)."""
+        with self._reports_lock:
+            self._reports.extend(reports)
+        self.flush_reports()
+
+    @property
+    def reports_pending(self) -> bool:
+        """Some overrun's log lines wait for a thread."""
+        return bool(self._reports)
+
+    def flush_reports(self) -> None:
+        """Start a call thread for the waiting reports; never runs one here."""
+        with self._reports_lock:
+            batch, self._reports = self._reports, []
+        if not batch:
+            return
 
         def run(_: None) -> None:
-            for report in reports:
+            for report in batch:
                 try:
                     report()
                 except Exception:  # one failed report must not cost the others
@@ -263,7 +290,8 @@ class InstanceCalls:
         try:
             self._runners.start(run, None)
         except Exception:  # RuntimeError: can't start new thread; MemoryError
-            run(None)
+            with self._reports_lock:
+                self._reports[:0] = batch  # in order, before any that came meanwhile
 
     def _report_overrun(self, config: Config, token: Optional[int], exc: CallTimeout) -> None:
         self._emit(Event(EventType.DISCONNECT_TIMEOUT, self._node_id, config.id, token, error=exc))
@@ -288,19 +316,22 @@ class InstanceCalls:
         )
 
     def _dispose_late(self, config: Config, instance: Any) -> None:
+        """Disconnect what a ``create`` returned after its timeout, then say so (the
+        disconnect first: a log handler that fails must not leave it running)."""
         if instance is None:
             return
-        self._log.warning(
-            "create of config %r returned after its timeout; disconnecting the late instance "
-            "(its claim may be gone: only the fencing token protects from it)",
-            config.id,
-            extra=fields(config=config.id),
-        )
         try:
             self.disconnect(config, instance, None)
         except NotStarted:
             # this thread ran the late create and serves nobody now: it disconnects
             self.disconnect(config, instance, None, here=True)
+        self._log.warning(
+            "create of config %r returned after its timeout; its late instance was "
+            "disconnected (its claim may have been gone: only the fencing token "
+            "protected from it)",
+            config.id,
+            extra=fields(config=config.id),
+        )
 
     def close(self) -> None:
         self._runners.close()

@@ -73,15 +73,22 @@ class Lifecycle:
     @property
     def pending(self) -> bool:
         """Some task waits for a thread, or some claim for its release."""
-        return bool(self._unstarted or self._workers.stalled or self.claims.queued)
+        return bool(
+            self._unstarted
+            or self._workers.stalled
+            or self.claims.queued
+            or self.calls.reports_pending
+        )
 
     def retry(self) -> None:
         """On every tick while :attr:`pending`: the stops and creates that could not get
-        a thread, and the releases whose thread could not start (overruns')."""
+        a thread, the releases whose thread could not start (overruns'), and the
+        overruns' log lines that found no thread."""
         self.retry_stops()
         self.retry_creates()
         if self.claims.queued:
             self.claims.flush()
+        self.calls.flush_reports()
 
     def close(self) -> None:
         self._workers.close()
@@ -363,9 +370,9 @@ class Lifecycle:
             slot.timed_out = True
             slot.overrun = exc
             slot.create_for = None  # the task may begin again for this token
+        self.start_create(slot, token, first=True)  # (waits first in line for a place)
         if place is not None:
             self._workers.leave(place)
-        self.start_create(slot, token, first=True)
 
     def _create_task(
         self, slot: Slot, token: Optional[int] = None, place: Optional[Place] = None
@@ -396,7 +403,12 @@ class Lifecycle:
         try:
             instance = retrying(attempt)
         except Overran:
-            return  # its instance is disconnected; the task went on on another thread
+            # its instance is disconnected; the task went on on another thread. The
+            # place is given up here too (the watchdog may not have got to it yet), so
+            # this thread takes no other task on it
+            if place is not None:
+                self._workers.leave(place)
+            return
         except Cancelled:
             self.finish(slot)
             return
@@ -434,11 +446,18 @@ class Lifecycle:
         if held:
             self.spawn_stop(slot)
             return
+        # (not reached while this task owns the slot: only its create task takes a
+        # creating slot out of the table; the slot is not this task's to finish)
+        self._log.error(
+            "node %s: the slot of %r left CREATING under its create task; disconnecting "
+            "what the task made",
+            node.node_id,
+            slot.config.id,
+        )
         try:
-            self.calls.disconnect(slot.config, instance, slot.token)
+            self.calls.disconnect(slot.config, instance, token)
         except NotStarted:
-            self.calls.disconnect(slot.config, instance, slot.token, here=True)
-        self.finish(slot)
+            self.calls.disconnect(slot.config, instance, token, here=True)
 
     def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:
         node = self.node

@@ -138,10 +138,12 @@ class Runners:
         arg: Any,
         on_late: Optional[Callable[[Any], None]] = None,
         on_done: Optional[Callable[[], None]] = None,
+        inline: bool = True,
     ) -> Call:
         """Start ``fn(arg)`` on a thread and return at once; the caller polls the job
         (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it. ``on_done`` is
-        called on that thread once the outcome is in."""
+        called on that thread once the outcome is in. When the interpreter is shutting
+        down and starts no thread, the call runs here (``inline``), or RuntimeError."""
         job = Call(fn, arg, on_late, on_done)
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
@@ -153,7 +155,9 @@ class Runners:
             try:
                 thread.start()
             except RuntimeError:
-                if not sys.is_finalizing() and "shutdown" not in str(sys.exc_info()[1]):
+                if not inline or (
+                    not sys.is_finalizing() and "shutdown" not in str(sys.exc_info()[1])
+                ):
                     raise  # out of threads: a failure of this call, not a reason to block
                 # the interpreter is shutting down and starts no threads (3.12+): call it
                 # here, without a time limit, rather than not at all
@@ -237,7 +241,8 @@ class Workers:
                 task = self._waiting.popleft()
                 self._running += 1
             try:
-                self._runners.start(self._run, (task, Place()))
+                # (never here, at interpreter shutdown: the caller may be the watchdog)
+                self._runners.start(self._run, (task, Place()), inline=False)
             except BaseException:
                 with self._lock:
                     self._running -= 1

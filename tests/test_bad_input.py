@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -273,6 +274,75 @@ def test_a_create_that_always_hangs_fails_after_create_attempts(
     finally:
         gate.set()
         manager.stop()
+
+
+class _RaiseOnLate(logging.Filter):
+    """A log filter with a bug: it raises on one message (the late create's warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "returned after its timeout" in str(record.msg):
+            raise RuntimeError("log filter bug")
+        return True
+
+
+def test_an_error_disposing_a_late_create_does_not_resume_the_old_task(
+    redis_url: str, service: str
+) -> None:
+    """The thread of a create that overran hands its task to another thread at the
+    deadline; whatever happens while it disposes of the late instance (here a log filter
+    raises on its warning), it goes on with that task no more: no second create next to
+    the resumed task's, no slot finished under the instance that runs."""
+    gate = threading.Event()
+    lock = threading.Lock()
+    made: list[str] = []
+    disconnected: list[str] = []
+
+    def create(config: Any) -> Any:
+        with lock:
+            name = "late" if not made else f"fresh-{len(made)}"
+            made.append(name)
+        if name == "late":
+            gate.wait(10)
+        return name
+
+    def disconnect(instance: Any) -> None:
+        with lock:
+            disconnected.append(instance)
+
+    def live() -> list[str]:
+        with lock:
+            return [m for m in made if m not in disconnected]
+
+    bad = _RaiseOnLate()
+    logging.getLogger("dim.reconciler").addFilter(bad)
+    manager = Manager(
+        lambda: [1],
+        create,
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(create_timeout=0.3),
+    )
+    try:
+        manager.start()
+        wait_until(lambda: manager.instances.get(1) == "fresh-1", 10)
+        gate.set()  # the overrun call returns now, long after its deadline
+        # (the bug this guards: the old thread went on with the task, created again,
+        # finished the slot that ran fresh-1 under its claim, and the config was
+        # claimed and created anew while fresh-1 still ran)
+        try:
+            wait_until(lambda: len(made) >= 4 and 1 in manager.instances, 3)
+        except TimeoutError:
+            pass
+        during = (dict(manager.instances), live())
+    finally:
+        gate.set()
+        manager.stop()
+        logging.getLogger("dim.reconciler").removeFilter(bad)
+    assert made == ["late", "fresh-1"] and live() == [], (
+        f"made {made}; while running: instances {during[0]}, live {during[1]}; "
+        f"left running after stop(): {live()}"
+    )
 
 
 def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:

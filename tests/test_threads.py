@@ -767,6 +767,83 @@ def test_a_late_instance_is_disconnected_when_no_thread_can_be_started(
         cluster.stop()
 
 
+class _BlockOnOverrunLog(logging.Handler):
+    """A log handler that blocks (a stuck network handler) on the log line of an overrun
+    disconnect when the watchdog writes it, until ``gate`` is set. (Blocking on any
+    thread would also block every other thread that logs, on the handler's lock.)"""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.threads: list[str] = []  # the threads that wrote that line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "disconnect of config" in str(record.msg):
+            self.threads.append(threading.current_thread().name)
+            if threading.current_thread().name.startswith("dim-watch-"):
+                self.gate.wait(30)
+
+
+def test_the_watchdog_never_logs_itself_when_no_thread_starts(
+    redis_url: str, service: str, no_call_threads: ThreadLimit
+) -> None:
+    """The watchdog times creates as well as disconnects, so it never writes a log line
+    itself: an overrun's lines that find no thread wait until one starts, and a log
+    handler that blocks on them holds up no later deadline (here, a hanging create's,
+    whose worker place the next config waits for: max_workers is 1)."""
+    gate = threading.Event()
+    handler = _BlockOnOverrunLog(gate)
+    logging.getLogger("dim.reconciler").addHandler(handler)
+    made: list[Any] = []
+
+    def create(config: Any) -> Any:
+        made.append(config)
+        if config == 1 and made.count(1) == 1:
+            gate.wait(30)  # hangs until the end of the test
+        return f"instance {config}"
+
+    def disconnect(instance: Any) -> None:
+        if instance == "instance 0":
+            gate.wait(30)  # overruns disconnect_timeout
+
+    configs = [0]
+    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
+    manager = Manager(
+        lambda: list(configs),
+        create,
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
+    try:
+        manager.start()
+        wait_until(lambda: manager.instances.get(0) == "instance 0", 10)
+        no_call_threads.set()
+        configs[:] = []
+        manager.refresh()
+        wait_until(
+            lambda: timeouts and no_call_threads.refused >= 1,
+            10,
+            message="the overrun's log lines did not look for a thread",
+        )
+        no_call_threads.clear()  # they find one now
+        wait_until(lambda: handler.threads, 10, message="the overrun was never logged")
+        configs[:] = [1, 2]
+        manager.refresh()
+        wait_until(
+            lambda: manager.instances.get(2) == "instance 2",
+            10,
+            message="config 2 was never created while config 1 hangs",
+        )
+        assert not [t for t in handler.threads if t.startswith("dim-watch-")], made
+    finally:
+        gate.set()
+        logging.getLogger("dim.reconciler").removeHandler(handler)
+        manager.stop()
+
+
 def test_fence_disconnects_once_threads_start_again(
     own_redis: RedisServer, service: str, no_stop_threads: ThreadLimit
 ) -> None:
