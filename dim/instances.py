@@ -288,7 +288,7 @@ class InstanceCalls:
                     self._log.exception("reporting an overrun failed")
 
         try:
-            self._runners.start(run, None)
+            self._runners.start(run, None, inline=False)  # (the caller may be the watchdog)
         except Exception:  # RuntimeError: can't start new thread; MemoryError
             with self._reports_lock:
                 self._reports[:0] = batch  # in order, before any that came meanwhile
@@ -334,5 +334,6 @@ class InstanceCalls:
         )
 
     def close(self) -> None:
+        self.flush_reports()  # a last try for the log lines still waiting for a thread
         self._runners.close()
         self.watchdog.close()

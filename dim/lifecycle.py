@@ -232,9 +232,10 @@ class Lifecycle:
         if not self.claims.queued:
             return  # creates that overran: they let no claim go
         try:
-            self._tasks.start(self._release_task, None)
-        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            self._log.warning("node %s: no thread to release claims: %r", self.node.node_id, exc)
+            self._tasks.start(self._release_task, None, inline=False)
+        except Exception:  # RuntimeError: can't start new thread; MemoryError
+            pass  # queued: the reconciler's tick releases them (nothing logged here: a
+            # log handler may block, and the watchdog times every create and disconnect)
 
     def _release_task(self, _: None) -> None:
         try:
@@ -472,31 +473,36 @@ class Lifecycle:
         if not current:
             self.finish(slot)
             return
-        self._log.error(
-            "node %s gives up creating config %r after %d attempts: %r; handing it over for %.0fs",
-            node.node_id,
-            slot.config.id,
-            node.settings.create_attempts,
-            exc,
-            node.settings.failure_cooldown,
-            extra=fields(config=slot.config.id, token=slot.token),
-        )
-        node.emit(
-            Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, slot.token, error=exc)
-        )
+        # the slot and its claim go first, then what may fail (Redis) or raise (a log
+        # filter): nothing may leave the slot in CREATING with its claim renewed for good
         token = slot.token
-        with self.claims.lock:
-            with self.table.lock:
-                slot.gave_up(node.clock() + node.settings.failure_cooldown)
-            if token is not None:
-                self.claims.release({slot.ckey: token})
-        node.store.report_failure(
-            node.node_id,
-            slot.ckey,
-            node.settings.failure_cooldown,
-            Message.failed(node.node_id, (slot.ckey,)),
-        )
-        self._gave_up()  # when this node leads, it hears no hint of its own
+        try:
+            with self.claims.lock:
+                with self.table.lock:
+                    slot.gave_up(node.clock() + node.settings.failure_cooldown)
+                if token is not None:
+                    self.claims.release({slot.ckey: token})
+            node.store.report_failure(
+                node.node_id,
+                slot.ckey,
+                node.settings.failure_cooldown,
+                Message.failed(node.node_id, (slot.ckey,)),
+            )
+            self._gave_up()  # when this node leads, it hears no hint of its own
+        finally:
+            node.emit(
+                Event(EventType.INSTANCE_FAILED, node.node_id, slot.config.id, token, error=exc)
+            )
+            self._log.error(
+                "node %s gives up creating config %r after %d attempts: %r; handing it over "
+                "for %.0fs",
+                node.node_id,
+                slot.config.id,
+                node.settings.create_attempts,
+                exc,
+                node.settings.failure_cooldown,
+                extra=fields(config=slot.config.id, token=token),
+            )
 
     def finish(self, slot: Slot, flush: bool = True) -> None:
         """The slot's instance is gone: forget it and let go of its claim.

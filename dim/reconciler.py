@@ -457,6 +457,22 @@ class Reconciler(Loop["Node"]):
         waiting for many claims does not ask for all of them on every release.
         """
         now = self.node.clock()
+        changed: list[tuple[Any, Optional[int]]] = []  # logged once the lock is let go
+        try:
+            return self._plan_locked(retry_all, now, changed)
+        finally:
+            for config_id, token in changed:
+                self._log.info(
+                    "config %r changed; recreating its instance",
+                    config_id,
+                    extra=fields(config=config_id, token=token),
+                )
+
+    def _plan_locked(
+        self, retry_all: bool, now: float, changed: list[tuple[Any, Optional[int]]]
+    ) -> list[str]:
+        """:meth:`_plan` under the table's lock (which the watchdog takes too: nothing
+        here logs)."""
         with self.table.lock:
             if self.table.closing or self.node.fenced:
                 return []
@@ -471,11 +487,7 @@ class Reconciler(Loop["Node"]):
                     else:
                         self._begin_stop(slot)
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
-                    self._log.info(
-                        "config %r changed; recreating its instance",
-                        want.id,
-                        extra=fields(config=want.id, token=slot.token),
-                    )
+                    changed.append((want.id, slot.token))
                     self._begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want

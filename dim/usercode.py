@@ -9,6 +9,7 @@ so it does not leak).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -269,7 +270,8 @@ class Workers:
             try:
                 task(place)
             except BaseException:  # the tasks guard themselves; this thread goes on
-                log.exception("a task of %s raised", self)
+                with contextlib.suppress(BaseException):  # (a log filter that raises)
+                    log.exception("a task of %s raised", self)
             with self._lock:
                 if place.left:
                     return  # the place went to another task
@@ -409,22 +411,28 @@ class Watchdog:
                 due = self._due()
             if due is None:
                 return
+            # nothing is logged here (a log handler may block or raise, and this thread
+            # times every call): what went wrong goes to the reporter with the reports
+            failed: list[Callable[[], None]] = []
             for watch in due:
                 try:
                     watch.overran()
-                except BaseException:  # the watchdog must go on timing the others
-                    log.exception("handling an overrun failed")
+                except BaseException as exc:  # the watchdog must go on timing the others
+                    failed.append(_logger("handling an overrun failed", exc))
             try:
                 self.after()
-            except BaseException:
-                log.exception("the work after a batch of overruns failed")
-            reports = [watch.report for watch in due if watch.report is not None]
+            except BaseException as exc:
+                failed.append(_logger("the work after a batch of overruns failed", exc))
+            reports = [watch.report for watch in due if watch.report is not None] + failed
             if not reports:
                 continue
-            try:
+            with contextlib.suppress(BaseException):  # (a reporter only hands them off)
                 self.reporter(reports)
-            except BaseException:
-                log.exception("reporting a batch of overruns failed")
+
+
+def _logger(text: str, exc: BaseException) -> Callable[[], None]:
+    """A report that logs ``text`` with the traceback of ``exc``, later, elsewhere."""
+    return lambda: log.error(text, exc_info=exc)
 
 
 def call_with_timeout(

@@ -345,6 +345,125 @@ def test_an_error_disposing_a_late_create_does_not_resume_the_old_task(
     )
 
 
+class _Quiet(logging.Handler):
+    """A handler that writes nothing (a NullHandler never runs its filters)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class _RaiseOnceOnGiveUp(logging.Filter):
+    """A log filter with a bug: it raises, once, on the 'gives up creating' line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "gives up creating" in str(record.msg) and not self.raised:
+            self.raised += 1
+            raise RuntimeError("log filter bug")
+        return True
+
+
+def test_an_error_logging_a_give_up_does_not_strand_the_slot_in_creating(
+    redis_url: str, service: str
+) -> None:
+    """A create that keeps failing is given up and the config claimed again after
+    failure_cooldown. A log filter that raises once, on the give-up line, must not leave
+    the slot CREATING with its claim renewed for good (the config would run nowhere,
+    and no other node may claim it)."""
+    calls: list[Any] = []
+    failing = threading.Event()
+    failing.set()
+
+    def create(config: Any) -> Any:
+        calls.append(config)
+        if failing.is_set():
+            raise ValueError("cannot create yet")
+        return f"instance {config}"
+
+    bad = _RaiseOnceOnGiveUp()
+    logging.getLogger("dim.reconciler").addFilter(bad)
+    settings = FAST.replace(create_attempts=2, failure_cooldown=0.5)
+    manager = Manager(lambda: [5], create, redis=redis_url, service=service, settings=settings)
+    try:
+        manager.start()
+        wait_until(lambda: bad.raised, 10, message="the config was never given up")
+        failing.clear()  # the next claim's create succeeds
+        try:
+            wait_until(lambda: manager.instances.get(5) == "instance 5", 10)
+            ran = True
+        except TimeoutError:
+            ran = False
+        assert ran, f"config 5 runs nowhere; create called {len(calls)} times"
+    finally:
+        logging.getLogger("dim.reconciler").removeFilter(bad)
+        manager.stop()
+
+
+class _BrokenFilter(logging.Filter):
+    """A handler's filter with a bug, while ``broken`` is set: it raises on the give-up
+    line and on every record with a traceback (``log.exception``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = threading.Event()
+        self.broken.set()
+        self.raised: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.broken.is_set() and (
+            "gives up creating" in str(record.msg) or record.exc_info is not None
+        ):
+            self.raised.append(str(record.msg))
+            raise RuntimeError("log filter bug")
+        return True
+
+
+def test_a_task_that_raises_past_its_guard_gives_its_worker_place_back(
+    redis_url: str, service: str
+) -> None:
+    """However a create task ends, even by an exception its guard could not log (a
+    broken log filter), its worker place is free again: with max_workers=1, config 2
+    is still created once the filter works again."""
+    broken = _BrokenFilter()
+    handler = _Quiet()
+    handler.addFilter(broken)
+    logging.getLogger("dim").addHandler(handler)
+    configs = [5]
+
+    def create(config: Any) -> Any:
+        if config == 5:
+            raise ValueError("config 5 cannot be created")
+        return f"instance {config}"
+
+    settings = FAST.replace(create_attempts=2, failure_cooldown=30.0, max_workers=1)
+    manager = Manager(
+        lambda: list(configs), create, redis=redis_url, service=service, settings=settings
+    )
+    try:
+        manager.start()
+        wait_until(
+            lambda: any("task" in m and "raised" in m for m in broken.raised),
+            10,
+            message=f"no task raised past its guard: {broken.raised}",
+        )
+        broken.broken.clear()  # the filter works again
+        configs.append(2)
+        manager.refresh()
+        try:
+            wait_until(lambda: manager.instances.get(2) == "instance 2", 10)
+            created = True
+        except TimeoutError:
+            created = False
+        assert created, f"config 2 was never created; the filter raised on {broken.raised}"
+    finally:
+        broken.broken.clear()
+        logging.getLogger("dim").removeHandler(handler)
+        manager.stop()
+
+
 def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:
     """An instance whose healthcheck raises is disconnected and created again."""
     cluster = Cluster(redis_url, service, [{"id": 1}], healthcheck=_check_flag)

@@ -221,3 +221,15 @@ def test_capacity_smoke(tmp_path: Path) -> None:
     assert cell["ok"], cell.get("error") or cell.get("not_converged_state")
     assert cell["generator"]["dropped_members"] == 0
     assert cell["leader"]["plan"]["n"] >= 1
+
+
+def test_instance_cost_smoke(tmp_path: Path) -> None:
+    """instance_cost.py joins and stops a node per size and fits a line over the sizes."""
+    out = tmp_path / "cost.json"
+    result = run("instance_cost.py", "--quick", "--reps", "1", "--output", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ms of CPU per create" in result.stdout
+    data = report(out)
+    assert [c["configs"] for c in data["cells"]] == [1, 10]
+    assert all(c["join_cpu"] > 0 and c["leave_cpu"] > 0 for c in data["cells"])
+    assert data["lines"]["join"]["slope"] is not None

@@ -844,6 +844,99 @@ def test_the_watchdog_never_logs_itself_when_no_thread_starts(
         manager.stop()
 
 
+class _Quiet(logging.Handler):
+    """A handler that writes nothing (a NullHandler never runs its filters)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class _BlockOnWatchdogFilter(logging.Filter):
+    """A handler's filter that blocks (a stuck network handler) on any record written on
+    the watchdog thread, until ``gate`` is set. Handler filters run before the handler's
+    lock is taken: no other thread is held up."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if threading.current_thread().name.startswith("dim-watch-"):
+            self.lines.append(record.getMessage())
+            self.gate.wait(30)
+        return True
+
+
+class _Quiet(logging.Handler):
+    """A handler that writes nothing (a NullHandler never runs its filters)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
+    redis_url: str, service: str, no_stop_threads: ThreadLimit
+) -> None:
+    """A disconnect overruns while no stop thread can be started: the release of its
+    claim waits for the reconciler's tick, and the watchdog must not log that itself (a
+    log handler that blocks would stop it timing every create: a hanging create would
+    keep its worker place for good, and config 2 here would never be created)."""
+    gate = threading.Event()
+    blocker = _BlockOnWatchdogFilter(gate)
+    handler = _Quiet()
+    handler.addFilter(blocker)
+    logging.getLogger("dim").addHandler(handler)
+    entered = threading.Event()
+    made: list[Any] = []
+
+    def create(config: Any) -> Any:
+        made.append(config)
+        if config == 1 and made.count(1) == 1:
+            gate.wait(30)  # the first attempt hangs until the end of the test
+        return f"instance {config}"
+
+    def disconnect(instance: Any) -> None:
+        if instance == "instance 0":
+            entered.set()
+            gate.wait(30)  # overruns disconnect_timeout
+
+    configs = [0]
+    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
+    manager = Manager(
+        lambda: list(configs),
+        create,
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+    timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
+    try:
+        manager.start()
+        wait_until(lambda: manager.instances.get(0) == "instance 0", 10)
+        configs[:] = []
+        manager.refresh()
+        wait_until(entered.is_set, 10, message="the disconnect was not called")
+        no_stop_threads.set()  # the overrun's release finds no thread
+        wait_until(lambda: timeouts, 10, message="the disconnect did not overrun")
+        configs[:] = [1, 2]
+        manager.refresh()
+        try:
+            wait_until(lambda: manager.instances.get(2) == "instance 2", 10)
+            created = True
+        except TimeoutError:
+            created = False
+        assert created and not blocker.lines, (
+            f"config 2 created: {created}; the watchdog logged {blocker.lines}; made {made}"
+        )
+    finally:
+        gate.set()
+        no_stop_threads.clear()
+        logging.getLogger("dim").removeHandler(handler)
+        manager.stop()
+
+
 def test_fence_disconnects_once_threads_start_again(
     own_redis: RedisServer, service: str, no_stop_threads: ThreadLimit
 ) -> None:
