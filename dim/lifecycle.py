@@ -63,7 +63,6 @@ class Lifecycle:
         # timed by the calls' watchdog (a create that overruns gives its place up); a
         # task whose thread could not be started waits, and every tick tries again
         self._workers = Workers(f"dim-worker-{node.node_id}", node.settings.max_workers)
-        self._create_error: Optional[BaseException] = None
         # the threads that stop instances: never bounded, so no stop waits for a worker;
         # each runs its disconnect itself, timed by the calls' watchdog, which lets go of
         # the claims of those that overrun in one round trip
@@ -100,16 +99,16 @@ class Lifecycle:
             task(*args)
         except TransitionError as exc:
             # a bug in dim: rather than strand the slot (in CREATING, its claim renewed
-            # forever, the config running nowhere), let it and its claim go; the
-            # reconciler claims the config anew. Only creating slots get here: no
-            # instance of theirs exists.
+            # forever, the config running nowhere), let it and its claim go, before
+            # anything is logged; the reconciler claims the config anew. Only creating
+            # slots get here: no instance of theirs exists.
+            slot = args[0] if args and isinstance(args[0], Slot) else None
+            if slot is not None and slot.instance is None:
+                self.finish(slot)
             self._log.error("node %s: %s; letting the slot go", self.node.node_id, exc)
             self.node.emit(
                 Event(EventType.LOOP_ERROR, self.node.node_id, error=exc, data={"loop": "worker"})
             )
-            slot = args[0] if args and isinstance(args[0], Slot) else None
-            if slot is not None and slot.instance is None:
-                self.finish(slot)
         except BaseException as exc:  # a worker thread must survive anything
             if self.node.stop_event.is_set() and isinstance(
                 exc, (redis.RedisError, OSError, ValueError)
@@ -168,21 +167,22 @@ class Lifecycle:
 
         try:
             self._workers.submit(task, first)
-        except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            self._create_error = exc
+        except Exception:  # RuntimeError: can't start new thread; MemoryError
+            pass  # the task waits, and every tick of the reconciler tries again
 
     def retry_creates(self) -> None:
+        """Creates wait while a worker place is free (their thread could not be
+        started): start them now, and say so when that fails again."""
         if not self._workers.stalled:
             return
-        self._log.error(
-            "node %s could not start a thread to create an instance (%r); trying again",
-            self.node.node_id,
-            self._create_error,
-        )
         try:
             self._workers.kick()
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            self._create_error = exc
+            self._log.error(
+                "node %s could not start a thread to create an instance (%r); trying again",
+                self.node.node_id,
+                exc,
+            )
 
     def retry_stops(self) -> None:
         """Try the stops that could not start again, at most once per heartbeat (a stop
@@ -449,16 +449,16 @@ class Lifecycle:
             return
         # (not reached while this task owns the slot: only its create task takes a
         # creating slot out of the table; the slot is not this task's to finish)
-        self._log.error(
-            "node %s: the slot of %r left CREATING under its create task; disconnecting "
-            "what the task made",
-            node.node_id,
-            slot.config.id,
-        )
         try:
             self.calls.disconnect(slot.config, instance, token)
         except NotStarted:
             self.calls.disconnect(slot.config, instance, token, here=True)
+        self._log.error(
+            "node %s: the slot of %r left CREATING under its create task; what the task "
+            "made was disconnected",
+            node.node_id,
+            slot.config.id,
+        )
 
     def _create_failed(self, slot: Slot, exc: BaseException, cancel: threading.Event) -> None:
         node = self.node

@@ -464,6 +464,58 @@ def test_a_task_that_raises_past_its_guard_gives_its_worker_place_back(
         manager.stop()
 
 
+class _RaiseOnceOn(logging.Filter):
+    """A log filter with a bug: it raises, once, on a line that contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.raised = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text in str(record.msg) and not self.raised:
+            self.raised += 1
+            raise RuntimeError("log filter bug")
+        return True
+
+
+def test_an_error_logging_a_transition_error_does_not_strand_the_slot(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in dim (an impossible transition, injected here) lets the creating slot go,
+    so the config is claimed anew, before anything is logged: a log filter that raises
+    on that line does not strand the slot in CREATING with its claim renewed for good."""
+    from dim import slots
+
+    real = slots.Slot.created
+    bugs = [1]
+
+    def created(self: Any, instance: Any) -> None:
+        if bugs:
+            bugs.pop()
+            raise slots.TransitionError("injected dim bug")
+        real(self, instance)
+
+    monkeypatch.setattr(slots.Slot, "created", created)
+    bad = _RaiseOnceOn("letting the slot go")
+    logging.getLogger("dim.reconciler").addFilter(bad)
+    manager = Manager(
+        lambda: [3], lambda c: f"instance {c}", redis=redis_url, service=service, settings=FAST
+    )
+    try:
+        manager.start()
+        wait_until(lambda: bad.raised, 10, message="the bug was never hit")
+        try:
+            wait_until(lambda: manager.instances.get(3) == "instance 3", 10)
+            ran = True
+        except TimeoutError:
+            ran = False
+        assert ran, f"config 3 runs nowhere: {manager.status().local}"
+    finally:
+        logging.getLogger("dim.reconciler").removeFilter(bad)
+        manager.stop()
+
+
 def test_failing_healthcheck_recreates_the_instance(redis_url: str, service: str) -> None:
     """An instance whose healthcheck raises is disconnected and created again."""
     cluster = Cluster(redis_url, service, [{"id": 1}], healthcheck=_check_flag)

@@ -868,13 +868,6 @@ class _BlockOnWatchdogFilter(logging.Filter):
         return True
 
 
-class _Quiet(logging.Handler):
-    """A handler that writes nothing (a NullHandler never runs its filters)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
-
-
 def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
     redis_url: str, service: str, no_stop_threads: ThreadLimit
 ) -> None:
@@ -934,6 +927,52 @@ def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
         gate.set()
         no_stop_threads.clear()
         logging.getLogger("dim").removeHandler(handler)
+        manager.stop()
+
+
+def test_a_stalled_create_is_logged_with_the_error_that_stalled_it(
+    redis_url: str,
+    service: str,
+    no_worker_threads: ThreadLimit,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A create overruns while no worker thread can be started: the task that goes on
+    waits for a thread, every tick says why (with the error of the start that failed,
+    though that start was the watchdog's), and it runs once threads start again."""
+    gate = threading.Event()
+    made: list[Any] = []
+
+    def create(config: Any) -> Any:
+        made.append(config)
+        if len(made) == 1:
+            gate.wait(30)
+        return f"instance {config}"
+
+    settings = FAST.replace(create_timeout=0.3, max_workers=1)
+    manager = Manager(lambda: [1], create, redis=redis_url, service=service, settings=settings)
+    caplog.set_level(logging.ERROR, logger="dim.reconciler")
+    try:
+        manager.start()
+        wait_until(lambda: made, 10, message="create was not called")
+        no_worker_threads.set()
+        wait_until(
+            lambda: any(
+                "could not start a thread to create" in r.getMessage() for r in caplog.records
+            ),
+            10,
+            message="the stall was never reported",
+        )
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if "could not start a thread to create" in r.getMessage()
+        ]
+        no_worker_threads.clear()
+        wait_until(lambda: manager.instances.get(1) == "instance 1", 10)
+        assert "(None)" not in lines[0], lines[0]
+    finally:
+        no_worker_threads.clear()
+        gate.set()
         manager.stop()
 
 
