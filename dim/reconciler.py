@@ -264,9 +264,7 @@ class Reconciler(Loop["Node"]):
         """The heartbeat found this claim held by another node (or released): stop now."""
         with self.table.lock:
             slot = self.table.slots.get(ckey)
-            if slot is None or slot.token != token or slot.state is State.CLAIMING:
-                return
-            if slot.lost:
+            if slot is None or slot.token != token or slot.state is State.CLAIMING or slot.lost:
                 return
             self._begin_stop(slot, lost=True)
         # the stop runs already: a log handler that blocks cannot hold it up
@@ -457,22 +455,7 @@ class Reconciler(Loop["Node"]):
         waiting for many claims does not ask for all of them on every release.
         """
         now = self.node.clock()
-        changed: list[tuple[Any, Optional[int]]] = []  # logged once the lock is let go
-        try:
-            return self._plan_locked(retry_all, now, changed)
-        finally:
-            for config_id, token in changed:
-                self._log.info(
-                    "config %r changed; recreating its instance",
-                    config_id,
-                    extra=fields(config=config_id, token=token),
-                )
-
-    def _plan_locked(
-        self, retry_all: bool, now: float, changed: list[tuple[Any, Optional[int]]]
-    ) -> list[str]:
-        """:meth:`_plan` under the table's lock (which the watchdog takes too: nothing
-        here logs)."""
+        changed = []  # logged once the lock is let go (the watchdog takes it too)
         with self.table.lock:
             if self.table.closing or self.node.fenced:
                 return []
@@ -502,13 +485,17 @@ class Reconciler(Loop["Node"]):
             everything = retry_all or now >= self._retry_all_at
             if everything:
                 self._retry_all_at = now + self.node.settings.heartbeat_interval
-            return [
+            to_claim = [
                 c
                 for c, s in self.table.slots.items()
                 if s.state is State.CLAIMING
                 and s.retry_at <= now
                 and (everything or c in hinted or c in fresh)
             ]
+        for config_id, token in changed:
+            extra = fields(config=config_id, token=token)
+            self._log.info("config %r changed; recreating its instance", config_id, extra=extra)
+        return to_claim
 
     def _keep(self, ckey: str) -> bool:
         """Keep running a config that is not in our desired set? (:func:`dim.share.keep`)"""
