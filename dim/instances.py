@@ -67,7 +67,7 @@ class InstanceCalls:
         self.callbacks = callbacks
         # the threads that run create/disconnect calls, each with its timeout
         self._runners = Runners(f"dim-call-{node_id}", keep=settings.max_workers)
-        # times the disconnects that stop threads run themselves
+        # times the creates and disconnects that workers and stop threads run themselves
         self.watchdog = Watchdog(f"dim-watch-{node_id}", reporter=self._report_apart)
         # the overruns' log lines that found no thread yet (see _report_apart)
         self._reports: list[Callable[[], None]] = []
@@ -87,10 +87,10 @@ class InstanceCalls:
         s = self._settings
         name = f"create of config {config.id!r}"
         callback = self.callbacks.create
-        late = f"{name} did not return within {s.create_timeout:g} s"
+        too_late = f"{name} did not return within {s.create_timeout:g} s"
         try:
             # nothing to report at the deadline: the task that goes on reports the attempt
-            watch = self.watchdog.watch(s.create_timeout, lambda: overran(CallTimeout(late)))
+            watch = self.watchdog.watch(s.create_timeout, lambda: overran(CallTimeout(too_late)))
         except Exception:  # RuntimeError: can't start new thread; MemoryError
             instance = self._runners.call(
                 callback,

@@ -307,8 +307,8 @@ class Watch:
 
 class Watchdog:
     """Times calls that run on the threads of their callers, so that a call needs no
-    thread of its own (a stop thread runs ``disconnect`` itself: no hand-off to another
-    thread and back).
+    thread of its own (a worker runs ``create`` and a stop thread ``disconnect`` itself:
+    no hand-off to another thread and back).
 
     One thread, started by the first :meth:`watch`, sleeps until the earliest deadline
     and then runs ``overran`` for every call not returned by its own; ``after`` runs
@@ -316,7 +316,7 @@ class Watchdog:
     comes first, the return or the deadline, wins: a call that returns late learns it from
     :meth:`finish`. The batch's ``report`` calls (logging, which a handler may block) go
     to ``reporter``, which runs them elsewhere, so they never make the watchdog late for
-    the next deadline.
+    the next deadline; the watchdog itself logs nothing.
     """
 
     def __init__(
