@@ -168,20 +168,25 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
         gives.start()
         wait_until(lambda: len(gives.instances) == 3, 4, message="the second node waited")
         assert lead.is_leader
-        # the look is due (it comes once a heartbeat, 6 s here: the hint's tick is next)
+        # the look is due (it comes once a heartbeat, 6 s here), and kept due by every
+        # tick until a config has moved away: the hint's tick finds it due
         reconciler = gives._node.reconciler  # type: ignore[union-attr]
-        reconciler._recheck_at = float("-inf")
         looked: list[bool] = []  # per tick: was the look due with a config moved away?
         tick = Reconciler.tick
 
         def ticked(self: Reconciler) -> float:
-            if self is reconciler:
-                with self.table.lock:
-                    away = self.table.slots.keys() - self.table.desired.keys()
-                looked.append(bool(away) and self.node.clock() >= self._recheck_at)
-            return tick(self)
+            if self is not reconciler:
+                return tick(self)
+            with self.table.lock:
+                away = self.table.slots.keys() - self.table.desired.keys()
+            looked.append(bool(away) and self.node.clock() >= self._recheck_at)
+            wait = tick(self)
+            if not away:
+                self._recheck_at = float("-inf")  # (this thread's alone: no lock needed)
+            return wait
 
         monkeypatch.setattr(Reconciler, "tick", ticked)
+        reconciler._recheck_at = float("-inf")
         reads = _count_reads([gives])
         joins.start()
         wait_until(
