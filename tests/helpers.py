@@ -8,6 +8,7 @@ process tests, the chaos run and the benchmarks write the same records to files)
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -330,3 +331,35 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def comes_true(predicate: Callable[[], object], timeout: float) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` (for a test that reports more than
+    a timeout when it does not)."""
+    try:
+        wait_until(predicate, timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+class Quiet(logging.Handler):
+    """A handler that writes nothing (a NullHandler never runs its filters)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+class RaiseOnceOn(logging.Filter):
+    """A log filter with a bug: it raises, once, on a line that contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.raised = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text in str(record.msg) and not self.raised:
+            self.raised += 1
+            raise RuntimeError("log filter bug")
+        return True

@@ -14,7 +14,7 @@ from dim import ConfigError, EventType, Manager, RedisUnavailableError
 from dim.keys import Keys
 from dim.testing import free_port, wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, Quiet, RaiseOnceOn, comes_true
 
 
 def test_constructor_rejects_bad_arguments(redis_url: str) -> None:
@@ -345,27 +345,6 @@ def test_an_error_disposing_a_late_create_does_not_resume_the_old_task(
     )
 
 
-class _Quiet(logging.Handler):
-    """A handler that writes nothing (a NullHandler never runs its filters)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
-
-
-class _RaiseOnceOnGiveUp(logging.Filter):
-    """A log filter with a bug: it raises, once, on the 'gives up creating' line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raised = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "gives up creating" in str(record.msg) and not self.raised:
-            self.raised += 1
-            raise RuntimeError("log filter bug")
-        return True
-
-
 def test_an_error_logging_a_give_up_does_not_strand_the_slot_in_creating(
     redis_url: str, service: str
 ) -> None:
@@ -383,7 +362,7 @@ def test_an_error_logging_a_give_up_does_not_strand_the_slot_in_creating(
             raise ValueError("cannot create yet")
         return f"instance {config}"
 
-    bad = _RaiseOnceOnGiveUp()
+    bad = RaiseOnceOn("gives up creating")
     logging.getLogger("dim.reconciler").addFilter(bad)
     settings = FAST.replace(create_attempts=2, failure_cooldown=0.5)
     manager = Manager(lambda: [5], create, redis=redis_url, service=service, settings=settings)
@@ -391,11 +370,7 @@ def test_an_error_logging_a_give_up_does_not_strand_the_slot_in_creating(
         manager.start()
         wait_until(lambda: bad.raised, 10, message="the config was never given up")
         failing.clear()  # the next claim's create succeeds
-        try:
-            wait_until(lambda: manager.instances.get(5) == "instance 5", 10)
-            ran = True
-        except TimeoutError:
-            ran = False
+        ran = comes_true(lambda: manager.instances.get(5) == "instance 5", 10)
         assert ran, f"config 5 runs nowhere; create called {len(calls)} times"
     finally:
         logging.getLogger("dim.reconciler").removeFilter(bad)
@@ -428,7 +403,7 @@ def test_a_task_that_raises_past_its_guard_gives_its_worker_place_back(
     broken log filter), its worker place is free again: with max_workers=1, config 2
     is still created once the filter works again."""
     broken = _BrokenFilter()
-    handler = _Quiet()
+    handler = Quiet()
     handler.addFilter(broken)
     logging.getLogger("dim").addHandler(handler)
     configs = [5]
@@ -452,31 +427,12 @@ def test_a_task_that_raises_past_its_guard_gives_its_worker_place_back(
         broken.broken.clear()  # the filter works again
         configs.append(2)
         manager.refresh()
-        try:
-            wait_until(lambda: manager.instances.get(2) == "instance 2", 10)
-            created = True
-        except TimeoutError:
-            created = False
+        created = comes_true(lambda: manager.instances.get(2) == "instance 2", 10)
         assert created, f"config 2 was never created; the filter raised on {broken.raised}"
     finally:
         broken.broken.clear()
         logging.getLogger("dim").removeHandler(handler)
         manager.stop()
-
-
-class _RaiseOnceOn(logging.Filter):
-    """A log filter with a bug: it raises, once, on a line that contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-        self.raised = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.text in str(record.msg) and not self.raised:
-            self.raised += 1
-            raise RuntimeError("log filter bug")
-        return True
 
 
 def test_an_error_logging_a_transition_error_does_not_strand_the_slot(
@@ -497,7 +453,7 @@ def test_an_error_logging_a_transition_error_does_not_strand_the_slot(
         real(self, instance)
 
     monkeypatch.setattr(slots.Slot, "created", created)
-    bad = _RaiseOnceOn("letting the slot go")
+    bad = RaiseOnceOn("letting the slot go")
     logging.getLogger("dim.reconciler").addFilter(bad)
     manager = Manager(
         lambda: [3], lambda c: f"instance {c}", redis=redis_url, service=service, settings=FAST
@@ -505,11 +461,7 @@ def test_an_error_logging_a_transition_error_does_not_strand_the_slot(
     try:
         manager.start()
         wait_until(lambda: bad.raised, 10, message="the bug was never hit")
-        try:
-            wait_until(lambda: manager.instances.get(3) == "instance 3", 10)
-            ran = True
-        except TimeoutError:
-            ran = False
+        ran = comes_true(lambda: manager.instances.get(3) == "instance 3", 10)
         assert ran, f"config 3 runs nowhere: {manager.status().local}"
     finally:
         logging.getLogger("dim.reconciler").removeFilter(bad)

@@ -22,7 +22,7 @@ from dim import Event, EventType, Manager
 from dim.keys import Keys
 from dim.testing import RedisServer, wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, Quiet, comes_true
 
 
 def _threads(prefix: str) -> list[threading.Thread]:
@@ -767,6 +767,26 @@ def test_a_late_instance_is_disconnected_when_no_thread_can_be_started(
         cluster.stop()
 
 
+def _one_worker_node(
+    redis_url: str,
+    service: str,
+    configs: list[Any],
+    create: Callable[[Any], Any],
+    disconnect: Callable[[Any], None],
+) -> Manager:
+    """A node with one worker place and short create and disconnect budgets (0.3 s and
+    0.2 s), whose configs are what ``configs`` holds when the leader asks."""
+    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
+    return Manager(
+        lambda: list(configs),
+        create,
+        disconnect=disconnect,
+        redis=redis_url,
+        service=service,
+        settings=settings,
+    )
+
+
 class _BlockOnOverrunLog(logging.Handler):
     """A log handler that blocks (a stuck network handler) on the log line of an overrun
     disconnect when the watchdog writes it, until ``gate`` is set. (Blocking on any
@@ -807,15 +827,7 @@ def test_the_watchdog_never_logs_itself_when_no_thread_starts(
             gate.wait(30)  # overruns disconnect_timeout
 
     configs = [0]
-    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
-    manager = Manager(
-        lambda: list(configs),
-        create,
-        disconnect=disconnect,
-        redis=redis_url,
-        service=service,
-        settings=settings,
-    )
+    manager = _one_worker_node(redis_url, service, configs, create, disconnect)
     timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
     try:
         manager.start()
@@ -844,13 +856,6 @@ def test_the_watchdog_never_logs_itself_when_no_thread_starts(
         manager.stop()
 
 
-class _Quiet(logging.Handler):
-    """A handler that writes nothing (a NullHandler never runs its filters)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
-
-
 class _BlockOnWatchdogFilter(logging.Filter):
     """A handler's filter that blocks (a stuck network handler) on any record written on
     the watchdog thread, until ``gate`` is set. Handler filters run before the handler's
@@ -877,7 +882,7 @@ def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
     keep its worker place for good, and config 2 here would never be created)."""
     gate = threading.Event()
     blocker = _BlockOnWatchdogFilter(gate)
-    handler = _Quiet()
+    handler = Quiet()
     handler.addFilter(blocker)
     logging.getLogger("dim").addHandler(handler)
     entered = threading.Event()
@@ -895,15 +900,7 @@ def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
             gate.wait(30)  # overruns disconnect_timeout
 
     configs = [0]
-    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
-    manager = Manager(
-        lambda: list(configs),
-        create,
-        disconnect=disconnect,
-        redis=redis_url,
-        service=service,
-        settings=settings,
-    )
+    manager = _one_worker_node(redis_url, service, configs, create, disconnect)
     timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
     try:
         manager.start()
@@ -915,11 +912,7 @@ def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
         wait_until(lambda: timeouts, 10, message="the disconnect did not overrun")
         configs[:] = [1, 2]
         manager.refresh()
-        try:
-            wait_until(lambda: manager.instances.get(2) == "instance 2", 10)
-            created = True
-        except TimeoutError:
-            created = False
+        created = comes_true(lambda: manager.instances.get(2) == "instance 2", 10)
         assert created and not blocker.lines, (
             f"config 2 created: {created}; the watchdog logged {blocker.lines}; made {made}"
         )
