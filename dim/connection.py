@@ -24,12 +24,13 @@ from dim.urls import SCHEMES, check_url, close_client, safe_url
 
 __all__ = [
     "SCHEMES",
-    "check_eviction",
     "check_url",
     "close",
     "connect",
     "describe",
+    "eviction_policy",
     "safe_url",
+    "warn_eviction",
     "worth_retrying",
 ]
 
@@ -124,17 +125,27 @@ def close(client: Optional[Client], target: Union[str, Client]) -> None:
             log.debug("closing the Redis client failed", exc_info=True)
 
 
-def check_eviction(client: Client, where: str) -> None:
-    """Warn when Redis may evict keys: a claim evicted under memory pressure is a
-    claim another node may take while its holder still runs the instance."""
+def eviction_policy(client: Client) -> Optional[str]:
+    """Redis's ``maxmemory-policy``, or None when it cannot be read (``INFO`` refused by
+    an ACL, not answered, a cluster moving).
+
+    Read on the connection :func:`connect` just made, before any other thread needs one:
+    read later, when dim's loops use the pool's connection, it costs a new connection.
+    """
     try:
         info = client.info("memory")
-    except Exception:  # not allowed (ACL), not answered, a cluster moving: nothing to say
+    except Exception:  # nothing to say; the warning is only advice
         log.debug("could not read Redis's eviction policy", exc_info=True)
-        return
+        return None
     if isinstance(client, RedisCluster) and "maxmemory_policy" not in info:
         info = next((v for v in info.values() if isinstance(v, dict)), {})
     policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    return str(policy) if policy else None
+
+
+def warn_eviction(policy: Optional[str], where: str) -> None:
+    """Warn when Redis may evict keys: a claim evicted under memory pressure is a
+    claim another node may take while its holder still runs the instance."""
     if policy and policy != "noeviction":
         log.warning(
             "Redis at %s evicts keys under memory pressure (maxmemory-policy %s): dim's "

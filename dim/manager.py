@@ -200,6 +200,8 @@ class Manager:
             runtime.check()  # real threads, or a clear error (gevent, uWSGI)
             self._pid = os.getpid()  # a manager built before a fork may start after it
             client = connection.connect(self._redis_target, self.settings)
+            # (now, on the connection just made: later it would cost a new one)
+            policy = connection.eviction_policy(client)
             store = Store(client, self.service, self._era(client))
             node = Node(
                 store=store,
@@ -238,7 +240,7 @@ class Manager:
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
             # a warning only, off the join's path: once the threads run
-            connection.check_eviction(client, self._describe_target())
+            connection.warn_eviction(policy, self._describe_target())
             log.info(
                 "node %s joined service %r", node.node_id, self.service, extra=fields(node.node_id)
             )

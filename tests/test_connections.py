@@ -10,6 +10,7 @@ refused.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import threading
@@ -649,3 +650,49 @@ def test_missing_permission_fails_start_at_once(
     assert took < 5, "a missing permission is not worth retrying"
     assert f"redis://partial:***@127.0.0.1:{server.port}/0" in message
     assert re.search(needle, message) and PASSWORD not in message, message
+
+
+# -- what start() reads of the server -------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
+def test_start_warns_when_redis_may_evict_claims(
+    policy: str, own_redis: RedisServer, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() reads ``maxmemory-policy`` and warns, naming it, unless it is noeviction:
+    an evicted claim is one another node may take while its holder runs the instance."""
+    admin = own_redis.client()
+    try:
+        admin.config_set("maxmemory-policy", policy)
+        caplog.set_level(logging.WARNING, logger="dim")
+        cluster = run_cluster(own_redis.url, service, nodes=1, configs=1)
+        stop_cleanly(cluster)
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.close()
+    said = [r.getMessage() for r in caplog.records if "evicts keys" in r.getMessage()]
+    if policy == "noeviction":
+        assert said == []
+    else:
+        assert said == [
+            f"Redis at redis://127.0.0.1:{own_redis.port}/0 evicts keys under memory "
+            f"pressure (maxmemory-policy {policy}): dim's claims must never be evicted; "
+            "use maxmemory-policy noeviction"
+        ]
+
+
+def test_a_user_without_info_starts_without_the_eviction_warning(
+    acl_server: tuple[RedisServer, redis.Redis], service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The policy is advice: a user that may not run INFO still starts and runs, and
+    start() neither fails nor guesses a policy."""
+    server, admin = acl_server
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    setuser(admin, "noinfo", *node_rules(without="info"))
+    caplog.set_level(logging.WARNING, logger="dim")
+    try:
+        cluster = run_cluster(user_url(server, "noinfo"), service, nodes=1, configs=2)
+        stop_cleanly(cluster)
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")
+    assert not [r for r in caplog.records if "evicts keys" in r.getMessage()]
