@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL = 0.1  # seconds a get_message call may block; bounds how long stop() waits for us
+#: Seconds a read may block while the node runs: an idle listener wakes twice a second,
+#: not ten times. Under stop()'s one second for its threads to end, so that even a
+#: Redis that cannot carry the ``left`` hint (below) lets the listener end in time.
+POLL = 0.5
+#: Seconds a read may block once the node leaves, which bounds how long stop() waits for
+#: the listener: the node's own ``left`` message ends the read that was under way.
+LEAVING_POLL = 0.1
 
 
 class HintListener(Loop["Node"]):
@@ -59,7 +65,7 @@ class HintListener(Loop["Node"]):
             node.subscribed.set()
         try:
             while not node.stop_event.is_set():
-                raw = self._pubsub.get_message(timeout=POLL)
+                raw = self._pubsub.get_message(timeout=LEAVING_POLL if node.leaving else POLL)
                 if raw is not None:
                     self.handle(raw.get("data"))
         except (redis.RedisError, OSError, ValueError):

@@ -1082,6 +1082,33 @@ def test_stop_ends_every_loop_while_a_healthcheck_hangs(redis_url: str, service:
         manager.stop()
 
 
+def test_stop_ends_the_listener_without_waiting_out_its_read(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle listener blocks in its read for a long time (it wakes rarely), yet stop()
+    ends it at once, a follower's and the leader's: the node's own ``left`` hint ends the
+    read under way (stop() would otherwise give up on the thread after one second)."""
+    monkeypatch.setattr("dim.listener.POLL", 60.0)
+    managers = [
+        Manager(lambda: [0, 1], lambda c: {"c": c}, redis=redis_url, service=service, settings=FAST)
+        for _ in range(2)
+    ]
+    for manager in managers:
+        manager.start()
+    try:
+        assert all(m.wait_until_stable(10) for m in managers)
+        # the follower first, then the leader (alone by then)
+        for manager in sorted(managers, key=lambda m: m.is_leader):
+            node = manager.node_id
+            listening = _threads(f"dim-listener-{node}")
+            assert len(listening) == 1
+            manager.stop()
+            assert not listening[0].is_alive(), f"{node}'s listener outlived stop()"
+    finally:
+        for manager in managers:
+            manager.stop()
+
+
 # -- a placement rule that hangs -----------------------------------------------------------
 
 
