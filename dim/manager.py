@@ -200,7 +200,8 @@ class Manager:
             runtime.check()  # real threads, or a clear error (gevent, uWSGI)
             self._pid = os.getpid()  # a manager built before a fork may start after it
             client = connection.connect(self._redis_target, self.settings)
-            # (now, on the connection just made: later it would cost a new one)
+            # (now, on the connection just made: later it would cost a new one; one
+            # round trip before the join, bounded like every call by socket_timeout)
             policy = connection.eviction_policy(client)
             store = Store(client, self.service, self._era(client))
             node = Node(
@@ -239,7 +240,7 @@ class Manager:
                 loop.start()
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
-            # a warning only, off the join's path: once the threads run
+            # a warning only, logged once the threads run (a handler may be slow)
             connection.warn_eviction(policy, self._describe_target())
             log.info(
                 "node %s joined service %r", node.node_id, self.service, extra=fields(node.node_id)
