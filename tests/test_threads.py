@@ -772,24 +772,48 @@ def test_a_late_instance_is_disconnected_when_no_thread_can_be_started(
         cluster.stop()
 
 
-def _one_worker_node(
-    redis_url: str,
-    service: str,
-    configs: list[Any],
-    create: Callable[[Any], Any],
-    disconnect: Callable[[Any], None],
-) -> Manager:
+class _OneWorkerNode:
     """A node with one worker place and short create and disconnect budgets (0.3 s and
-    0.2 s), whose configs are what ``configs`` holds when the leader asks."""
-    settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
-    return Manager(
-        lambda: list(configs),
-        create,
-        disconnect=disconnect,
-        redis=redis_url,
-        service=service,
-        settings=settings,
-    )
+    0.2 s), whose configs are what ``configs`` holds when the leader asks. The
+    disconnect of config 0's instance overruns (``entered`` says it began) and the first
+    create of config 1 hangs, each until ``gate`` is set."""
+
+    def __init__(self, redis_url: str, service: str, gate: threading.Event) -> None:
+        self.gate = gate
+        self.entered = threading.Event()
+        self.made: list[Any] = []
+        self.configs: list[Any] = [0]
+        settings = FAST.replace(create_timeout=0.3, disconnect_timeout=0.2, max_workers=1)
+        self.manager = Manager(
+            lambda: list(self.configs),
+            self._create,
+            disconnect=self._disconnect,
+            redis=redis_url,
+            service=service,
+            settings=settings,
+        )
+        self.timeouts = _events(self.manager, EventType.DISCONNECT_TIMEOUT)
+
+    def _create(self, config: Any) -> Any:
+        self.made.append(config)
+        if config == 1 and self.made.count(1) == 1:
+            self.gate.wait(30)  # the first attempt hangs until the end of the test
+        return f"instance {config}"
+
+    def _disconnect(self, instance: Any) -> None:
+        if instance == "instance 0":
+            self.entered.set()
+            self.gate.wait(30)  # overruns disconnect_timeout
+
+    def start(self) -> None:
+        """Start the node and wait until config 0 runs."""
+        self.manager.start()
+        wait_until(lambda: self.manager.instances.get(0) == "instance 0", 10)
+
+    def place(self, *configs: Any) -> None:
+        """The node's configs are these now: the leader is told at once."""
+        self.configs[:] = configs
+        self.manager.refresh()
 
 
 class _BlockOnOverrunLog(logging.Handler):
@@ -819,42 +843,26 @@ def test_the_watchdog_never_logs_itself_when_no_thread_starts(
     gate = threading.Event()
     handler = _BlockOnOverrunLog(gate)
     logging.getLogger("dim.reconciler").addHandler(handler)
-    made: list[Any] = []
-
-    def create(config: Any) -> Any:
-        made.append(config)
-        if config == 1 and made.count(1) == 1:
-            gate.wait(30)  # hangs until the end of the test
-        return f"instance {config}"
-
-    def disconnect(instance: Any) -> None:
-        if instance == "instance 0":
-            gate.wait(30)  # overruns disconnect_timeout
-
-    configs = [0]
-    manager = _one_worker_node(redis_url, service, configs, create, disconnect)
-    timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
+    node = _OneWorkerNode(redis_url, service, gate)
+    manager = node.manager
     try:
-        manager.start()
-        wait_until(lambda: manager.instances.get(0) == "instance 0", 10)
+        node.start()
         no_call_threads.set()
-        configs[:] = []
-        manager.refresh()
+        node.place()
         wait_until(
-            lambda: timeouts and no_call_threads.refused >= 1,
+            lambda: node.timeouts and no_call_threads.refused >= 1,
             10,
             message="the overrun's log lines did not look for a thread",
         )
         no_call_threads.clear()  # they find one now
         wait_until(lambda: handler.threads, 10, message="the overrun was never logged")
-        configs[:] = [1, 2]
-        manager.refresh()
+        node.place(1, 2)
         wait_until(
             lambda: manager.instances.get(2) == "instance 2",
             10,
             message="config 2 was never created while config 1 hangs",
         )
-        assert not [t for t in handler.threads if t.startswith("dim-watch-")], made
+        assert not [t for t in handler.threads if t.startswith("dim-watch-")], node.made
     finally:
         gate.set()
         logging.getLogger("dim.reconciler").removeHandler(handler)
@@ -890,36 +898,18 @@ def test_the_watchdog_logs_nothing_when_no_thread_can_release_an_overruns_claim(
     handler = Quiet()
     handler.addFilter(blocker)
     logging.getLogger("dim").addHandler(handler)
-    entered = threading.Event()
-    made: list[Any] = []
-
-    def create(config: Any) -> Any:
-        made.append(config)
-        if config == 1 and made.count(1) == 1:
-            gate.wait(30)  # the first attempt hangs until the end of the test
-        return f"instance {config}"
-
-    def disconnect(instance: Any) -> None:
-        if instance == "instance 0":
-            entered.set()
-            gate.wait(30)  # overruns disconnect_timeout
-
-    configs = [0]
-    manager = _one_worker_node(redis_url, service, configs, create, disconnect)
-    timeouts = _events(manager, EventType.DISCONNECT_TIMEOUT)
+    node = _OneWorkerNode(redis_url, service, gate)
+    manager = node.manager
     try:
-        manager.start()
-        wait_until(lambda: manager.instances.get(0) == "instance 0", 10)
-        configs[:] = []
-        manager.refresh()
-        wait_until(entered.is_set, 10, message="the disconnect was not called")
+        node.start()
+        node.place()
+        wait_until(node.entered.is_set, 10, message="the disconnect was not called")
         no_stop_threads.set()  # the overrun's release finds no thread
-        wait_until(lambda: timeouts, 10, message="the disconnect did not overrun")
-        configs[:] = [1, 2]
-        manager.refresh()
+        wait_until(lambda: node.timeouts, 10, message="the disconnect did not overrun")
+        node.place(1, 2)
         created = comes_true(lambda: manager.instances.get(2) == "instance 2", 10)
         assert created and not blocker.lines, (
-            f"config 2 created: {created}; the watchdog logged {blocker.lines}; made {made}"
+            f"config 2 created: {created}; the watchdog logged {blocker.lines}; made {node.made}"
         )
     finally:
         gate.set()
