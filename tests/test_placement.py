@@ -45,10 +45,12 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
     is balanced.
 
     The leader counts a move as arrived when the new owner holds the claim; the ledger
-    sees its gap end a moment later, when ``create`` is called. On a loaded machine both
-    moves in flight can arrive and the next two begin before either ``create`` is
-    called, so the ledger can see up to 2 x 2 configs running nowhere at once (unpaced,
-    the 12 moves would all be in flight together)."""
+    sees its gap end later, when ``create`` is called (after a worker thread starts, and
+    once the heartbeat has renewed the claim for a whole create: up to a heartbeat). On a
+    loaded machine that can outlast a batch or two: both moves in flight arrive and the
+    next two begin, and even the two after, before the first ``create`` is called, so the
+    ledger can see up to 3 x 2 configs running nowhere at once (a tox -p run saw 5).
+    Unpaced, the 12 moves are in flight together: the ledger saw 10 and 12."""
     slow = threading.Event()
 
     def slow_create(node: str, config: Any) -> None:
@@ -73,7 +75,7 @@ def test_max_concurrent_moves_bounds_the_handoffs(redis_url: str, service: str) 
         assert cluster.counts() == [6, 6, 6, 6]
         moved, peak = max_simultaneous_gaps(cluster.ledger, since=settled)
         assert moved == 12
-        assert peak <= 4, f"{peak} configs were running nowhere at once"
+        assert peak <= 6, f"{peak} configs were running nowhere at once"
         assert cluster.ledger.overlaps() == []
     finally:
         cluster.stop()
