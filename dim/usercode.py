@@ -107,17 +107,24 @@ class Call:
 
 class Runners:
     """Threads kept idle between user calls: starting a thread per call costs more than
-    the rest of a create or disconnect (~130 us of CPU each).
+    the rest of a create or disconnect (~130 us of CPU each), and its caller waits until
+    the new thread runs.
 
     A call takes an idle thread or starts one; the thread goes back to the idle list when
     the call returns in time. A call that times out keeps its thread until it returns
     (it is abandoned, not killed). :meth:`close` lets the idle threads exit.
+
+    One pool may serve several kinds of call, each naming its thread (``name``): a
+    thread is named for the call it runs, or last ran. At most ``keep`` idle threads of
+    each name stay; a call takes an idle thread of its own name, or with ``borrow`` any
+    idle thread (a stop takes a thread a create left idle, never the other way round: a
+    create can wait for a thread, a disconnect that waits lets its claim lapse).
     """
 
     def __init__(self, name: str, keep: int = 8) -> None:
         self.name = name
         self.keep = keep
-        self._idle: list[queue.SimpleQueue[Optional[Call]]] = []
+        self._idle: list[tuple[queue.SimpleQueue[Optional[Call]], threading.Thread]] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -140,19 +147,21 @@ class Runners:
         on_late: Optional[Callable[[Any], None]] = None,
         on_done: Optional[Callable[[], None]] = None,
         inline: bool = True,
+        name: Optional[str] = None,
+        borrow: bool = False,
     ) -> Call:
-        """Start ``fn(arg)`` on a thread and return at once; the caller polls the job
-        (``done``, :meth:`Call.outcome`) and may :meth:`Call.abandon` it. ``on_done`` is
-        called on that thread once the outcome is in. When the interpreter is shutting
-        down and starts no thread, the call runs here (``inline``), or RuntimeError."""
+        """Start ``fn(arg)`` on a thread named ``name`` (default: the pool's) and return
+        at once; the caller polls the job (``done``, :meth:`Call.outcome`) and may
+        :meth:`Call.abandon` it. ``on_done`` is called on that thread once the outcome is
+        in. When the interpreter is shutting down and starts no thread, the call runs
+        here (``inline``), or RuntimeError. ``borrow``: an idle thread of another name
+        will do."""
         job = Call(fn, arg, on_late, on_done)
-        with self._lock:
-            inbox = self._idle.pop() if self._idle else None
-        if inbox is None:
-            inbox = queue.SimpleQueue()
-            thread = threading.Thread(
-                target=self._serve, args=(inbox,), name=self.name, daemon=True
-            )
+        name = name or self.name
+        idle = self._reuse(name, borrow)
+        if idle is None:
+            inbox: queue.SimpleQueue[Optional[Call]] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True)
             try:
                 thread.start()
             except RuntimeError:
@@ -164,27 +173,46 @@ class Runners:
                 # here, without a time limit, rather than not at all
                 job.run()
                 return job
+        else:
+            inbox, thread = idle
+            if thread.name != name:
+                thread.name = name  # (before it runs the call)
         inbox.put(job)
         return job
 
+    def _reuse(
+        self, name: str, borrow: bool
+    ) -> Optional[tuple[queue.SimpleQueue[Optional[Call]], threading.Thread]]:
+        """An idle thread of that name (or with ``borrow``, of any), or None."""
+        with self._lock:
+            idle = self._idle
+            for i in range(len(idle) - 1, -1, -1):
+                if idle[i][1].name == name:
+                    return idle.pop(i)
+            return idle.pop() if borrow and idle else None
+
     def _serve(self, inbox: queue.SimpleQueue[Optional[Call]]) -> None:
         block_signals()
+        me = threading.current_thread()
         while True:
             job = inbox.get()
             if job is None:
                 return
             job.run()
             with self._lock:
-                if self._closed or job.abandoned or len(self._idle) >= self.keep:
+                if self._closed or job.abandoned or self._idle_named(me.name) >= self.keep:
                     return
-                self._idle.append(inbox)
+                self._idle.append((inbox, me))
+
+    def _idle_named(self, name: str) -> int:
+        return sum(1 for _inbox, thread in self._idle if thread.name == name)
 
     def close(self) -> None:
         """Let the idle threads exit (busy ones exit when their call returns)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for inbox in idle:
+        for inbox, _thread in idle:
             inbox.put(None)
 
 
@@ -208,9 +236,11 @@ class Workers:
     :attr:`stalled` says so, and :meth:`kick` tries again.
     """
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, runners: Optional[Runners] = None) -> None:
         self.limit = limit
-        self._runners = Runners(name, keep=limit)
+        self.name = name
+        # (shared with other kinds of call when given: see Lifecycle)
+        self._runners = runners if runners is not None else Runners(name, keep=limit)
         self._lock = threading.Lock()
         self._running = 0
         self._waiting: collections.deque[Callable[[Place], None]] = collections.deque()
@@ -243,7 +273,7 @@ class Workers:
                 self._running += 1
             try:
                 # (never here, at interpreter shutdown: the caller may be the watchdog)
-                self._runners.start(self._run, (task, Place()), inline=False)
+                self._runners.start(self._run, (task, Place()), inline=False, name=self.name)
             except BaseException:
                 with self._lock:
                     self._running -= 1
@@ -287,7 +317,7 @@ class Workers:
         self._runners.close()
 
     def __repr__(self) -> str:
-        return f"<Workers {self._runners.name} {self._running}/{self.limit} running>"
+        return f"<Workers {self.name} {self._running}/{self.limit} running>"
 
 
 class Watch:

@@ -21,6 +21,7 @@ import redis
 from dim import Event, EventType, Manager
 from dim.keys import Keys
 from dim.testing import RedisServer, wait_until
+from dim.usercode import Runners
 
 from .helpers import FAST, Cluster, Quiet, comes_true
 
@@ -168,7 +169,8 @@ def test_hung_healthcheck_of_a_shared_object_recreates_once(redis_url: str, serv
 class ThreadLimit:
     """While ``failing`` is set, starting a thread whose name starts with ``prefix`` fails
     the way it does in a process at its thread limit (RuntimeError: can't start new
-    thread)."""
+    thread), and a call for such a thread finds no idle one in its pool (they are all
+    busy: a stop may otherwise take a thread a create left idle)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -195,7 +197,15 @@ def _thread_limit(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Iterator[Thre
             raise RuntimeError("can't start new thread")
         original(self)
 
+    reuse = Runners._reuse
+
+    def no_idle_thread(self: Runners, name: str, borrow: bool) -> Any:
+        if limit.failing.is_set() and name.startswith(limit.prefix):
+            return None
+        return reuse(self, name, borrow)
+
     monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(Runners, "_reuse", no_idle_thread)
     try:
         yield limit
     finally:
@@ -1228,7 +1238,8 @@ def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: s
     """A node that runs nothing has its loops and no pool: heartbeat, fence, reconciler,
     leader, listener and events (and the leader's config thread, kept for get_config).
     The worker and watchdog threads start with the first instance, whose create runs on
-    its worker (no call thread); stop threads start with the first disconnect."""
+    its worker (no call thread); a disconnect takes a thread a create left idle, or starts
+a stop thread."""
     managers = [
         Manager(
             get_config=lambda: [{"id": 1}],
@@ -1258,3 +1269,63 @@ def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: s
     finally:
         for m in managers:
             m.stop()
+
+
+def test_a_stop_takes_a_thread_that_a_create_left_idle(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates and stops share one pool of idle threads: a node whose three creates ran
+    at once keeps three idle threads, and when its three configs are removed it starts no
+    thread for the disconnects (stop() goes the same way); each disconnect still runs on a
+    thread of its own, named for it, all three at once. A create never takes a thread a
+    stop left idle."""
+    started: list[str] = []
+    original = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started.append(self.name)
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    together = threading.Barrier(3, timeout=10)  # three creates in flight at once
+    inside: list[str] = []
+    all_in = threading.Event()
+    out = threading.Event()
+
+    def create(node: str, config: Any) -> None:
+        if config["id"] < 3:
+            together.wait()
+
+    def disconnect(node: str, instance: Any) -> None:
+        inside.append(threading.current_thread().name)
+        if len(inside) == 3:
+            all_in.set()
+        all_in.wait(5)  # each waits for the three to be in: they run at once
+        out.set()
+
+    cluster = Cluster(
+        redis_url, service, [{"id": i} for i in range(3)], create=create, disconnect=disconnect
+    )
+    try:
+        (manager,) = cluster.add(1)
+        cluster.wait_settled()
+        node = manager.node_id
+        assert node is not None
+        assert len(_threads(f"dim-worker-{node}")) == 3
+        started.clear()
+        cluster.configs = []
+        manager.refresh()
+        wait_until(lambda: not manager.instances and out.is_set(), 10)
+        assert all_in.is_set(), f"the disconnects did not run at once: {inside}"
+        assert inside == [f"dim-stop-{node}"] * 3
+        assert [n for n in started if node in n] == []
+        # never the other way round: a create leaves the stops' idle threads to them (at
+        # the thread limit, a stop without a thread lets its claim lapse; a create waits)
+        assert len(_threads(f"dim-stop-{node}")) == 3
+        cluster.configs = [{"id": 3}]
+        manager.refresh()
+        wait_until(lambda: set(manager.instances) == {3}, 10)
+        assert [n for n in started if node in n] == [f"dim-worker-{node}"]
+        assert len(_threads(f"dim-stop-{node}")) == 3
+    finally:
+        cluster.stop()
