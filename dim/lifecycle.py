@@ -65,7 +65,7 @@ class Lifecycle:
         workers = node.settings.max_workers
         # one pool of idle threads (at most max_workers of each kind) for both kinds of
         # task: a stop takes a thread a create left idle (the node that leaves stops its
-        # instances at once, and each thread it had to start cost its stop() ~0.2 ms of
+        # instances at once, and each thread it had to start cost its stop() ~0.13 ms of
         # CPU and a wait for the new thread to run), never the other way round
         self._threads = Runners(f"dim-worker-{node.node_id}", keep=workers)
         self._workers = Workers(f"dim-worker-{node.node_id}", workers, self._threads)

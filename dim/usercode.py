@@ -42,7 +42,7 @@ def block_signals() -> None:
 
 
 class Call:
-    __slots__ = ("abandoned", "arg", "box", "done", "fn", "lock", "on_done", "on_late")
+    __slots__ = ("abandoned", "arg", "box", "done", "fn", "kind", "lock", "on_done", "on_late")
 
     def __init__(
         self,
@@ -59,6 +59,7 @@ class Call:
         self.lock = threading.Lock()
         self.box: dict[str, Any] = {}
         self.abandoned = False
+        self.kind = ""  # the name of the thread it runs on (Runners)
 
     def run(self) -> None:
         try:
@@ -114,17 +115,21 @@ class Runners:
     the call returns in time. A call that times out keeps its thread until it returns
     (it is abandoned, not killed). :meth:`close` lets the idle threads exit.
 
-    One pool may serve several kinds of call, each naming its thread (``name``): a
-    thread is named for the call it runs, or last ran. At most ``keep`` idle threads of
-    each name stay; a call takes an idle thread of its own name, or with ``borrow`` any
-    idle thread (a stop takes a thread a create left idle, never the other way round: a
-    create can wait for a thread, a disconnect that waits lets its claim lapse).
+    One pool may serve several kinds of call, each naming its thread (``name``, the
+    pool's own by default). At most ``keep`` idle threads of each kind stay; a call
+    takes an idle thread of its own kind, or with ``borrow`` one of any kind (a stop
+    takes a thread a create left idle, never the other way round: a create can wait for
+    a thread, while a disconnect that cannot get one keeps its instance running and, on
+    a fenced node, lets its claim lapse under it). A borrowed thread that its kind has
+    no room for goes back to the pool's own kind. The kind is kept with the idle thread,
+    not read from its name, which user code may change.
     """
 
     def __init__(self, name: str, keep: int = 8) -> None:
         self.name = name
         self.keep = keep
-        self._idle: list[tuple[queue.SimpleQueue[Optional[Call]], threading.Thread]] = []
+        # (inbox, thread, kind) of each idle thread
+        self._idle: list[tuple[queue.SimpleQueue[Optional[Call]], threading.Thread, str]] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -157,7 +162,7 @@ class Runners:
         here (``inline``), or RuntimeError. ``borrow``: an idle thread of another name
         will do."""
         job = Call(fn, arg, on_late, on_done)
-        name = name or self.name
+        name = job.kind = name or self.name
         idle = self._reuse(name, borrow)
         if idle is None:
             inbox: queue.SimpleQueue[Optional[Call]] = queue.SimpleQueue()
@@ -181,15 +186,15 @@ class Runners:
         return job
 
     def _reuse(
-        self, name: str, borrow: bool
+        self, kind: str, borrow: bool
     ) -> Optional[tuple[queue.SimpleQueue[Optional[Call]], threading.Thread]]:
-        """An idle thread of that name (or with ``borrow``, of any), or None."""
+        """An idle thread of that kind (or with ``borrow``, of any), or None."""
         with self._lock:
             idle = self._idle
             for i in range(len(idle) - 1, -1, -1):
-                if idle[i][1].name == name:
-                    return idle.pop(i)
-            return idle.pop() if borrow and idle else None
+                if idle[i][2] == kind:
+                    return idle.pop(i)[:2]
+            return idle.pop()[:2] if borrow and idle else None
 
     def _serve(self, inbox: queue.SimpleQueue[Optional[Call]]) -> None:
         block_signals()
@@ -200,19 +205,24 @@ class Runners:
                 return
             job.run()
             with self._lock:
-                if self._closed or job.abandoned or self._idle_named(me.name) >= self.keep:
+                if self._closed or job.abandoned:
                     return
-                self._idle.append((inbox, me))
+                kind = next(
+                    (k for k in (job.kind, self.name) if self._idle_of(k) < self.keep), None
+                )
+                if kind is None:
+                    return
+                self._idle.append((inbox, me, kind))
 
-    def _idle_named(self, name: str) -> int:
-        return sum(1 for _inbox, thread in self._idle if thread.name == name)
+    def _idle_of(self, kind: str) -> int:
+        return sum(1 for _inbox, _thread, k in self._idle if k == kind)
 
     def close(self) -> None:
         """Let the idle threads exit (busy ones exit when their call returns)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for inbox, _thread in idle:
+        for inbox, _thread, _kind in idle:
             inbox.put(None)
 
 

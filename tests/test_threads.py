@@ -1238,8 +1238,8 @@ def test_a_node_with_no_instances_runs_only_its_loops(redis_url: str, service: s
     """A node that runs nothing has its loops and no pool: heartbeat, fence, reconciler,
     leader, listener and events (and the leader's config thread, kept for get_config).
     The worker and watchdog threads start with the first instance, whose create runs on
-    its worker (no call thread); a disconnect takes a thread a create left idle, or starts
-a stop thread."""
+    its worker (no call thread); a disconnect takes an idle thread (a stop's, else one a
+    create left) or starts a stop thread."""
     managers = [
         Manager(
             get_config=lambda: [{"id": 1}],
@@ -1283,7 +1283,8 @@ def test_a_stop_takes_a_thread_that_a_create_left_idle(
     original = threading.Thread.start
 
     def counting_start(self: threading.Thread) -> None:
-        started.append(self.name)
+        if self.name.startswith(("dim-worker-", "dim-stop-")):
+            started.append(self.name)
         original(self)
 
     monkeypatch.setattr(threading.Thread, "start", counting_start)

@@ -206,6 +206,46 @@ def test_runners_reuse_threads_abandon_hung_ones_and_close() -> None:
     )
 
 
+def test_runners_share_idle_threads_one_way_by_kind() -> None:
+    """Calls of another kind (``name``) take an idle thread of the pool's kind only when
+    they ``borrow``; the pool's kind never takes theirs. Each kind keeps at most ``keep``
+    idle threads, counted by kind (a call that renames its thread changes nothing), and a
+    borrowed thread its kind has no room for goes back to the pool's kind."""
+    runners = Runners("dim-test-worker", keep=1)
+
+    def idle() -> list[tuple[int | None, str]]:
+        # (a call's result comes just before its thread is idle again: wait for it)
+        wait_until(lambda: len(runners._idle) == 2, 5, message="the threads are not idle")
+        return sorted((thread.ident, kind) for _inbox, thread, kind in runners._idle)
+
+    def ident(_: object) -> int:
+        return threading.get_ident()
+
+    def renaming(_: object) -> int:
+        threading.current_thread().name = "user-renamed"
+        return threading.get_ident()
+
+    try:
+        worker = runners.call(ident, None, 1.0, "t")
+        # a stop that does not borrow starts a thread of its own
+        stop = runners.start(ident, None, name="dim-test-stop").result(1.0, "t")
+        assert stop != worker
+        assert idle() == sorted([(worker, "dim-test-worker"), (stop, "dim-test-stop")])
+        # a stop that borrows takes its own kind's thread first, then any
+        calls = [runners.start(renaming, None, name="dim-test-stop", borrow=True)]
+        calls.append(runners.start(renaming, None, name="dim-test-stop", borrow=True))
+        assert {call.result(1.0, "t") for call in calls} == {stop, worker}
+        # one went back to the stop kind (keep=1), the other to the pool's own kind
+        kinds = idle()
+        assert sorted(kind for _ident, kind in kinds) == ["dim-test-stop", "dim-test-worker"]
+        # a create takes the pool's kind only, and renaming threads grows nothing
+        for _ in range(5):
+            assert runners.call(renaming, None, 1.0, "t") in {stop, worker}
+            assert sorted(kind for _ident, kind in idle()) == ["dim-test-stop", "dim-test-worker"]
+    finally:
+        runners.close()
+
+
 # -- the node's knowledge of the server (dim.era) and the monotonic timer ---------------
 
 
