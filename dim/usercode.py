@@ -155,11 +155,11 @@ class Runners:
         name: Optional[str] = None,
         borrow: bool = False,
     ) -> Call:
-        """Start ``fn(arg)`` on a thread named ``name`` (default: the pool's) and return
-        at once; the caller polls the job (``done``, :meth:`Call.outcome`) and may
-        :meth:`Call.abandon` it. ``on_done`` is called on that thread once the outcome is
-        in. When the interpreter is shutting down and starts no thread, the call runs
-        here (``inline``), or RuntimeError. ``borrow``: an idle thread of another name
+        """Start ``fn(arg)`` on a thread named ``name``, its kind (default: the pool's),
+        and return at once; the caller polls the job (``done``, :meth:`Call.outcome`) and
+        may :meth:`Call.abandon` it. ``on_done`` is called on that thread once the outcome
+        is in. When the interpreter is shutting down and starts no thread, the call runs
+        here (``inline``), or RuntimeError. ``borrow``: an idle thread of another kind
         will do."""
         job = Call(fn, arg, on_late, on_done)
         name = job.kind = name or self.name
