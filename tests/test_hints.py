@@ -273,10 +273,13 @@ def test_assigned_hint_goes_only_to_the_nodes_it_changes(
             10,
             message="the owner did not recreate the changed config",
         )
-        assigned = hints.sent(Kind.ASSIGNED, start)
-        assert [to for to, _ in assigned] == [owner.node_id]
-        version = str(assigned[-1][1].version)
-        assert assigned[-1][1].added == {str(changed): f'[{changed},{{"id":{changed},"v":1}}]'}
+        # (the recorder reads on a thread of its own: the owner may recreate first)
+        wait_until(
+            lambda: [to for to, _ in hints.sent(Kind.ASSIGNED, start)] == [owner.node_id],
+            10,
+            message="the owner's assigned hint was not recorded",
+        )
+        version = str(hints.sent(Kind.ASSIGNED, start)[0][1].version)
         for m in managers:
             assert m.wait_until_stable(10)
         # only the owner's share has the new version: the others were not woken
@@ -289,6 +292,10 @@ def test_assigned_hint_goes_only_to_the_nodes_it_changes(
         renewed = [m._node.renewal for m in managers]  # type: ignore[union-attr]
         wait_until(lambda: all(r.last > now + 3 * FAST.heartbeat_interval for r in renewed), 5)
         assert reads == []
+        # by now the recorder has every hint of that write: one, to the owner, with the change
+        assigned = hints.sent(Kind.ASSIGNED, start)
+        assert [to for to, _ in assigned] == [owner.node_id]
+        assert assigned[0][1].added == {str(changed): f'[{changed},{{"id":{changed},"v":1}}]'}
         assert cluster.counts() == [2, 2, 2]
         assert cluster.ledger.overlaps() == []
     finally:
@@ -449,8 +456,13 @@ def test_a_joining_node_hears_the_answer_to_its_join(
         (new,) = cluster.add(1, node_name="new")
         cluster.wait_settled(5)  # within a heartbeat
         assert cluster.counts() == [2, 3, 3]
-        # the hint went to its inbox, with its share
-        assert [to for to, m in hints.sent(Kind.ASSIGNED, start) if m.added] == [new.node_id]
+        # the hint went to its inbox, with its share (the recorder reads on a thread of
+        # its own: wait for it)
+        wait_until(
+            lambda: [to for to, m in hints.sent(Kind.ASSIGNED, start) if m.added] == [new.node_id],
+            5,
+            message=f"assigned hints with a share: {hints.sent(Kind.ASSIGNED, start)}",
+        )
         assert reads.count(new.node_id) == 1
         assert cluster.ledger.overlaps() == []
     finally:
