@@ -68,7 +68,7 @@ class Lifecycle:
         # instances at once, and each thread it had to start cost its stop() ~0.13 ms of
         # CPU and a wait for the new thread to run), never the other way round
         self._threads = Runners(f"dim-worker-{node.node_id}", keep=workers)
-        self._workers = Workers(f"dim-worker-{node.node_id}", workers, self._threads)
+        self._workers = Workers(self._threads.name, workers, self._threads)
         # the stop tasks: never bounded, so no stop waits for a worker; each runs its
         # disconnect itself, timed by the calls' watchdog, which lets go of the claims of
         # those that overrun in one round trip

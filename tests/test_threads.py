@@ -199,10 +199,10 @@ def _thread_limit(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Iterator[Thre
 
     reuse = Runners._reuse
 
-    def no_idle_thread(self: Runners, name: str, borrow: bool) -> Any:
-        if limit.failing.is_set() and name.startswith(limit.prefix):
+    def no_idle_thread(self: Runners, kind: str, borrow: bool) -> Any:
+        if limit.failing.is_set() and kind.startswith(limit.prefix):
             return None
-        return reuse(self, name, borrow)
+        return reuse(self, kind, borrow)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     monkeypatch.setattr(Runners, "_reuse", no_idle_thread)
