@@ -39,7 +39,7 @@ def hints(redis_client: redis.Redis, service: str) -> Iterator[HintRecorder]:
 
 
 def test_releases_are_batched_and_go_to_the_new_owner(
-    redis_url: str, service: str, hints: HintRecorder
+    redis_url: str, service: str, redis_client: redis.Redis, hints: HintRecorder
 ) -> None:
     """A node stopping its instances at once releases them in fewer hints than
     instances; every hint goes to the inbox of the node the config moved to, and the
@@ -88,6 +88,16 @@ def test_releases_are_batched_and_go_to_the_new_owner(
                     lambda: len(book._releasing) == len(mine) - len(tokens),
                     10,
                     message="the other releases were not queued",
+                )
+                # a release announces a config to the node the assignment names; when
+                # `stays` leads, its plan after our LEFT may not be written yet
+                wait_until(
+                    lambda: (
+                        redis_client.hmget(Keys(service).assignment, mine)
+                        == [stays.node_id.encode()] * len(mine)
+                    ),
+                    10,
+                    message="the leader did not move the configs to the node that stays",
                 )
             return release(node_id, tokens, *a)
 
