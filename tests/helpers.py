@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import redis
 
 from dim import Manager, Settings
 from dim.messages import Kind, Message, decode
@@ -239,9 +242,12 @@ class HintRecorder:
     def __init__(self, pubsub: Any, channel: str) -> None:
         self.pubsub = pubsub
         self.channel = channel
+        # an inbox no node listens on: what mark() publishes to know the thread caught up
+        self.marker = channel + ":test-mark"
         self.pubsub.psubscribe(channel + "*")
         self.messages: list[Message] = []
         self.inboxes: list[Optional[str]] = []
+        self.marks: set[bytes] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="test-hints", daemon=True)
@@ -254,12 +260,21 @@ class HintRecorder:
                 channel = raw["channel"]
                 channel = channel.decode() if isinstance(channel, bytes) else channel
                 with self.lock:
+                    if channel == self.marker:
+                        self.marks.add(raw["data"])
+                        continue
                     self.messages.append(decode(raw["data"]))
                     self.inboxes.append(
                         channel[len(self.channel) + 1 :] if channel != self.channel else None
                     )
 
     def mark(self) -> int:
+        """Where the hints published from now on begin: every hint published before the
+        call has been recorded (the recorder reads on a thread of its own)."""
+        token = uuid.uuid4().hex.encode()
+        publisher = redis.Redis(connection_pool=self.pubsub.connection_pool)
+        publisher.publish(self.marker, token)
+        wait_until(lambda: token in self.marks, 5, message="the hint recorder fell behind")
         with self.lock:
             return len(self.messages)
 

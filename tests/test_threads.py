@@ -726,7 +726,7 @@ def test_an_overruns_claim_is_released_at_the_next_tick_when_no_thread_starts(
         # unreleased, the claim would live its lease (1.6 s) past its last renewal
         wait_until(
             lambda: not redis_client.exists(keys.claim("0")),
-            FAST.lease / 3,
+            FAST.lease * 0.6,
             message="the claim was not released",
         )
         assert no_stop_threads.refused >= 1, "the release found a thread"
@@ -1313,6 +1313,9 @@ def test_a_stop_takes_a_thread_that_a_create_left_idle(
         node = manager.node_id
         assert node is not None
         assert len(_threads(f"dim-worker-{node}")) == 3
+        # a worker shows its instance before it goes back to the idle list
+        pool = manager._node.reconciler.lifecycle._threads  # type: ignore[union-attr]
+        wait_until(lambda: len(pool._idle) == 3, 5, message="the workers did not all go idle")
         started.clear()
         cluster.configs = []
         manager.refresh()
