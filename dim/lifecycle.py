@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import redis
 
 from dim.claims import ClaimBook
+from dim.configs import Config
 from dim.errors import CallTimeout
 from dim.events import Event, EventType
 from dim.instances import Cancelled, InstanceCalls, NotStarted, Overran
@@ -130,6 +131,31 @@ class Lifecycle:
         finally:
             self.table.notify()
             self._wake()
+
+    def begin_stop(
+        self,
+        slot: Slot,
+        *,
+        lost: bool = False,
+        recreate: Optional[Config] = None,
+    ) -> None:
+        """Under the table's lock: move a slot towards STOPPING.
+
+        ``lost``: the claim is not ours any more; ``recreate``: create it again after the
+        disconnect. The disconnect starts at once on a thread of its own: a stop never
+        queues behind creates that hang (the claim is held until it returns).
+        """
+        slot.cancel.set()
+        if lost:
+            slot.lost = True
+        if recreate is None or slot.lost:
+            slot.recreate = None
+        if slot.state is State.RUNNING:
+            slot.recreate = None if slot.lost else recreate
+            slot.take_stop()
+            self.spawn_stop(slot)
+        # STOPPING: its disconnect runs already; CREATING: the create task sees the
+        # cancel and disposes of what it makes
 
     def spawn_stop(self, slot: Slot) -> None:
         """Run the disconnect of a slot now, on a thread of its own (the caller took it).

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from dim import share
 from dim.claims import ClaimBook
-from dim.configs import Config
 from dim.events import Event, EventType
 from dim.instances import InstanceCalls, UserCallbacks
 from dim.lifecycle import Lifecycle
@@ -266,7 +265,7 @@ class Reconciler(Loop["Node"]):
             slot = self.table.slots.get(ckey)
             if slot is None or slot.token != token or slot.state is State.CLAIMING or slot.lost:
                 return
-            self._begin_stop(slot, lost=True)
+            self.lifecycle.begin_stop(slot, lost=True)
         # the stop runs already: a log handler that blocks cannot hold it up
         self._log.warning(
             "node %s lost its claim of %r (%s); stopping it",
@@ -287,7 +286,7 @@ class Reconciler(Loop["Node"]):
                 return
             slot.healthy = False
             token = slot.token
-            self._begin_stop(slot, recreate=slot.config)
+            self.lifecycle.begin_stop(slot, recreate=slot.config)
         self.node.emit(
             Event(
                 EventType.INSTANCE_UNHEALTHY,
@@ -370,6 +369,7 @@ class Reconciler(Loop["Node"]):
                 else:
                     wait = self._check_at - now
         read = False  # (set where it reads: a read asked for meanwhile retries every claim)
+        overtaken = False
         if self._need_read and not self._have_read and node.listener is not None:
             # the first read after the subscription: a write after it is heard as a
             # hint (a join costs one read); not for long if subscribing fails
@@ -431,7 +431,8 @@ class Reconciler(Loop["Node"]):
                 if awaited is not None:
                     self._after_read(awaited)
             self.claims.release_orphans()
-        to_claim = self._plan(retry_all=read)
+        # (an overtaken read did not say where the configs outside the share stand)
+        to_claim = self._plan(retry_all=read, informed=read and not overtaken)
         if to_claim:
             s = node.settings
             with self.claims_lock:
@@ -447,31 +448,41 @@ class Reconciler(Loop["Node"]):
                 wait = min(wait, max(0.0, self._check_at - node.clock()))
         return wait
 
-    def _plan(self, retry_all: bool) -> list[str]:
+    def _plan(self, retry_all: bool, informed: bool = False) -> list[str]:
         """Start/stop what the desired set says; return the config keys to claim.
 
         Pending claims are all retried after a read and once per heartbeat interval;
         in between, a ``released`` hint retries only the claims it names, so a node
         waiting for many claims does not ask for all of them on every release.
+        ``informed``: this tick read where the configs outside the share stand; a
+        config kept outside it is stopped only then (otherwise a read is asked for).
         """
         now = self.node.clock()
         changed = []  # logged once the lock is let go (the watchdog takes it too)
         with self.table.lock:
             if self.table.closing or self.node.fenced:
                 return []
+            ask = False
             for ckey, slot in list(self.table.slots.items()):
                 want = self.table.desired.get(ckey)
-                if want is None and slot.state is not State.CLAIMING and self._keep(ckey):
+                if want is not None:
+                    slot.kept = False  # back in the share
+                elif slot.state is not State.CLAIMING and self._keep(ckey):
                     slot.kept = True  # read for before it is stopped (see tick)
+                    continue
+                elif slot.kept and not informed and slot.state in (State.RUNNING, State.CREATING):
+                    # kept on what the node knew then (a reset window may have ended
+                    # since): stopped only on a read of where it stands now
+                    ask = True
                     continue
                 if want is None:
                     if slot.state is State.CLAIMING:
                         del self.table.slots[ckey]
                     else:
-                        self._begin_stop(slot)
+                        self.lifecycle.begin_stop(slot)
                 elif slot.state is State.RUNNING and want.json != slot.config.json:
                     changed.append((want.id, slot.token))
-                    self._begin_stop(slot, recreate=want)
+                    self.lifecycle.begin_stop(slot, recreate=want)
                 elif slot.state is State.CLAIMING and want.json != slot.config.json:
                     slot.config = want
             fresh = set()  # new slots are claimed at once, whatever woke us
@@ -492,6 +503,8 @@ class Reconciler(Loop["Node"]):
                 and s.retry_at <= now
                 and (everything or c in hinted or c in fresh)
             ]
+        if ask:
+            self.wake(read=True)
         for config_id, token in changed:
             extra = fields(config=config_id, token=token)
             self._log.info("config %r changed; recreating its instance", config_id, extra=extra)
@@ -535,31 +548,6 @@ class Reconciler(Loop["Node"]):
             self.lifecycle.start_create(slot, token)
         if lost:
             self.claims.release(dict(lost))
-
-    def _begin_stop(
-        self,
-        slot: Slot,
-        *,
-        lost: bool = False,
-        recreate: Optional[Config] = None,
-    ) -> None:
-        """Under the lock: move a slot towards STOPPING.
-
-        ``lost``: the claim is not ours any more; ``recreate``: create it again after the
-        disconnect. The disconnect starts at once on a thread of its own: a stop never
-        queues behind creates that hang (the claim is held until it returns).
-        """
-        slot.cancel.set()
-        if lost:
-            slot.lost = True
-        if recreate is None or slot.lost:
-            slot.recreate = None
-        if slot.state is State.RUNNING:
-            slot.recreate = None if slot.lost else recreate
-            slot.take_stop()
-            self.lifecycle.spawn_stop(slot)
-        # STOPPING: its disconnect runs already; CREATING: the create task sees the
-        # cancel and disposes of what it makes
 
     # -- shutdown -------------------------------------------------------------------------
 

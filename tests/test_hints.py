@@ -264,6 +264,125 @@ def test_a_config_kept_outside_the_share_is_read_for_before_it_is_stopped(
         manager.stop()
 
 
+@contextlib.contextmanager
+def _kept_outside(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> Iterator[tuple[Manager, Manager, list[dict[str, Any]], list[Any], Any, str]]:
+    """A leader and a follower of four configs (6 s heartbeats: no look at kept configs
+    comes unasked); the follower keeps one of its configs outside its share on a stale
+    placement ("elsewhere") through a reset window, which has ended when this yields
+    (lead, follows, configs, stopped, kept config id, its ckey). Redis still gives the
+    config to the follower: a read brings it back into the share."""
+    settings = _slow_heartbeats(redis_client, service)
+    configs = [{"id": i, "v": 0} for i in range(4)]
+    stopped: list[Any] = []
+    lead = id_manager(redis_url, service, configs, settings, lambda instance: None)
+    follows = id_manager(redis_url, service, configs, settings, stopped.append)
+    try:
+        lead.start()
+        wait_until(lambda: len(lead.instances) == 4, 4, message="the first node waited")
+        follows.start()
+        wait_until(
+            lambda: len(follows.instances) == 2 and len(lead.instances) == 2,
+            4,
+            message="the second node waited",
+        )
+        assert lead.is_leader and follows.wait_until_stable(4)
+        node = follows._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
+        kept = min(follows.instances)
+        ckey = next(c for c, s in reconciler.table.slots.items() if s.config.id == kept)
+        with reconciler.table.lock:
+            # what a read in a reset window may leave: a config outside the share, placed
+            # elsewhere by stale data, kept while the window lasts
+            reconciler._recheck_at = float("inf")  # (the test asks for the look)
+            config = reconciler.table.desired.pop(ckey)
+            reconciler._placements[ckey] = ConfigPlace("elsewhere", config.json)
+            node.store.era.reset_until = window_end = node.clock() + 0.3
+        reconciler.wake()  # a plan in the window keeps it
+        wait_until(lambda: reconciler.table.slots[ckey].kept, 4, message="not kept")
+        wait_until(lambda: node.clock() > window_end, 4)
+        yield lead, follows, configs, stopped, kept, ckey
+    finally:
+        follows.stop()
+        lead.stop()
+
+
+def _change(lead: Manager, configs: list[dict[str, Any]], config_id: Any) -> None:
+    configs[:] = [{"id": c["id"], "v": 1} if c["id"] == config_id else c for c in configs]
+    lead.refresh()
+
+
+def test_a_kept_config_is_not_stopped_by_a_tick_that_did_not_read(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """A config kept outside the share is stopped only on a read of where it stands: a
+    tick that a hint woke (its delta changed another config) after the reset window
+    ended asks for that read first, and the config runs on."""
+    with _kept_outside(redis_url, redis_client, service) as (lead, follows, configs, *rest):
+        stopped, kept, _ = rest
+        other = max(follows.instances)
+        reconciler = follows._node.reconciler  # type: ignore[union-attr]
+        before = reconciler._read_version
+        _change(lead, configs, other)
+        wait_until(lambda: reconciler._read_version != before, 4, message="no hint came")
+        assert follows.wait_until_stable(5)
+        assert kept in follows.instances and kept not in stopped
+
+
+def test_a_kept_config_back_in_the_share_is_stopped_by_a_delta_without_a_read(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """A config kept outside the share that a read brings back into it is no longer
+    kept: a delta that then removes it stops it at once, without a read first."""
+    with _kept_outside(redis_url, redis_client, service) as (lead, follows, configs, *rest):
+        stopped, kept, ckey = rest
+        reconciler = follows._node.reconciler  # type: ignore[union-attr]
+        reconciler._recheck_at = float("-inf")  # the look is due: a read brings it back
+        reconciler.wake()
+        wait_until(lambda: ckey in reconciler.table.desired, 4, message="not read back")
+        assert follows.wait_until_stable(4)
+        reads = _count_reads([follows])
+        configs[:] = [c for c in configs if c["id"] != kept]
+        lead.refresh()  # removed: the delta says it is gone
+        wait_until(lambda: kept in stopped, 4, message="the removed config was not stopped")
+        assert reads == []
+
+
+def test_a_kept_config_is_read_for_again_when_a_hint_overtakes_the_read(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """The read that asks where a kept config stands may be overtaken by a hint's delta
+    (and discarded, as any read the share moved past): the node reads again before it
+    decides, and does not stop the config on the placement it held before."""
+    with _kept_outside(redis_url, redis_client, service) as (lead, follows, configs, *rest):
+        stopped, kept, ckey = rest
+        other = max(follows.instances)
+        node = follows._node  # type: ignore[union-attr]
+        reconciler = node.reconciler
+        read = node.store.read_desired
+        crossed: list[bool] = []  # the read for the kept config crossed a hint's delta
+        asked: list[list[str]] = []
+
+        def crossing_read(node_id: str, handled: list[str], held: Any) -> Any:
+            asked.append(list(handled))
+            if not crossed and ckey in handled:
+                # the write lands and its hint is applied before the read's reply is in
+                before = reconciler._read_version
+                _change(lead, configs, other)
+                wait_until(lambda: reconciler._read_version != before, 4, message="no hint came")
+                crossed.append(True)
+            return read(node_id, handled, held)
+
+        node.store.read_desired = crossing_read  # type: ignore[method-assign]
+        reconciler._recheck_at = float("-inf")  # the look is due
+        reconciler.wake()
+        wait_until(lambda: crossed, 5, message="no read crossed a hint")
+        assert follows.wait_until_stable(5)
+        assert kept in follows.instances and kept not in stopped
+        assert sum(ckey in handled for handled in asked) >= 2  # read for again
+
+
 def test_assigned_hint_goes_only_to_the_nodes_it_changes(
     redis_url: str, service: str, hints: HintRecorder
 ) -> None:
