@@ -23,13 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds a read may block while the node runs: an idle listener wakes twice a second,
-#: not ten times. Under stop()'s one second for its threads to end, so that even a
-#: Redis that cannot carry the ``left`` hint (below) lets the listener end in time.
+#: Seconds a read may block: an idle listener wakes twice a second, not ten times.
+#: Under stop()'s one second for its threads to end, so that even a Redis that cannot
+#: carry the node's own ``left`` hint (which ends the read under way) lets the listener
+#: end in time.
 POLL = 0.5
-#: Seconds a read may block once the node leaves, which bounds how long stop() waits for
-#: the listener: the node's own ``left`` message ends the read that was under way.
-LEAVING_POLL = 0.1
 
 
 class HintListener(Loop["Node"]):
@@ -54,6 +52,11 @@ class HintListener(Loop["Node"]):
 
     def tick(self) -> float:
         node = self.node
+        if node.leaving:
+            # no hint matters to a node that leaves (it claims nothing and may not lead):
+            # read no more, so that stop() waits for no read
+            self.close()
+            return node.settings.heartbeat_interval
         if self._pubsub is None:
             self._pubsub = self._open()
             # hints may have been missed while we were not subscribed: the leader looks
@@ -64,8 +67,9 @@ class HintListener(Loop["Node"]):
             node.leader.wake()
             node.subscribed.set()
         try:
-            while not node.stop_event.is_set():
-                raw = self._pubsub.get_message(timeout=LEAVING_POLL if node.leaving else POLL)
+            # the node's own ``left`` hint ends the read under way when it leaves
+            while not node.stop_event.is_set() and not node.leaving:
+                raw = self._pubsub.get_message(timeout=POLL)
                 if raw is not None:
                     self.handle(raw.get("data"))
         except (redis.RedisError, OSError, ValueError):

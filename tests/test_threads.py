@@ -20,6 +20,7 @@ import redis
 
 from dim import Event, EventType, Manager
 from dim.keys import Keys
+from dim.listener import HintListener
 from dim.testing import RedisServer, wait_until
 from dim.usercode import Runners
 
@@ -1112,6 +1113,57 @@ def test_stop_ends_the_listener_without_waiting_out_its_read(
     finally:
         for manager in managers:
             manager.stop()
+
+
+def test_a_leaving_node_s_listener_reads_no_more(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its node leaves, the listener starts no read: the read under way ends (at
+    the latest on the node's own ``left`` hint), and stop() then waits for no read of
+    the listener, however long its disconnects take (a read would cost it the read's
+    wait)."""
+    gate = threading.Event()
+    manager = Manager(
+        lambda: [0],
+        lambda c: {"c": c},
+        disconnect=lambda instance: gate.wait(10),
+        redis=redis_url,
+        service=service,
+        settings=FAST.replace(disconnect_timeout=3.0),
+    )
+    manager.start()
+    stopper = threading.Thread(target=manager.stop, name="test-stop")
+    try:
+        assert manager.wait_until_stable(10)
+        node = manager._node
+        assert node is not None and isinstance(node.listener, HintListener)
+        listener = node.listener
+        pubsub = listener._pubsub
+        assert pubsub is not None
+        get_message = pubsub.get_message
+        ended, reads_after = threading.Event(), []
+
+        def read(*a: Any, **kw: Any) -> Any:
+            if ended.is_set():
+                reads_after.append(kw.get("timeout"))
+            raw = get_message(*a, **kw)
+            if node.leaving:
+                ended.set()  # a read has returned since the node began to leave
+            return raw
+
+        monkeypatch.setattr(pubsub, "get_message", read)  # (from the next read on)
+        stopper.start()
+        # the disconnect is held: the listener either reads on or lets its subscription go
+        wait_until(lambda: reads_after or listener._pubsub is None, 5)
+        gate.set()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        assert reads_after == [], f"the listener read on after its node left: {reads_after}"
+    finally:
+        gate.set()
+        if stopper.is_alive():
+            stopper.join(15)
+        manager.stop()
 
 
 # -- a placement rule that hangs -----------------------------------------------------------
