@@ -54,8 +54,10 @@ class HintListener(Loop["Node"]):
         node = self.node
         if node.leaving:
             # no hint matters to a node that leaves (it claims nothing and may not lead):
-            # read no more, so that stop() waits for no read
+            # read no more, so that stop() waits for no read; and a first read still
+            # waiting for our subscription waits no longer (none will come)
             self.close()
+            node.subscribed.set()
             return node.settings.heartbeat_interval
         if self._pubsub is None:
             self._pubsub = self._open()

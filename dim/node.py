@@ -96,8 +96,9 @@ class Node:
         self.reconciler: ReconcilerRole
         self.leader: LeaderRole
         self.listener: Optional[Loop[Any]] = None
-        # writer: listener, once it has subscribed; the reconciler's first read waits for
-        # it, so that every write after that read reaches the node as a hint
+        # writer: listener, once it has subscribed (or once the node leaves: it never
+        # will); the reconciler's first read waits for it, so that every write after that
+        # read reaches the node as a hint
         self.subscribed = threading.Event()
         self.health: Optional[Loop[Any]] = None
         self.heartbeat = Heartbeat(self)

@@ -21,6 +21,7 @@ import redis
 from dim import Event, EventType, Manager
 from dim.keys import Keys
 from dim.listener import HintListener
+from dim.node import Node
 from dim.testing import RedisServer, wait_until
 from dim.usercode import Runners
 
@@ -1163,6 +1164,47 @@ def test_a_leaving_node_s_listener_reads_no_more(
         gate.set()
         if stopper.is_alive():
             stopper.join(15)
+        manager.stop()
+
+
+def test_a_node_that_leaves_before_its_listener_subscribed_waits_for_no_subscription(
+    redis_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler's first read waits (up to a second) for the listener to subscribe.
+    A listener whose first tick comes only once its node leaves never subscribes: it
+    says so, and that wait ends at once rather than holding stop() up to a second."""
+    waits: list[bool] = []
+    waiting = threading.Event()
+
+    class Subscribed(threading.Event):
+        def wait(self, timeout: Optional[float] = None) -> bool:
+            waiting.set()
+            came = super().wait(timeout)
+            waits.append(came)
+            return came
+
+    init = Node.__init__
+
+    def node_init(self: Node, *a: Any, **kw: Any) -> None:
+        init(self, *a, **kw)
+        self.subscribed = Subscribed()
+
+    tick = HintListener.tick
+
+    def late_tick(self: HintListener) -> float:
+        # the listener thread is held back until its node leaves
+        wait_until(lambda: self.node.leaving, 10)
+        return tick(self)
+
+    monkeypatch.setattr(Node, "__init__", node_init)
+    monkeypatch.setattr(HintListener, "tick", late_tick)
+    manager = Manager(lambda: [], lambda c: c, redis=redis_url, service=service)
+    try:
+        manager.start()
+        assert waiting.wait(5), "the reconciler's first read did not wait for the listener"
+        manager.stop()
+        assert waits == [True], f"the wait for the subscription timed out: {waits}"
+    finally:
         manager.stop()
 
 

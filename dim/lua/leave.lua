@@ -16,7 +16,7 @@ redis.call('HDEL', shares_key, node)
 redis.call('HDEL', deltas_key, node)
 local lead = string.match(redis.call('GET', leader_key) or '', '^(.*):%d+$')
 if lead and lead ~= node then redis.call('PUBLISH', channel .. ':' .. lead, hint) end
--- and to the node itself: its listener, woken, reads in short waits from now on, so
--- that stop() need not wait out a long one
+-- and to the node itself: its listener, woken, reads no more from now on, so that
+-- stop() need not wait out a long read
 redis.call('PUBLISH', channel .. ':' .. node, hint)
 return 1
