@@ -1142,9 +1142,10 @@ def test_a_leaving_node_s_listener_reads_no_more(
         pubsub = listener._pubsub
         assert pubsub is not None
         get_message = pubsub.get_message
-        ended, reads_after = threading.Event(), []
+        entered, ended, reads_after = threading.Event(), threading.Event(), []
 
         def read(*a: Any, **kw: Any) -> Any:
+            entered.set()
             if ended.is_set():
                 reads_after.append(kw.get("timeout"))
             raw = get_message(*a, **kw)
@@ -1152,10 +1153,14 @@ def test_a_leaving_node_s_listener_reads_no_more(
                 ended.set()  # a read has returned since the node began to leave
             return raw
 
-        monkeypatch.setattr(pubsub, "get_message", read)  # (from the next read on)
+        monkeypatch.setattr(pubsub, "get_message", read)
+        # the read under way when the node leaves goes through the patch
+        wait_until(entered.is_set, 5, message="the listener did not read again")
         stopper.start()
         # the disconnect is held: the listener either reads on or lets its subscription go
         wait_until(lambda: reads_after or listener._pubsub is None, 5)
+        # ... by itself, while stop() still waits for the disconnect (not stop()'s close)
+        assert not node.stop_event.is_set()
         gate.set()
         stopper.join(15)
         assert not stopper.is_alive()
@@ -1198,13 +1203,22 @@ def test_a_node_that_leaves_before_its_listener_subscribed_waits_for_no_subscrip
         wait_until(lambda: self.node.leaving, 10)
         return tick(self)
 
+    opened: list[HintListener] = []
+    open_ = HintListener._open
+
+    def counted_open(self: HintListener) -> Any:
+        opened.append(self)
+        return open_(self)
+
     monkeypatch.setattr(Node, "__init__", node_init)
     monkeypatch.setattr(HintListener, "tick", late_tick)
+    monkeypatch.setattr(HintListener, "_open", counted_open)
     manager = Manager(lambda: [], lambda c: c, redis=redis_url, service=service)
     try:
         manager.start()
         assert waiting.wait(5), "the reconciler's first read did not wait for the listener"
         manager.stop()
+        assert opened == [], "the listener subscribed although its node was leaving"
         assert waits == [True], f"the wait for the subscription did not end: {waits}"
     finally:
         manager.stop()
