@@ -140,10 +140,12 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Deliver what is queued, then end the thread (waits at most ``timeout``)."""
+        """Deliver what is queued, then end the thread (waits at most ``timeout``); a
+        dispatcher never started is left as it is (it may start later)."""
+        if self._thread is None:
+            return
         self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         from dim.usercode import block_signals

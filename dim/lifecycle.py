@@ -157,8 +157,11 @@ class Lifecycle:
         # STOPPING: its disconnect runs already; CREATING: the create task sees the
         # cancel and disposes of what it makes
 
-    def spawn_stop(self, slot: Slot) -> None:
-        """Run the disconnect of a slot now, on a thread of its own (the caller took it).
+    def spawn_stop(self, slot: Slot, take: bool = False) -> None:
+        """Run the disconnect of a slot now, on a thread of its own (the caller took it;
+        ``take``: the thread takes it, unless someone did first. A caller that a signal
+        handler may interrupt between two slots, stop() on the main thread, so leaves
+        none taken and not started: its next pass starts what is left once more).
 
         Never raises: when no thread can be started (the process is at its thread limit),
         the slot waits for its disconnect again and the reconciler retries it once per
@@ -169,11 +172,18 @@ class Lifecycle:
         out of threads"; running it on the reconciler instead was tried and reverted:
         one disconnect that hangs there blocks the node for good).
         """
+        task = self._take_stop_task if take else self._stop_task
         try:
-            self._threads.start(self._stop_task, slot, name=self._stop_name, borrow=True)
+            self._threads.start(task, slot, name=self._stop_name, borrow=True)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
+            if take and not self._take_stop(slot):
+                return
             if not self._stop_later(slot, exc):
                 self._guard(self._run_stop, slot, True)
+
+    def _take_stop(self, slot: Slot) -> bool:
+        with self.table.lock:
+            return self.table.slots.get(slot.ckey) is slot and slot.take_stop()
 
     def _stop_later(self, slot: Slot, error: BaseException) -> bool:
         """The disconnect of the slot could not start: it waits for a tick to retry it.
@@ -289,6 +299,10 @@ class Lifecycle:
     def _stop_task(self, slot: Slot) -> None:
         block_signals()
         self._guard(self._run_stop, slot)
+
+    def _take_stop_task(self, slot: Slot) -> None:
+        if self._take_stop(slot):
+            self._stop_task(slot)
 
     def _run_stop(self, slot: Slot, last: bool = False) -> None:
         """Disconnect the slot's instance on this thread, timed by the watchdog (``last``:

@@ -288,6 +288,9 @@ class Manager:
         no thread at the deadline (the process is at its thread limit) runs where it is,
         without a time limit, and is waited for, rather than not run at all.
 
+        Interrupted by an exception (a signal handler's ``SystemExit``, a second Ctrl-C),
+        it still leaves, waiting for no more disconnects, then lets the exception go on.
+
         :param timeout: how long to wait for the disconnects (default:
             ``settings.stop_timeout``).
         """
@@ -299,22 +302,43 @@ class Manager:
             node = self._node
             if node is None:
                 return
+            assert self._parts is not None
             try:
-                assert self._parts is not None
                 self._leave(node, *self._parts, timeout)
+            except BaseException as exc:
+                # interrupted: a signal handler raised here (a second SIGTERM or Ctrl-C).
+                # Half stopped, the node would stay a member that claims nothing (what it
+                # is assigned runs nowhere) and keep its threads: finish leaving, waiting
+                # for no disconnect (as with timeout=0), then let the exception go on
+                log.warning(
+                    "stop() of node %s was interrupted (%r): it leaves without waiting "
+                    "for its disconnects",
+                    node.node_id,
+                    exc,
+                    extra=fields(node.node_id),
+                )
+                self._leave(node, *self._parts, 0.0, hurry=True)
+                raise
             finally:
                 self._node = None
                 self._parts = None
 
     def _leave(
-        self, node: Node, reconciler: Reconciler, leader: LeaderLoop, timeout: Optional[float]
+        self,
+        node: Node,
+        reconciler: Reconciler,
+        leader: LeaderLoop,
+        timeout: Optional[float],
+        hurry: bool = False,
     ) -> None:
+        """The steps of a graceful stop; each may run twice (``hurry``: again, after an
+        interruption, and with no final rebalance: the next leader places our configs)."""
         # no new claims from here on: the final rebalance may not hand us anything
         reconciler.begin_close()
         s = self.settings
         wait = s.stop_timeout if timeout is None else timeout
         store = node.store
-        if node.is_leader and not (node.static and s.rejoin_grace):
+        if node.is_leader and not hurry and not (node.static and s.rejoin_grace):
             # (a static node with a rejoin grace keeps its configs for its restart)
             try:
                 leader.final_rebalance()

@@ -568,10 +568,12 @@ class Reconciler(Loop["Node"]):
                 slot.recreate = None
                 if slot.state is State.CLAIMING:
                     del self.table.slots[ckey]
-                elif slot.take_stop():
+                elif slot.stop_free():
                     victims.append(slot)
         for slot in victims:
-            self.lifecycle.spawn_stop(slot)
+            # each taken on its thread: stopped here, between two slots, by a signal
+            # handler, we leave none taken and not started (a second pass starts the rest)
+            self.lifecycle.spawn_stop(slot, take=True)
         self.lifecycle.wait_stopped(node.clock() + timeout)
         self.lifecycle.close()
         self.claims.flush()  # the overruns' claims (their release thread may not have run)

@@ -155,6 +155,14 @@ class Slot:
         self.token = None
         self.retry_at = retry_at
 
+    def stop_free(self) -> bool:
+        """Whether :meth:`take_stop` would hand over the disconnect now."""
+        if self.instance is None:
+            return False
+        return self.state is State.RUNNING or (
+            self.state is State.STOPPING and not self.disconnecting
+        )
+
     def take_stop(self) -> bool:
         """RUNNING -> STOPPING; True if the caller now owns the disconnect (nobody took
         it before), False if it is taken already or there is no instance to stop."""

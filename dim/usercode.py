@@ -166,6 +166,10 @@ class Runners:
         idle = self._reuse(name, borrow)
         if idle is None:
             inbox: queue.SimpleQueue[Optional[Call]] = queue.SimpleQueue()
+            # the call goes in first: a signal handler that raises in the caller (the main
+            # thread, in stop()) while start() waits for the thread to run leaves a thread
+            # with its call, not one that waits for a call forever
+            inbox.put(job)
             thread = threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True)
             try:
                 thread.start()
@@ -177,11 +181,10 @@ class Runners:
                 # the interpreter is shutting down and starts no threads (3.12+): call it
                 # here, without a time limit, rather than not at all
                 job.run()
-                return job
-        else:
-            inbox, thread = idle
-            if thread.name != name:
-                thread.name = name  # (before it runs the call)
+            return job
+        inbox, thread = idle
+        if thread.name != name:
+            thread.name = name  # (before it runs the call)
         inbox.put(job)
         return job
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections import Counter
 from typing import Any
@@ -341,3 +342,142 @@ def test_fork_after_start_is_detected(redis_url: str, service: str) -> None:
         assert manager.wait_until_stable(5) and list(manager.instances) == [1]
     finally:
         manager.stop()
+
+
+# -- a stop() interrupted by a signal --------------------------------------------------
+# A service's signal handler may raise SystemExit in the main thread while stop() runs
+# there (a second SIGTERM, a second Ctrl-C). The node must still leave: a node left
+# behind as a member that claims nothing holds configs that then run nowhere, and its
+# threads run on for as long as the process lives.
+
+
+@pytest.fixture
+def interrupt():
+    """Installs a handler that raises SystemExit, like a service's; returns a function
+    that delivers its signal to the main thread (where stop() runs) from any thread."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+    yield lambda: signal.pthread_kill(main, signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def _loop_threads(node_id: str) -> list[str]:
+    roles = ("heartbeat", "fence", "reconciler", "leader", "listener", "health", "events")
+    names = {f"dim-{role}-{node_id}" for role in roles}
+    return [t.name for t in threading.enumerate() if t.is_alive() and t.name in names]
+
+
+def test_a_stop_interrupted_before_the_node_left_still_leaves(
+    cluster: Cluster, interrupt: Any, redis_client: redis.Redis, monkeypatch: Any
+) -> None:
+    """The signal lands while the leader makes its final rebalance (before it announced
+    that it leaves): stop() raises it, and the node has left all the same; every config
+    runs once on the other node and the stopped node's threads end."""
+    first = cluster.add()[0]
+    wait_until(lambda: first.is_leader, 10, message="the first node never led")
+    cluster.add()
+    cluster.wait_balanced()
+    node_id = first.node_id
+    assert node_id is not None
+    leader = first._parts[1]  # type: ignore[index]
+    rebalance = leader.final_rebalance
+
+    def interrupted() -> None:
+        interrupt()  # the handler runs at once, here, on the main thread
+        rebalance()
+
+    monkeypatch.setattr(leader, "final_rebalance", interrupted)
+    with pytest.raises(SystemExit):
+        first.stop()
+    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
+    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
+    cluster.wait_settled()
+    assert cluster.counts() == [12]
+    assert cluster.ledger.overlaps() == []
+
+
+def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
+    redis_url: str, service: str, redis_client: redis.Redis, interrupt: Any
+) -> None:
+    """The signal lands while stop() starts or waits for slow disconnects: it raises it, the
+    node's loops end at once all the same (none renews or claims any more), and its
+    disconnects still finish and hand their configs over, each once."""
+    release = threading.Event()
+    disconnecting: list[Any] = []
+    stopping: dict[str, str] = {}
+
+    def disconnect(node: str, instance: Any) -> None:
+        if node == stopping.get("node"):
+            if not disconnecting:
+                interrupt()  # from this stop thread to the main thread, waiting in stop()
+            disconnecting.append(instance.config)
+            release.wait(30)
+
+    cluster = Cluster(
+        redis_url,
+        service,
+        list(range(6)),
+        settings=FAST.replace(disconnect_timeout=3.0),
+        disconnect=disconnect,
+    )
+    try:
+        first, _second = cluster.add(2)
+        cluster.wait_balanced()
+        node_id = first.node_id
+        assert node_id is not None
+        stopping["node"] = node_id
+        with pytest.raises(SystemExit):
+            first.stop()
+        assert not release.is_set() and disconnecting
+        assert redis_client.zscore(Keys(service).nodes, node_id) is None
+        wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
+        release.set()
+        cluster.wait_settled()
+        assert cluster.counts() == [6]
+        assert sorted(disconnecting) == sorted(
+            iv.cid for iv in cluster.ledger.intervals() if iv.node == node_id
+        )
+        assert cluster.ledger.overlaps() == []
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if node_id in t.name],
+            5,
+            message="a thread of the stopped node is left",
+        )
+    finally:
+        release.set()
+        cluster.stop()
+
+
+def test_a_stop_interrupted_between_two_disconnects_still_starts_them_all(
+    cluster: Cluster, interrupt: Any, monkeypatch: Any
+) -> None:
+    """The signal lands after stop() started the first disconnect and before the next:
+    every instance of the node is still disconnected, and only then does another node
+    start its config (no claim lapses under an instance that nobody stops)."""
+    first, _second = cluster.add(2)
+    cluster.wait_balanced()
+    node_id = first.node_id
+    assert node_id is not None and len(first.instances) == 6
+    lifecycle = first._parts[0].lifecycle  # type: ignore[index]
+    spawn = lifecycle.spawn_stop
+    started: list[Any] = []
+
+    def interrupted(slot: Any, *args: Any, **kwargs: Any) -> None:
+        spawn(slot, *args, **kwargs)
+        started.append(slot.config.id)
+        if len(started) == 1:
+            interrupt()  # the handler runs at once, here, on the main thread
+
+    monkeypatch.setattr(lifecycle, "spawn_stop", interrupted)
+    with pytest.raises(SystemExit):
+        first.stop()
+    cluster.wait_settled()
+    assert cluster.counts() == [12]
+    ours = [iv for iv in cluster.ledger.intervals() if iv.node == node_id]
+    wait_until(lambda: all(iv.end is not None for iv in ours), 5, message="one runs on")
+    assert cluster.ledger.overlaps() == []

@@ -206,6 +206,33 @@ def test_runners_reuse_threads_abandon_hung_ones_and_close() -> None:
     )
 
 
+def test_a_start_interrupted_while_its_thread_starts_runs_the_call_and_leaks_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal handler may raise in the caller (stop() on the main thread) while
+    ``Thread.start`` waits for the new thread: the call still runs on that thread, and
+    the thread exits once the pool closes (it does not wait for a call forever)."""
+    runners = Runners("dim-test-interrupted", keep=1)
+    ran = threading.Event()
+    start = threading.Thread.start
+
+    def interrupted(thread: threading.Thread) -> None:
+        start(thread)
+        raise SystemExit("a signal, as start() returns")
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(SystemExit):
+        runners.start(lambda _: ran.set(), None)
+    monkeypatch.undo()
+    assert ran.wait(5), "the call was lost with the interrupted start"
+    runners.close()
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "dim-test-interrupted"],
+        5,
+        message="the thread of the interrupted start did not exit after close()",
+    )
+
+
 def test_runners_share_idle_threads_one_way_by_kind() -> None:
     """Calls of another kind (``name``) take an idle thread of the pool's kind only when
     they ``borrow``; the pool's kind never takes theirs. Each kind keeps at most ``keep``
