@@ -142,10 +142,11 @@ class Dispatcher:
     def stop(self, timeout: float) -> None:
         """Deliver what is queued, then end the thread (waits at most ``timeout``); a
         dispatcher never started is left as it is (it may start later)."""
-        if self._thread is None:
-            return
+        thread = self._thread
+        if thread is None or thread.ident is None:
+            return  # (ident: it started; start() may have failed or been interrupted)
         self._queue.put(None)
-        self._thread.join(timeout)
+        thread.join(timeout)
 
     def _run(self) -> None:
         from dim.usercode import block_signals

@@ -93,8 +93,14 @@ class Loop(Generic[H]):
         self._wake.set()
 
     def join(self, timeout: float) -> None:
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        thread = self._thread
+        # (ident: it started; start() may have failed, out of threads, or been interrupted)
+        if (
+            thread is not None
+            and thread.ident is not None
+            and thread is not threading.current_thread()
+        ):
+            thread.join(timeout)
 
     def cpu_time(self) -> Optional[float]:
         """CPU seconds this loop's thread has used, from ``/proc`` (``schedstat`` to the

@@ -187,6 +187,9 @@ class Manager:
         Non-blocking beyond the first round trip to Redis. Calling it on a running
         manager does nothing. After :meth:`stop` it joins again as a new node.
 
+        If it cannot start its threads (the process is at its thread limit, or a signal
+        handler raised), it leaves again and raises that error.
+
         :raises RedisUnavailableError: Redis cannot be reached within
             ``settings.connect_timeout``, or refuses the login or the commands dim needs.
         :raises ConfigError: this process cannot run dim's threads: gevent or eventlet
@@ -234,10 +237,21 @@ class Manager:
             self._node = node
             self._parts = (reconciler, leader)
             self._client = client
-            self._dispatcher.start(f"dim-events-{node.node_id}")
-            # the listener first: the reconciler's first read waits for its subscription
-            for loop in sorted(node.loops(), key=lambda loop: loop is not node.listener):
-                loop.start()
+            try:
+                self._dispatcher.start(f"dim-events-{node.node_id}")
+                # the listener first: the reconciler's first read waits for its
+                # subscription
+                for loop in sorted(node.loops(), key=lambda loop: loop is not node.listener):
+                    loop.start()
+            except BaseException:
+                # out of threads, or a signal handler raised: a member without all its
+                # loops would be assigned configs and run none; leave again
+                try:
+                    self._leave(node, reconciler, leader, 0.0, hurry=True)
+                finally:
+                    self._node = None
+                    self._parts = None
+                raise
             # the first heartbeat announced us (a JOINED hint, from the script itself)
             _live_managers.add(self)
             # a warning only, logged once the threads run (a handler may be slow)

@@ -481,3 +481,47 @@ def test_a_stop_interrupted_between_two_disconnects_still_starts_them_all(
     ours = [iv for iv in cluster.ledger.intervals() if iv.node == node_id]
     wait_until(lambda: all(iv.end is not None for iv in ours), 5, message="one runs on")
     assert cluster.ledger.overlaps() == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("can't start new thread"), SystemExit("a signal")],
+    ids=["out-of-threads", "interrupted"],
+)
+def test_a_start_that_cannot_start_its_threads_leaves_again(
+    redis_url: str,
+    service: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+) -> None:
+    """start() joined with its first heartbeat, then could not start every loop (the
+    process is at its thread limit, or a signal handler raised): it raises, the node is
+    no member (it would be assigned configs and run none), no thread of it is left, and
+    the manager starts cleanly afterwards."""
+    start = threading.Thread.start
+    node_ids: list[str] = []
+
+    def failing(thread: threading.Thread) -> None:
+        if thread.name.startswith("dim-reconciler-"):
+            node_ids.append(thread.name[len("dim-reconciler-") :])
+            raise error
+        start(thread)
+
+    manager = Manager(lambda: [1, 2], lambda c: c, redis=redis_url, service=service, settings=FAST)
+    monkeypatch.setattr(threading.Thread, "start", failing)
+    with pytest.raises(type(error)):
+        manager.start()
+    monkeypatch.undo()
+    try:
+        assert manager.node_id is None and len(node_ids) == 1
+        assert redis_client.zscore(Keys(service).nodes, node_ids[0]) is None
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if node_ids[0] in t.name],
+            5,
+            message="a thread of the node that failed to start is left",
+        )
+        manager.start()
+        assert manager.wait_until_stable(10) and sorted(manager.instances) == [1, 2]
+    finally:
+        manager.stop()
