@@ -70,15 +70,19 @@ class ClaimBook:
 
         A release that fails is queued again (:attr:`queued`: the reconciler's tick
         sends it), so a connection blip does not leave the config waiting out its lease.
-        Sending it late is safe: a claim taken since has another token and stays."""
+        Sending it late is safe: a claim taken since has another token and stays. So
+        is one that a signal handler interrupted (stop() on the main thread: its next
+        pass sends it)."""
         node_id = self._node_id
         try:
             self._store.release(node_id, tokens)
-        except redis.RedisError as exc:
+        except BaseException as exc:
             with self._mutex:
                 for ckey, token in tokens.items():
                     if self._releasing.get(ckey, 0) < token:
                         self._releasing[ckey] = token
+            if not isinstance(exc, redis.RedisError):
+                raise
             self._log.warning(
                 "node %s could not release %d claims (queued to be sent again; "
                 "unrenewed, they lapse by themselves): %r",

@@ -176,19 +176,21 @@ class Lifecycle:
         try:
             self._threads.start(task, slot, name=self._stop_name, borrow=True)
         except Exception as exc:  # RuntimeError: can't start new thread; MemoryError
-            if take and not self._take_stop(slot):
-                return
-            if not self._stop_later(slot, exc):
+            if not self._stop_later(slot, exc, take):
                 self._guard(self._run_stop, slot, True)
 
     def _take_stop(self, slot: Slot) -> bool:
         with self.table.lock:
             return self.table.slots.get(slot.ckey) is slot and slot.take_stop()
 
-    def _stop_later(self, slot: Slot, error: BaseException) -> bool:
+    def _stop_later(self, slot: Slot, error: BaseException, take: bool = False) -> bool:
         """The disconnect of the slot could not start: it waits for a tick to retry it.
-        False if no tick will (a graceful stop is past its deadline): the caller runs it."""
+        False if no tick will (a graceful stop is past its deadline): the caller runs it.
+        ``take``: the caller did not take it; taken here, in the same lock as it is
+        queued (True, nothing to run, if someone took it first)."""
         with self.table.lock:
+            if take and not (self.table.slots.get(slot.ckey) is slot and slot.take_stop()):
+                return True
             if self._final:
                 return False
             slot.disconnecting = False
@@ -258,9 +260,11 @@ class Lifecycle:
                 self.table.changed.wait(min(0.05, max(0.0, deadline - clock())))
             self._final = True
             slots, self._unstarted = self._unstarted, []
-            last = [s for s in slots if self.table.slots.get(s.ckey) is s and s.take_stop()]
+            last = [s for s in slots if self.table.slots.get(s.ckey) is s and s.stop_free()]
         for slot in last:
-            self.spawn_stop(slot)
+            # taken on its thread, as in Reconciler.close: interrupted here, this leaves
+            # none taken and not started (stop()'s next pass starts the rest)
+            self.spawn_stop(slot, take=True)
         with self.table.changed:
             while any(self.table.slots.get(s.ckey) is s for s in last):
                 self.table.changed.wait(0.05)

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # started managers, until they stop: held strongly, so that a manager the application
 # kept only in a local variable is still stopped by the exit hook
 _live_managers: set[Manager] = set()
+# how many times stop() runs the rest of an interrupted leave when interrupted again (a
+# user pressing Ctrl-C over and over: each pass takes a few round trips)
+_HURRIED_PASSES = 3
 
 
 def _check_callable(name: str, value: Any, optional: bool) -> None:
@@ -237,6 +240,7 @@ class Manager:
             self._node = node
             self._parts = (reconciler, leader)
             self._client = client
+            _live_managers.add(self)  # from here on, the exit hooks stop it
             try:
                 self._dispatcher.start(f"dim-events-{node.node_id}")
                 # the listener first: the reconciler's first read waits for its
@@ -246,14 +250,9 @@ class Manager:
             except BaseException:
                 # out of threads, or a signal handler raised: a member without all its
                 # loops would be assigned configs and run none; leave again
-                try:
-                    self._leave(node, reconciler, leader, 0.0, hurry=True)
-                finally:
-                    self._node = None
-                    self._parts = None
+                self._hurried_leave(node)
                 raise
-            # the first heartbeat announced us (a JOINED hint, from the script itself)
-            _live_managers.add(self)
+            # (the first heartbeat announced us: a JOINED hint, from the script itself)
             # a warning only, logged once the threads run (a handler may be slow)
             connection.warn_eviction(policy, self._describe_target())
             log.info(
@@ -324,18 +323,34 @@ class Manager:
                 # Half stopped, the node would stay a member that claims nothing (what it
                 # is assigned runs nowhere) and keep its threads: finish leaving, waiting
                 # for no disconnect (as with timeout=0), then let the exception go on
+                self._hurried_leave(node)
                 log.warning(
-                    "stop() of node %s was interrupted (%r): it leaves without waiting "
-                    "for its disconnects",
+                    "stop() of node %s was interrupted (%r): it left without waiting for "
+                    "its disconnects",
                     node.node_id,
                     exc,
                     extra=fields(node.node_id),
                 )
-                self._leave(node, *self._parts, 0.0, hurry=True)
                 raise
-            finally:
-                self._node = None
-                self._parts = None
+            self._node = None
+            self._parts = None
+
+    def _hurried_leave(self, node: Node) -> None:
+        """The rest of a leave that an exception cut short, waiting for no disconnect and
+        with no final rebalance; again if a signal handler raises in it too (at most
+        :data:`_HURRIED_PASSES` times: then that exception goes on, and the manager stays
+        started, so that stop() or the exit hooks try once more)."""
+        assert self._parts is not None
+        for passes_left in range(_HURRIED_PASSES - 1, -1, -1):
+            try:
+                self._leave(node, *self._parts, 0.0, hurry=True)
+            except BaseException:
+                if not passes_left:
+                    raise
+                continue
+            self._node = None
+            self._parts = None
+            return
 
     def _leave(
         self,

@@ -6,13 +6,15 @@ import logging
 import signal
 import threading
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import pytest
 import redis
 
 from dim import EventType, Manager, StateError
 from dim.keys import Keys
+from dim.manager import _HURRIED_PASSES
 from dim.testing import wait_until
 
 from .helpers import FAST, Cluster, id_manager
@@ -411,10 +413,12 @@ def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
     disconnecting: list[Any] = []
     stopping: dict[str, str] = {}
 
+    once = threading.Lock()
+
     def disconnect(node: str, instance: Any) -> None:
         if node == stopping.get("node"):
-            if not disconnecting:
-                interrupt()  # from this stop thread to the main thread, waiting in stop()
+            if once.acquire(blocking=False):  # (never released: one signal only)
+                interrupt()  # from this stop thread to the main thread, in stop()
             disconnecting.append(instance.config)
             release.wait(30)
 
@@ -453,16 +457,54 @@ def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
         cluster.stop()
 
 
+class Gated:
+    """A cluster whose disconnects on one node wait for a gate, counted per instance."""
+
+    def __init__(self, redis_url: str, service: str, n: int, **kwargs: Any) -> None:
+        self.gate = threading.Event()
+        self.calls: Counter[int] = Counter()
+        self.node: Optional[str] = None
+        self.cluster = Cluster(
+            redis_url, service, list(range(n)), disconnect=self._disconnect, **kwargs
+        )
+
+    def _disconnect(self, node: str, instance: Any) -> None:
+        if node == self.node:
+            self.calls[id(instance)] += 1
+            self.gate.wait(30)
+
+    def stopped_cleanly(self) -> None:
+        """Every instance of the node was disconnected exactly once, and no config ran
+        in two places (the other node started each only after its disconnect)."""
+        self.gate.set()
+
+        def ours() -> list[Any]:
+            return [iv for iv in self.cluster.ledger.intervals() if iv.node == self.node]
+
+        wait_until(lambda: all(iv.end is not None for iv in ours()), 5, message="one runs on")
+        assert len(ours()) == len(self.calls) and set(self.calls.values()) == {1}
+        self.cluster.wait_settled()
+        assert self.cluster.ledger.overlaps() == []
+
+
+@pytest.fixture
+def gated(redis_url: str, service: str) -> Iterator[Gated]:
+    g = Gated(redis_url, service, 12)
+    yield g
+    g.gate.set()
+    g.cluster.stop()
+
+
 def test_a_stop_interrupted_between_two_disconnects_still_starts_them_all(
-    cluster: Cluster, interrupt: Any, monkeypatch: Any
+    gated: Gated, interrupt: Any, monkeypatch: Any
 ) -> None:
     """The signal lands after stop() started the first disconnect and before the next:
-    every instance of the node is still disconnected, and only then does another node
-    start its config (no claim lapses under an instance that nobody stops)."""
-    first, _second = cluster.add(2)
-    cluster.wait_balanced()
-    node_id = first.node_id
-    assert node_id is not None and len(first.instances) == 6
+    every instance of the node is still disconnected, none twice, and only then does
+    another node start its config (no claim lapses under an instance nobody stops)."""
+    first, _second = gated.cluster.add(2)
+    gated.cluster.wait_balanced()
+    gated.node = first.node_id
+    assert len(first.instances) == 6
     lifecycle = first._parts[0].lifecycle  # type: ignore[index]
     spawn = lifecycle.spawn_stop
     started: list[Any] = []
@@ -476,10 +518,89 @@ def test_a_stop_interrupted_between_two_disconnects_still_starts_them_all(
     monkeypatch.setattr(lifecycle, "spawn_stop", interrupted)
     with pytest.raises(SystemExit):
         first.stop()
+    gated.stopped_cleanly()
+    assert gated.cluster.counts() == [12]
+
+
+def test_a_stop_interrupted_between_two_last_disconnects_still_starts_them_all(
+    gated: Gated, interrupt: Any, monkeypatch: Any
+) -> None:
+    """At its thread limit until stop()'s deadline, the node starts its disconnects once
+    more at the deadline; the signal lands between two of those: every instance is still
+    disconnected, none twice, before another node starts its config."""
+    first, _second = gated.cluster.add(2)
+    gated.cluster.wait_balanced()
+    gated.node = first.node_id
+    lifecycle = first._parts[0].lifecycle  # type: ignore[index]
+    runners, start = lifecycle._threads, lifecycle._threads.start
+
+    def limited(fn: Any, arg: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("name") == lifecycle._stop_name and not lifecycle._final:
+            raise RuntimeError("can't start new thread")  # until the deadline
+        return start(fn, arg, *args, **kwargs)
+
+    monkeypatch.setattr(runners, "start", limited)
+    spawn = lifecycle.spawn_stop
+    last: list[Any] = []
+
+    def interrupted(slot: Any, *args: Any, **kwargs: Any) -> None:
+        spawn(slot, *args, **kwargs)
+        if lifecycle._final and threading.current_thread() is threading.main_thread():
+            last.append(slot.config.id)
+            if len(last) == 1:  # (the next pass starts the rest: on the main thread too)
+                interrupt()
+
+    monkeypatch.setattr(lifecycle, "spawn_stop", interrupted)
+    with pytest.raises(SystemExit):
+        first.stop(timeout=0.3)
+    assert last, "the thread limit did not hold until the deadline"
+    gated.stopped_cleanly()
+
+
+@pytest.mark.parametrize("again", [1, _HURRIED_PASSES], ids=["once-more", "every-pass"])
+def test_a_stop_interrupted_again_while_it_finishes_still_leaves(
+    cluster: Cluster,
+    interrupt: Any,
+    redis_client: redis.Redis,
+    monkeypatch: Any,
+    again: int,
+) -> None:
+    """Signals keep coming (a user pressing Ctrl-C over and over): the first lands in
+    the final rebalance, the next ones as stop() runs the rest of the leave. After one
+    more, the next pass still leaves; when every pass is cut short, stop() raises, the
+    manager stays started, and the next stop() leaves."""
+    first = cluster.add()[0]
+    wait_until(lambda: first.is_leader, 10, message="the first node never led")
+    cluster.add()
+    cluster.wait_balanced()
+    node_id = first.node_id
+    reconciler, leader = first._parts  # type: ignore[misc]
+    rebalance, begin_close = leader.final_rebalance, reconciler.begin_close
+    passes: list[int] = []
+
+    def interrupted() -> None:
+        interrupt()
+        rebalance()
+
+    def closing() -> None:
+        passes.append(1)
+        if 1 < len(passes) <= 1 + again:  # each pass after the first begins here
+            interrupt()
+        begin_close()
+
+    monkeypatch.setattr(leader, "final_rebalance", interrupted)
+    monkeypatch.setattr(reconciler, "begin_close", closing)
+    with pytest.raises(SystemExit):
+        first.stop()
+    if again == _HURRIED_PASSES:
+        assert first.node_id == node_id, "the manager forgot a node that did not leave"
+        monkeypatch.undo()  # (no more signals)
+        first.stop()
+    assert first.node_id is None
+    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
+    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
     cluster.wait_settled()
     assert cluster.counts() == [12]
-    ours = [iv for iv in cluster.ledger.intervals() if iv.node == node_id]
-    wait_until(lambda: all(iv.end is not None for iv in ours), 5, message="one runs on")
     assert cluster.ledger.overlaps() == []
 
 
@@ -523,5 +644,34 @@ def test_a_start_that_cannot_start_its_threads_leaves_again(
         )
         manager.start()
         assert manager.wait_until_stable(10) and sorted(manager.instances) == [1, 2]
+    finally:
+        manager.stop()
+
+
+def test_a_release_cut_short_by_a_signal_is_sent_by_the_next_flush(
+    redis_url: str, service: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler that raises in a release (stop()'s flush, on the main thread)
+    does not lose it: the claim is queued again, and the next pass's flush lets it go
+    (else the config would wait out a lease, running nowhere)."""
+    manager = Manager(lambda: [1], lambda c: c, redis=redis_url, service=service, settings=FAST)
+    manager.start()
+    try:
+        assert manager.wait_until_stable(10)
+        book = manager._parts[0].claims  # type: ignore[index]
+        lease = manager.lease(1)
+        assert lease is not None and redis_client.exists(Keys(service).claim("1"))
+        release = book._store.release
+
+        def interrupted(*args: Any) -> None:
+            monkeypatch.setattr(book._store, "release", release)
+            raise SystemExit("a signal")
+
+        monkeypatch.setattr(book._store, "release", interrupted)
+        with pytest.raises(SystemExit):
+            book.release({"1": lease.token})
+        assert book.queued
+        book.flush()
+        assert not book.queued and not redis_client.exists(Keys(service).claim("1"))
     finally:
         manager.stop()
