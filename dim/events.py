@@ -141,12 +141,13 @@ class Dispatcher:
 
     def stop(self, timeout: float) -> None:
         """Deliver what is queued, then end the thread (waits at most ``timeout``); a
-        dispatcher never started is left as it is (it may start later)."""
+        dispatcher never told to start is left as it is (it may start later)."""
         thread = self._thread
-        if thread is None or thread.ident is None:
-            return  # (ident: it started; start() may have failed or been interrupted)
-        self._queue.put(None)
-        thread.join(timeout)
+        if thread is None:
+            return
+        self._queue.put(None)  # (even to a thread still starting: it ends on it)
+        if thread.ident is not None:  # it started (start() may have failed)
+            thread.join(timeout)
 
     def _run(self) -> None:
         from dim.usercode import block_signals

@@ -318,6 +318,8 @@ class Manager:
             assert self._parts is not None
             try:
                 self._leave(node, *self._parts, timeout)
+                self._node = None
+                self._parts = None
             except BaseException as exc:
                 # interrupted: a signal handler raised here (a second SIGTERM or Ctrl-C).
                 # Half stopped, the node would stay a member that claims nothing (what it
@@ -332,18 +334,18 @@ class Manager:
                     extra=fields(node.node_id),
                 )
                 raise
-            self._node = None
-            self._parts = None
 
     def _hurried_leave(self, node: Node) -> None:
         """The rest of a leave that an exception cut short, waiting for no disconnect and
         with no final rebalance; again if a signal handler raises in it too (at most
         :data:`_HURRIED_PASSES` times: then that exception goes on, and the manager stays
         started, so that stop() or the exit hooks try once more)."""
-        assert self._parts is not None
         for passes_left in range(_HURRIED_PASSES - 1, -1, -1):
+            parts = self._parts
+            if self._node is not node or parts is None:
+                return  # a stop() in the signal handler itself (the lock is reentrant)
             try:
-                self._leave(node, *self._parts, 0.0, hurry=True)
+                self._leave(node, *parts, 0.0, hurry=True)
             except BaseException:
                 if not passes_left:
                     raise

@@ -435,6 +435,7 @@ def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
         node_id = first.node_id
         assert node_id is not None
         stopping["node"] = node_id
+        held = sorted(first.instances)
         with pytest.raises(SystemExit):
             first.stop()
         assert not release.is_set() and disconnecting
@@ -443,9 +444,8 @@ def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
         release.set()
         cluster.wait_settled()
         assert cluster.counts() == [6]
-        assert sorted(disconnecting) == sorted(
-            iv.cid for iv in cluster.ledger.intervals() if iv.node == node_id
-        )
+        assert sorted(disconnecting) == held
+        assert all(iv.end is not None for iv in cluster.ledger.intervals() if iv.node == node_id)
         assert cluster.ledger.overlaps() == []
         wait_until(
             lambda: not [t for t in threading.enumerate() if node_id in t.name],
@@ -464,6 +464,7 @@ class Gated:
         self.gate = threading.Event()
         self.calls: Counter[int] = Counter()
         self.node: Optional[str] = None
+        self.running = 0
         self.cluster = Cluster(
             redis_url, service, list(range(n)), disconnect=self._disconnect, **kwargs
         )
@@ -472,6 +473,10 @@ class Gated:
         if node == self.node:
             self.calls[id(instance)] += 1
             self.gate.wait(30)
+
+    def watch(self, manager: Manager) -> None:
+        """Gate and count the disconnects of this manager's instances from now on."""
+        self.node, self.running = manager.node_id, len(manager.instances)
 
     def stopped_cleanly(self) -> None:
         """Every instance of the node was disconnected exactly once, and no config ran
@@ -482,7 +487,7 @@ class Gated:
             return [iv for iv in self.cluster.ledger.intervals() if iv.node == self.node]
 
         wait_until(lambda: all(iv.end is not None for iv in ours()), 5, message="one runs on")
-        assert len(ours()) == len(self.calls) and set(self.calls.values()) == {1}
+        assert len(self.calls) == self.running and set(self.calls.values()) == {1}
         self.cluster.wait_settled()
         assert self.cluster.ledger.overlaps() == []
 
@@ -503,8 +508,8 @@ def test_a_stop_interrupted_between_two_disconnects_still_starts_them_all(
     another node start its config (no claim lapses under an instance nobody stops)."""
     first, _second = gated.cluster.add(2)
     gated.cluster.wait_balanced()
-    gated.node = first.node_id
-    assert len(first.instances) == 6
+    gated.watch(first)
+    assert gated.running == 6
     lifecycle = first._parts[0].lifecycle  # type: ignore[index]
     spawn = lifecycle.spawn_stop
     started: list[Any] = []
@@ -530,9 +535,11 @@ def test_a_stop_interrupted_between_two_last_disconnects_still_starts_them_all(
     disconnected, none twice, before another node starts its config."""
     first, _second = gated.cluster.add(2)
     gated.cluster.wait_balanced()
-    gated.node = first.node_id
+    gated.watch(first)
     lifecycle = first._parts[0].lifecycle  # type: ignore[index]
     runners, start = lifecycle._threads, lifecycle._threads.start
+    # (and no tick retries them before the deadline: each would run its stop itself)
+    monkeypatch.setattr(lifecycle, "retry_stops", lambda: None)
 
     def limited(fn: Any, arg: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("name") == lifecycle._stop_name and not lifecycle._final:
@@ -670,8 +677,46 @@ def test_a_release_cut_short_by_a_signal_is_sent_by_the_next_flush(
         monkeypatch.setattr(book._store, "release", interrupted)
         with pytest.raises(SystemExit):
             book.release({"1": lease.token})
-        assert book.queued
-        book.flush()
+        book.flush()  # (or the reconciler's tick did, first)
         assert not book.queued and not redis_client.exists(Keys(service).claim("1"))
     finally:
         manager.stop()
+
+
+def test_a_signal_handler_that_stops_the_manager_itself_cuts_a_stop_short(
+    cluster: Cluster, redis_client: redis.Redis, monkeypatch: Any
+) -> None:
+    """A handler that calls stop() and then exits (a common SIGTERM handler) lands in a
+    stop() under way: the handler's stop() leaves, and the stop() it cut short lets its
+    SystemExit go on (not an error of its own)."""
+    first = cluster.add()[0]
+    wait_until(lambda: first.is_leader, 10, message="the first node never led")
+    cluster.add()
+    cluster.wait_balanced()
+    node_id = first.node_id
+    leader = first._parts[1]  # type: ignore[index]
+    rebalance = leader.final_rebalance
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def handler(signum: int, frame: Any) -> None:
+        first.stop()
+        raise SystemExit(0)
+
+    def interrupted() -> None:
+        signal.pthread_kill(main, signal.SIGUSR1)  # the handler runs at once, here
+        rebalance()
+
+    monkeypatch.setattr(leader, "final_rebalance", interrupted)
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(SystemExit):
+            first.stop()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert first.node_id is None
+    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
+    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
+    cluster.wait_settled()
+    assert cluster.counts() == [12]
+    assert cluster.ledger.overlaps() == []
