@@ -374,6 +374,16 @@ def _loop_threads(node_id: str) -> list[str]:
     return [t.name for t in threading.enumerate() if t.is_alive() and t.name in names]
 
 
+def _handed_over(cluster: Cluster, redis_client: redis.Redis, node_id: Any) -> None:
+    """The node left at once (not by TTL), its loops ended, and the other node of the
+    cluster runs all 12 configs, none of them ever in two places."""
+    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
+    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
+    cluster.wait_settled()
+    assert cluster.counts() == [12]
+    assert cluster.ledger.overlaps() == []
+
+
 def test_a_stop_interrupted_before_the_node_left_still_leaves(
     cluster: Cluster, interrupt: Any, redis_client: redis.Redis, monkeypatch: Any
 ) -> None:
@@ -396,11 +406,7 @@ def test_a_stop_interrupted_before_the_node_left_still_leaves(
     monkeypatch.setattr(leader, "final_rebalance", interrupted)
     with pytest.raises(SystemExit):
         first.stop()
-    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
-    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
-    cluster.wait_settled()
-    assert cluster.counts() == [12]
-    assert cluster.ledger.overlaps() == []
+    _handed_over(cluster, redis_client, node_id)
 
 
 def test_a_stop_interrupted_while_it_waits_for_disconnects_ends_the_node(
@@ -604,11 +610,7 @@ def test_a_stop_interrupted_again_while_it_finishes_still_leaves(
         monkeypatch.undo()  # (no more signals)
         first.stop()
     assert first.node_id is None
-    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
-    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
-    cluster.wait_settled()
-    assert cluster.counts() == [12]
-    assert cluster.ledger.overlaps() == []
+    _handed_over(cluster, redis_client, node_id)
 
 
 @pytest.mark.parametrize(
@@ -715,8 +717,4 @@ def test_a_signal_handler_that_stops_the_manager_itself_cuts_a_stop_short(
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert first.node_id is None
-    assert redis_client.zscore(Keys(cluster.service).nodes, node_id) is None
-    wait_until(lambda: not _loop_threads(node_id), 5, message="its loops run on")
-    cluster.wait_settled()
-    assert cluster.counts() == [12]
-    assert cluster.ledger.overlaps() == []
+    _handed_over(cluster, redis_client, node_id)
