@@ -100,6 +100,20 @@ def make_slowly():
     return make()
 
 
+def make_slow_exit():
+    # the process then exits slowly: an exit hook waits (up to 60 s) for the test's file
+    import atexit
+
+    def exiting():
+        record("exiting", "-")
+        wait = threading.Event()
+        while not os.path.exists(os.environ["NODES_LEDGER"] + ".release"):
+            wait.wait(0.05)
+
+    atexit.register(exiting)
+    return make()
+
+
 manager = make()  # a Manager itself is a target too
 not_a_manager = 42
 
@@ -275,6 +289,29 @@ def test_dim_run_two_kinds_of_signal_at_once_still_stop_gracefully(
     wait_running(worker, redis_url, service, 3)
     worker.proc.send_signal(signal.SIGINT)
     assert stop(worker, signal.SIGTERM) == 0, worker.stderr()
+    assert status(redis_url, service).nodes == []
+    assert still_open(cwd / "ledger") == []
+
+
+def test_dim_run_ignores_the_other_signal_of_a_pair_that_comes_after_its_stop(
+    nodes: tuple[Path, dict[str, str]], workers: Any, redis_url: str, service: str
+) -> None:
+    """The SIGTERM of a forwarded pair may come after the graceful stop that its SIGINT
+    began, while the process exits: it is the same request still, and the command exits
+    0 (the default action would have killed it)."""
+    cwd, env = nodes
+    worker = workers(["-m", "dim", "run", "nodes:make_slow_exit"], cwd, env)
+    wait_running(worker, redis_url, service, 3)
+    worker.proc.send_signal(signal.SIGINT)
+    wait_until(
+        lambda: any(e[0] == "exiting" for e in ledger_lines(cwd / "ledger")),
+        DEADLINE,
+        interval=0.05,
+        message="the process never got to exit",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    (cwd / "ledger.release").write_text("")
+    assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
     assert status(redis_url, service).nodes == []
     assert still_open(cwd / "ledger") == []
 

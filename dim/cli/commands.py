@@ -142,10 +142,13 @@ def signals_set(
     event: threading.Event,
     *signums: int,
     again: Optional[Callable[[int, list[int]], None]] = None,
+    keep: bool = False,
 ) -> Iterator[list[int]]:
     """While inside, these signals set ``event`` (and are recorded) instead of acting;
     one that comes once ``event`` is set calls ``again`` (if given) with its number and
-    every number received so far."""
+    every number received so far. ``keep``: once ``event`` is set, the handlers stay
+    after the block (the process is on its way out: a signal then is still handled as
+    one that came during the block, not by the default action)."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received  # only the main thread may install handlers
@@ -161,8 +164,9 @@ def signals_set(
     try:
         yield received
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        if not (keep and event.is_set()):
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
 
 # -- dim status, watch, config --------------------------------------------------------------
