@@ -180,8 +180,8 @@ class Lifecycle:
                 self._guard(self._run_stop, slot, True)
 
     def _take_stop(self, slot: Slot) -> bool:
-        with self.table.lock:
-            return self.table.slots.get(slot.ckey) is slot and slot.take_stop()
+        """Under the table's lock: take the disconnect of a slot still in the table."""
+        return self.table.slots.get(slot.ckey) is slot and slot.take_stop()
 
     def _stop_later(self, slot: Slot, error: BaseException, take: bool = False) -> bool:
         """The disconnect of the slot could not start: it waits for a tick to retry it.
@@ -189,7 +189,7 @@ class Lifecycle:
         ``take``: the caller did not take it; taken here, in the same lock as it is
         queued (True, nothing to run, if someone took it first)."""
         with self.table.lock:
-            if take and not (self.table.slots.get(slot.ckey) is slot and slot.take_stop()):
+            if take and not self._take_stop(slot):
                 return True
             if self._final:
                 return False
@@ -305,7 +305,9 @@ class Lifecycle:
         self._guard(self._run_stop, slot)
 
     def _take_stop_task(self, slot: Slot) -> None:
-        if self._take_stop(slot):
+        with self.table.lock:
+            took = self._take_stop(slot)
+        if took:
             self._stop_task(slot)
 
     def _run_stop(self, slot: Slot, last: bool = False) -> None:
