@@ -1,7 +1,8 @@
 """The claims this node lets go: releases (group-committed) and a fence's orphans.
 
 :class:`ClaimBook` owns :attr:`ClaimBook.lock` (the *claims lock*), held around every
-Redis call that takes, renews or releases claims (claim, heartbeat, release, retoken),
+Redis call that takes, renews or releases claims (claim, heartbeat, release, retoken,
+settle),
 so a renewal never races a release. Lock order: the claims lock first, then the slot
 table's lock (:mod:`dim.table`), then this book's own mutex, never the other way.
 """
@@ -28,6 +29,7 @@ class ClaimBook:
         self._mutex = threading.Lock()
         self._orphans: dict[str, int] = {}  # claims dropped by a fence, maybe still in Redis
         self._releasing: dict[str, int] = {}  # disconnected, claim not yet released
+        self._settling: dict[str, int] = {}  # created, claim still on its create lease
 
     def queue(self, ckey: str, token: int, fenced: bool) -> bool:
         """A slot is gone: queue its claim for release (True: the caller flushes), or,
@@ -55,6 +57,35 @@ class ClaimBook:
                 batch, self._releasing = self._releasing, {}
             if batch:
                 self.release(batch)
+
+    def settle_later(self, ckey: str, token: int) -> None:
+        """A create returned: its claim may live a lease from now, where it has a create
+        lease until the next heartbeat; :meth:`settle` (the reconciler's tick, which
+        each worker task wakes) sends it."""
+        with self._mutex:
+            self._settling[ckey] = token
+
+    @property
+    def settling(self) -> bool:
+        """Some claim waits for :meth:`settle`."""
+        return bool(self._settling)
+
+    def settle(self, ttl: float) -> None:
+        """Give each claim queued by :meth:`settle_later` ``ttl`` (a lease) from now, in
+        one round trip (protocol.rst §6). A failure is not retried: the claim keeps its
+        create lease until the next heartbeat renews it for a lease, which only makes a
+        takeover after a crash slower."""
+        with self.lock:
+            with self._mutex:
+                batch, self._settling = self._settling, {}
+            if not batch:
+                return
+            try:
+                self._store.settle(self._node_id, batch, ttl)
+            except redis.RedisError as exc:
+                self._log.debug(
+                    "node %s could not settle %d claims: %r", self._node_id, len(batch), exc
+                )
 
     def release_orphans(self) -> None:
         """Let go of the claims a fence dropped (those still wanted are claimed anew)."""

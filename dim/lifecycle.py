@@ -78,22 +78,26 @@ class Lifecycle:
 
     @property
     def pending(self) -> bool:
-        """Some task waits for a thread, or some claim for its release."""
+        """Some task waits for a thread, or some claim for its release or settle."""
         return bool(
             self._unstarted
             or self._workers.stalled
             or self.claims.queued
+            or self.claims.settling
             or self.calls.reports_pending
         )
 
     def retry(self) -> None:
         """On every tick while :attr:`pending`: the stops and creates that could not get
-        a thread, the releases whose thread could not start (overruns'), and the
-        overruns' log lines that found no thread."""
+        a thread, the releases whose thread could not start (overruns'), the claims of
+        creates that returned (a lease from now), and the overruns' log lines that found
+        no thread."""
         self.retry_stops()
         self.retry_creates()
         if self.claims.queued:
             self.claims.flush()
+        if self.claims.settling:
+            self.claims.settle(self.node.settings.lease)
         self.calls.flush_reports()
 
     def close(self) -> None:
@@ -480,6 +484,8 @@ class Lifecycle:
             )
             if keep:
                 slot.created(instance)
+                assert slot.token is not None
+                self.claims.settle_later(slot.ckey, slot.token)  # (sent by the next tick)
         if keep:
             self._log.debug(
                 "node %s created %r (token %s)",

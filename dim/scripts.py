@@ -31,6 +31,7 @@ def _script(name: str, *, checked: bool = True, prelude: bool = True) -> str:
 HEARTBEAT = _script("heartbeat")
 CLAIM = _script("claim")
 RETOKEN = _script("retoken")
+SETTLE = _script("settle")
 RELEASE = _script("release")
 LEADER_WRITE = _script("leader_write")
 READ_DESIRED = _script("read_desired")

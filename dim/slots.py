@@ -106,7 +106,9 @@ class Slot:
     retry_at: float = 0.0
     healthy: Optional[bool] = None
     cancel: threading.Event = attrs.field(factory=threading.Event)
-    # monotonic time until which the claim is sure to live in Redis (renewal sent + TTL)
+    # monotonic time until which the claim is sure to live in Redis (renewal sent + TTL),
+    # read only while CREATING (claimed and retokened set it anew): once create returns,
+    # a settle cuts the claim to a lease without lowering it here
     lease_until: float = 0.0
     disconnecting: bool = False  # a thread has taken the disconnect of the instance
     recreate: Optional[Config] = None  # after the disconnect, create again with this

@@ -55,6 +55,7 @@ class Store:
         self._claim = register(scripts.CLAIM)
         self._release = register(scripts.RELEASE)
         self._retoken = register(scripts.RETOKEN)
+        self._settle = register(scripts.SETTLE)
         self._leave = register(scripts.LEAVE)
         self._repair_read = register(scripts.REPAIR_READ)
         self._leader_write = register(scripts.LEADER_WRITE)
@@ -201,6 +202,18 @@ class Store:
         new = int(rest[0])
         self.era.note(new)
         return new
+
+    def settle(self, node_id: str, tokens: dict[str, int], ttl: float) -> int:
+        """Give the claims this node holds with exactly these tokens ``ttl`` (a lease)
+        from now, as their creates returned; returns how many it set (none for a late
+        request)."""
+        ckeys = list(tokens)
+        _header, rest = self._node_script(
+            self._settle,
+            [self.keys.claim(c) for c in ckeys],
+            [node_id, ms(ttl), *(tokens[c] for c in ckeys)],
+        )
+        return sum(int(flag) for flag in rest[0] or [])
 
     def release(self, node_id: str, tokens: dict[str, int], announce: bool = True) -> int:
         """Delete the claims this node still holds with exactly these tokens; with

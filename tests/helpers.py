@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import redis
 
 from dim import Manager, Settings
+from dim.keys import Keys
 from dim.messages import Kind, Message, decode
 from dim.testing import wait_until
 from tools.chaos.ledger import Interval, MemoryLedger, overlaps
@@ -378,3 +379,18 @@ class RaiseOnceOn(logging.Filter):
             self.raised += 1
             raise RuntimeError("log filter bug")
         return True
+
+
+def slow_heartbeats(redis_client: redis.Redis, service: str) -> Any:
+    """Settings whose heartbeat comes after the test (a 6 s interval): whatever the
+    test sees was woken by a hint. Sets the fence and the era, so no reset window."""
+    no_reset_window(redis_client, Keys(service))
+    return FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
+
+
+def no_reset_window(redis_client: redis.Redis, keys: Keys) -> None:
+    """Set the service's fence and era as a live cluster would have them, so nodes that
+    start now open no reset window (a new service otherwise waits one out)."""
+    seconds, micros = redis_client.time()
+    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
+    redis_client.set(keys.era, redis_client.info("server")["run_id"])

@@ -24,7 +24,7 @@ from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster, HintRecorder, id_manager
+from .helpers import FAST, Cluster, HintRecorder, id_manager, slow_heartbeats
 
 # for the tests that count share reads: a loaded machine that stalls a heartbeat for
 # half a second must not fence a node (a fence is followed by a whole read)
@@ -172,7 +172,7 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
     """A join takes a config from a node that does not lead: the delta in its hint says
     where the config went, so the node stops it at once, without reading its share,
     even when its once-a-heartbeat look at configs kept outside its share is due."""
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     configs = [{"id": i} for i in range(6)]
 
     def manager() -> Manager:
@@ -226,7 +226,7 @@ def test_a_config_kept_outside_the_share_is_read_for_before_it_is_stopped(
     placement that says "elsewhere", is not stopped on that placement when the window
     ends: the node reads where the config stands first (Redis still gives it to the
     node, so it runs on)."""
-    settings = _slow_heartbeats(redis_client, service).replace(heartbeat_interval=0.5)
+    settings = slow_heartbeats(redis_client, service).replace(heartbeat_interval=0.5)
     stopped: list[Any] = []
     manager = id_manager(redis_url, service, [{"id": 1}, {"id": 2}], settings, stopped.append)
     ticks: list[float] = []
@@ -273,7 +273,7 @@ def _kept_outside(
     placement ("elsewhere") through a reset window, which has ended when this yields
     (lead, follows, configs, stopped, kept config id, its ckey). Redis still gives the
     config to the follower: a read brings it back into the share."""
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     configs = [{"id": i, "v": 0} for i in range(4)]
     stopped: list[Any] = []
     lead = id_manager(redis_url, service, configs, settings, lambda instance: None)
@@ -522,16 +522,6 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
     assert contested.placements["51"].contested
 
 
-def _slow_heartbeats(redis_client: redis.Redis, service: str) -> Any:
-    """Settings whose heartbeat comes after the test (a 6 s interval): whatever the
-    test sees was woken by a hint. Sets the fence and the era, so no reset window."""
-    keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    return FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
-
-
 def _reads_of_share(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[str]:
     """Record the node of every share read from now on; ``after(node_id, read)`` runs
     once the read came back (and may hold it there)."""
@@ -572,7 +562,7 @@ def test_a_joining_node_hears_the_answer_to_its_join(
     reconciler's start), so the leader's ``assigned`` hint, with the new share inline,
     reaches it if the read came first: it reads its share once (before or after the
     leader's write) and never again."""
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     reads = _reads_of_share(monkeypatch)
     reconciling = threading.Event()  # the new node's reconciler has begun its first tick
     tick = Reconciler.tick
@@ -612,7 +602,7 @@ def test_a_join_during_the_leaders_own_start_is_heard(
     membership before its listener has subscribed, and a second node joins in that gap
     (its ``joined`` hint reaches nobody). Once subscribed, the listener wakes the leader:
     the join is seen at once, not at the next heartbeat."""
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     first_tick = threading.Event()
     joined = threading.Event()
     tick = LeaderLoop.tick
@@ -643,7 +633,7 @@ def test_a_hint_that_crosses_a_read_is_applied_once_the_read_is_in(
     """The leader's answer to a join arrives while the new node's first read, sent
     before the write, is still on its way back: the node applies the hint's delta to
     what the read brought, with no second read and no heartbeat."""
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     joining: dict[str, str] = {}
     first_read = threading.Event()  # the new node's first read has run in Redis
     hint_in = threading.Event()  # ... and the leader's hint has reached the new node
@@ -845,7 +835,7 @@ def test_a_start_survives_a_failed_subscription(
         return execute(self, *args)
 
     monkeypatch.setattr(PubSub, "execute_command", flaky)
-    settings = _slow_heartbeats(redis_client, service)
+    settings = slow_heartbeats(redis_client, service)
     cluster = Cluster(redis_url, service, [{"id": i} for i in range(4)], settings=settings)
     try:
         cluster.add(1)
@@ -955,7 +945,7 @@ def test_a_config_still_held_elsewhere_is_claimed_once_it_is_released(
     """A node given a config that the node leaving still runs does not try to claim it
     while it is held: the leader's hint says so, and the release's hint wakes the one
     claim that takes it (no failed claim first; a 6 s heartbeat, so no retry helps)."""
-    slow = _slow_heartbeats(redis_client, service)
+    slow = slow_heartbeats(redis_client, service)
     gate = threading.Event()
     with _one_leaves(redis_url, service, slow, gate) as (_, _, stays, goes, stopper):
         held = {str(c) for c in goes.instances}
@@ -991,7 +981,7 @@ def test_a_release_heard_before_the_claim_is_planned_is_not_lost(
 ) -> None:
     """The release of a config still held at the leader's write may be heard before the
     reconciler plans its claim: the claim then goes out at once, not at a heartbeat."""
-    slow = _slow_heartbeats(redis_client, service)
+    slow = slow_heartbeats(redis_client, service)
     gate, heard = threading.Event(), threading.Event()
     with _one_leaves(redis_url, service, slow, gate) as (_, _, stays, _, stopper):
         reconciler = stays._node.reconciler  # type: ignore[union-attr]
@@ -1148,7 +1138,7 @@ def test_a_config_removed_then_given_back_free_is_claimed_at_once(
     """A config named as held elsewhere, then removed, released and given back free
     before the node planned its claim, is claimed at once: the first hint's word is
     not kept past the later ones (a 6 s heartbeat, so no retry helps)."""
-    slow = _slow_heartbeats(redis_client, service)
+    slow = slow_heartbeats(redis_client, service)
     keys = Keys(service)
     gate, resume, blocked = threading.Event(), threading.Event(), threading.Event()
     with _one_leaves(redis_url, service, slow, gate) as (configs, lead, stays, _, stopper):

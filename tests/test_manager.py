@@ -17,7 +17,7 @@ from dim.keys import Keys
 from dim.manager import _HURRIED_PASSES
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster, id_manager
+from .helpers import FAST, Cluster, id_manager, slow_heartbeats
 
 
 @pytest.fixture
@@ -718,3 +718,41 @@ def test_a_signal_handler_that_stops_the_manager_itself_cuts_a_stop_short(
         signal.signal(signal.SIGUSR1, previous)
     assert first.node_id is None
     _handed_over(cluster, redis_client, node_id)
+
+
+# -- a claim's lease once its create returned --------------------------------------------
+
+
+def test_a_claim_lives_a_lease_once_its_create_returned_not_until_the_next_heartbeat(
+    redis_url: str, redis_client: redis.Redis, service: str
+) -> None:
+    """A claim is taken for ``create_lease`` (its create may be slow); once ``create``
+    returns, its TTL is cut to a ``lease`` at once, not at the next heartbeat, so a node
+    killed right after a create costs its configs a lease, not a create lease."""
+    settings = slow_heartbeats(redis_client, service).replace(create_timeout=30.0)
+    assert settings.create_lease > 2 * settings.lease
+    created = threading.Event()
+
+    def create(config: dict[str, Any]) -> Any:
+        created.set()
+        return config["id"]
+
+    manager = Manager(
+        lambda: [{"id": 1}], create, redis=redis_url, service=service, settings=settings
+    )
+    claim = Keys(service).claim("1")
+    try:
+        manager.start()
+        assert created.wait(5)
+        wait_until(lambda: manager.instances == {1: 1}, 5)
+        # (well within the heartbeat: the next one is six seconds away)
+        wait_until(
+            lambda: 0 < redis_client.pttl(claim) <= settings.lease * 1000,
+            1.0,
+            message=f"the claim still lives {redis_client.pttl(claim)} ms "
+            f"(lease {settings.lease * 1000:.0f} ms, create lease "
+            f"{settings.create_lease * 1000:.0f} ms)",
+        )
+        assert redis_client.get(claim).startswith(manager.node_id.encode())
+    finally:
+        manager.stop()

@@ -28,6 +28,8 @@ from tools.chaos.ledger import Interval, LedgerView, overlaps, token_regressions
 from tools.chaos.processes import NodeProcs, leftovers
 from tools.chaos.proxy import ChaosProxy
 
+from .helpers import no_reset_window
+
 # real processes, servers or faults: run on one interpreter (tox: py311)
 pytestmark = pytest.mark.slow
 
@@ -187,6 +189,37 @@ def test_kill9_heals(
     assert recovery < LEASE + RECOVERY_SLACK, f"recovery took {recovery:.3f}s"
     print(f"kill -9 {victim}: every config running again {recovery:.3f}s after the kill")
     assert_clean(view, closed_at={target: reaped})
+
+
+def test_kill9_right_after_the_creates_costs_a_lease_not_a_create_lease(
+    make_procs: Any, redis_url: str, service: str, client: redis.Redis
+) -> None:
+    """kill -9 of a node a moment after its creates returned, long before its next
+    heartbeat: its configs run again one lease after the kill, not one create lease
+    (each claim was given a lease as its create returned)."""
+    procs = make_procs(redis_url, service)
+    # lease 1.5 + 0.5 + 1.0 = 3 s; create lease 8 + 0.5 + 1.0 + 1.0 = 10.5 s
+    timing = ("--hb", "1.0", "--ttl", "2.5", "--create-timeout", "8")
+    timing += ("--disconnect-timeout", "0.5")
+    lease, create_lease = 3.0, 10.5
+    no_reset_window(client, procs.keys)  # (one would last a create lease)
+    (first,) = procs.spawn(1, *timing)
+    wait_until(lambda: len(procs.view().running({first})) == CONFIGS, 10.0, 0.005)
+
+    def settled() -> bool:  # (the ledger's create line comes before create returns)
+        ttls = [client.pttl(key) for key in client.scan_iter(procs.keys.claim("*"))]
+        return len(ttls) == CONFIGS and all(0 < ttl <= lease * 1000 for ttl in ttls)
+
+    # (the first heartbeat since came with the start: the next is about a second away)
+    wait_until(settled, 0.5, 0.002, "the claims kept their create lease")
+    sent, reaped = procs.kill9(first)
+    (second,) = procs.spawn(1, *timing)
+    view = procs.wait_settled(client, {second})
+    recovery = max(iv.start for iv in view.intervals if iv.pid == second) - sent
+    print(f"kill -9 right after the creates: every config ran again {recovery:.3f}s later")
+    # a lease, a heartbeat for the next try of each claim, and room for a loaded machine
+    assert recovery < lease + 2.0 < create_lease, f"recovery took {recovery:.3f}s"
+    assert_clean(view, closed_at={first: reaped})
 
 
 def test_sigterm_all_exits_cleanly(

@@ -206,6 +206,7 @@ def install_trace(ledger: LedgerFile) -> None:
     for name in (
         "heartbeat",
         "claim",
+        "settle",
         "release",
         "read_desired",
         "publish",
