@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import redis
 
@@ -70,19 +71,21 @@ class ClaimBook:
         """Some claim waits for :meth:`settle`."""
         return bool(self._settling)
 
-    def settle(self, ttl: float) -> None:
-        """Give each claim queued by :meth:`settle_later` ``ttl`` (a lease) from now, in
+    def settle(self, ttl: float, running: Callable[[dict[str, int]], dict[str, int]]) -> None:
+        """Give each claim queued by :meth:`settle_later` whose instance still runs
+        (``running`` picks them, under the claims lock) ``ttl`` (a lease) from now, in
         one round trip (protocol.rst §6). A failure is not retried: the claim keeps its
         create lease until the next heartbeat renews it for a lease, which only makes a
         takeover after a crash slower."""
         with self.lock:
             with self._mutex:
                 batch, self._settling = self._settling, {}
+            batch = running(batch) if batch else batch
             if not batch:
                 return
             try:
                 self._store.settle(self._node_id, batch, ttl)
-            except redis.RedisError as exc:
+            except Exception as exc:  # (a reply it cannot read too: the tick goes on)
                 self._log.debug(
                     "node %s could not settle %d claims: %r", self._node_id, len(batch), exc
                 )

@@ -97,8 +97,21 @@ class Lifecycle:
         if self.claims.queued:
             self.claims.flush()
         if self.claims.settling:
-            self.claims.settle(self.node.settings.lease)
+            self.claims.settle(self.node.settings.lease, self._running)
         self.calls.flush_reports()
+
+    def _running(self, tokens: dict[str, int]) -> dict[str, int]:
+        """Those of ``tokens`` whose slot still runs its instance under that token (a
+        fenced or finished one's claim is let go, not kept a lease more)."""
+        with self.table.lock:
+            if self.node.fenced:
+                return {}
+            slots = self.table.slots
+            return {
+                c: t
+                for c, t in tokens.items()
+                if c in slots and slots[c].token == t and slots[c].state is State.RUNNING
+            }
 
     def close(self) -> None:
         self._threads.close()
