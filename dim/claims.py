@@ -68,7 +68,7 @@ class ClaimBook:
 
     @property
     def settling(self) -> bool:
-        """Some claim waits for :meth:`settle`."""
+        """Some claim waits for :meth:`settle`, or its call is under way."""
         return bool(self._settling)
 
     def settle(self, ttl: float, running: Callable[[dict[str, int]], dict[str, int]]) -> None:
@@ -76,19 +76,24 @@ class ClaimBook:
         (``running`` picks them, under the claims lock) ``ttl`` (a lease) from now, in
         one round trip (protocol.rst §6). A failure is not retried: the claim keeps its
         create lease until the next heartbeat renews it for a lease, which only makes a
-        takeover after a crash slower."""
+        takeover after a crash slower. The queue empties once the call is over, so that
+        a node is not :meth:`~dim.reconciler.Reconciler.is_stable` while one is due."""
         with self.lock:
             with self._mutex:
-                batch, self._settling = self._settling, {}
-            batch = running(batch) if batch else batch
-            if not batch:
-                return
+                batch = dict(self._settling)
             try:
-                self._store.settle(self._node_id, batch, ttl)
+                picked = running(batch) if batch else batch
+                if picked:
+                    self._store.settle(self._node_id, picked, ttl)
             except Exception as exc:  # (a reply it cannot read too: the tick goes on)
                 self._log.debug(
                     "node %s could not settle %d claims: %r", self._node_id, len(batch), exc
                 )
+            finally:
+                with self._mutex:
+                    for ckey, token in batch.items():
+                        if self._settling.get(ckey) == token:
+                            del self._settling[ckey]
 
     def release_orphans(self) -> None:
         """Let go of the claims a fence dropped (those still wanted are claimed anew)."""

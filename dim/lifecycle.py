@@ -98,6 +98,7 @@ class Lifecycle:
             self.claims.flush()
         if self.claims.settling:
             self.claims.settle(self.node.settings.lease, self._running)
+            self.table.notify()  # (stable only once settled)
         self.calls.flush_reports()
 
     def _running(self, tokens: dict[str, int]) -> dict[str, int]:

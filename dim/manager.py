@@ -484,7 +484,8 @@ class Manager:
                 self._close_client(client)
 
     def wait_until_stable(self, timeout: float = 10.0) -> bool:
-        """Block until this node runs exactly what it is assigned; False on timeout."""
+        """Block until this node runs exactly what it is assigned and its claims have
+        their lease (protocol.rst §6); False on timeout."""
         self._running_node(required=True)
         parts = self._parts
         return parts is not None and parts[0].wait_until_stable(timeout)

@@ -78,10 +78,13 @@ class Reconciler(Loop["Node"]):
         return f"<Reconciler node={self.node.node_id} {self.table.counts()}>"
 
     def is_stable(self) -> bool:
-        """True when this node runs exactly its share of the latest assignment."""
+        """True when this node runs exactly its share of the latest assignment, and its
+        claims have their lease (none waits for its settle)."""
         node = self.node
         with self.table.lock:
             if node.fenced or self._need_read or not self._have_read:
+                return False
+            if self.lifecycle.claims.settling:
                 return False
             # (no share version: the leader has not placed this node yet)
             if self._read_version is None or self._read_version != self._version:

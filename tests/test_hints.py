@@ -184,7 +184,7 @@ def test_a_node_that_gives_a_config_away_stops_it_without_a_read(
         wait_until(lambda: len(lead.instances) == 6, 4, message="the first node waited")
         gives.start()
         wait_until(lambda: len(gives.instances) == 3, 4, message="the second node waited")
-        assert lead.is_leader
+        assert lead.is_leader and gives.wait_until_stable(4)
         # the look is due (it comes once a heartbeat, 6 s here), and kept due by every
         # tick until a config has moved away: the hint's tick finds it due
         reconciler = gives._node.reconciler  # type: ignore[union-attr]
