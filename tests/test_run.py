@@ -114,6 +114,29 @@ def make_slow_exit():
     return make()
 
 
+class SlowFinalizing:
+    # its __del__ runs as the interpreter finalizes, after Python has reset the signal
+    # handlers it installed; it waits (up to 60 s) for the test's file
+    def __init__(self):
+        self.base = os.environ["NODES_LEDGER"]
+        self.calls = (os.open, os.close, os.path.exists, os.O_CREAT | os.O_WRONLY)
+        self.wait = threading.Event().wait
+
+    def __del__(self):
+        open_, close, exists, flags = self.calls
+        close(open_(self.base + ".finalizing", flags))
+        for _ in range(1200):
+            if exists(self.base + ".release"):
+                break
+            self.wait(0.05)
+
+
+def make_slow_finalizing():
+    global finalizing
+    finalizing = SlowFinalizing()
+    return make()
+
+
 manager = make()  # a Manager itself is a target too
 not_a_manager = 42
 
@@ -314,6 +337,28 @@ def test_dim_run_ignores_the_other_signal_of_a_pair_that_comes_after_its_stop(
     assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
     assert status(redis_url, service).nodes == []
     assert still_open(cwd / "ledger") == []
+
+
+def test_dim_run_ignores_the_other_signal_of_a_pair_while_the_interpreter_finalizes(
+    nodes: tuple[Path, dict[str, str]], workers: Any, redis_url: str, service: str
+) -> None:
+    """The SIGTERM of a forwarded pair may come even later, once the interpreter has
+    reset the signal handlers Python installed (its last step before exiting): it is
+    ignored there too, and the command exits 0."""
+    cwd, env = nodes
+    worker = workers(["-m", "dim", "run", "nodes:make_slow_finalizing"], cwd, env)
+    wait_running(worker, redis_url, service, 3)
+    worker.proc.send_signal(signal.SIGINT)
+    wait_until(
+        lambda: (cwd / "ledger.finalizing").exists(),
+        DEADLINE,
+        interval=0.05,
+        message="the process never got to finalize",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    (cwd / "ledger.release").write_text("")
+    assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
+    assert status(redis_url, service).nodes == []
 
 
 def test_dim_run_stopped_while_loading_never_joins(

@@ -148,7 +148,9 @@ def signals_set(
     one that comes once ``event`` is set calls ``again`` (if given) with its number and
     every number received so far. ``keep``: once ``event`` is set, the handlers stay
     after the block (the process is on its way out: a signal then is still handled as
-    one that came during the block, not by the default action)."""
+    one that came during the block, not by the default action), and from the first
+    signal on the others of ``signums`` are ignored outright (``SIG_IGN``, which outlives
+    the interpreter's exit, where it resets the handlers Python installed)."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received  # only the main thread may install handlers
@@ -158,6 +160,10 @@ def signals_set(
         received.append(signum)
         if again is not None and event.is_set():
             again(signum, received)
+        if keep and not event.is_set():
+            for other in signums:
+                if other != signum:
+                    signal.signal(other, signal.SIG_IGN)
         event.set()
 
     previous = {signum: signal.signal(signum, handler) for signum in signums}

@@ -181,6 +181,7 @@ def _stop_on_signals(stop: threading.Event) -> AbstractContextManager[list[int]]
         os.write(2, f"dim run: {signal.Signals(signum).name} again: exiting now\n".encode())
         os._exit(128 + signum)
 
-    # (kept once a signal came: the other kind of a forwarded pair may arrive after the
-    # stop, as the process exits, and is ignored then too rather than kill it)
+    # (kept once a signal came, the other kind ignored outright: the other signal of a
+    # forwarded pair may arrive after the stop, even as the interpreter finalizes, and
+    # is ignored then too rather than kill the process)
     return signals_set(stop, signal.SIGTERM, signal.SIGINT, again=again, keep=True)
