@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -316,49 +316,41 @@ def test_dim_run_two_kinds_of_signal_at_once_still_stop_gracefully(
     assert still_open(cwd / "ledger") == []
 
 
+def _exiting(cwd: Path) -> bool:
+    return any(e[0] == "exiting" for e in ledger_lines(cwd / "ledger"))
+
+
+def _finalizing(cwd: Path) -> bool:
+    return (cwd / "ledger.finalizing").exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "reached"),
+    [("nodes:make_slow_exit", _exiting), ("nodes:make_slow_finalizing", _finalizing)],
+    ids=["in-an-exit-hook", "as-the-interpreter-finalizes"],
+)
 def test_dim_run_ignores_the_other_signal_of_a_pair_that_comes_after_its_stop(
-    nodes: tuple[Path, dict[str, str]], workers: Any, redis_url: str, service: str
+    nodes: tuple[Path, dict[str, str]],
+    workers: Any,
+    redis_url: str,
+    service: str,
+    target: str,
+    reached: Callable[[Path], bool],
 ) -> None:
     """The SIGTERM of a forwarded pair may come after the graceful stop that its SIGINT
-    began, while the process exits: it is the same request still, and the command exits
-    0 (the default action would have killed it)."""
+    began, while the process exits (in an exit hook, or even once the interpreter has
+    reset the signal handlers Python installed, its last step): it is the same request
+    still, and the command exits 0 (the default action would have killed it)."""
     cwd, env = nodes
-    worker = workers(["-m", "dim", "run", "nodes:make_slow_exit"], cwd, env)
+    worker = workers(["-m", "dim", "run", target], cwd, env)
     wait_running(worker, redis_url, service, 3)
     worker.proc.send_signal(signal.SIGINT)
-    wait_until(
-        lambda: any(e[0] == "exiting" for e in ledger_lines(cwd / "ledger")),
-        DEADLINE,
-        interval=0.05,
-        message="the process never got to exit",
-    )
+    wait_until(lambda: reached(cwd), DEADLINE, interval=0.05, message="the process never got there")
     worker.proc.send_signal(signal.SIGTERM)
     (cwd / "ledger.release").write_text("")
     assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
     assert status(redis_url, service).nodes == []
     assert still_open(cwd / "ledger") == []
-
-
-def test_dim_run_ignores_the_other_signal_of_a_pair_while_the_interpreter_finalizes(
-    nodes: tuple[Path, dict[str, str]], workers: Any, redis_url: str, service: str
-) -> None:
-    """The SIGTERM of a forwarded pair may come even later, once the interpreter has
-    reset the signal handlers Python installed (its last step before exiting): it is
-    ignored there too, and the command exits 0."""
-    cwd, env = nodes
-    worker = workers(["-m", "dim", "run", "nodes:make_slow_finalizing"], cwd, env)
-    wait_running(worker, redis_url, service, 3)
-    worker.proc.send_signal(signal.SIGINT)
-    wait_until(
-        lambda: (cwd / "ledger.finalizing").exists(),
-        DEADLINE,
-        interval=0.05,
-        message="the process never got to finalize",
-    )
-    worker.proc.send_signal(signal.SIGTERM)
-    (cwd / "ledger.release").write_text("")
-    assert worker.proc.wait(timeout=DEADLINE) == 0, worker.stderr()
-    assert status(redis_url, service).nodes == []
 
 
 def test_dim_run_stopped_while_loading_never_joins(
