@@ -23,6 +23,7 @@ import redis
 from dim import Manager, Settings
 from dim.keys import Keys
 from dim.messages import Kind, Message, decode
+from dim.store import Store
 from dim.testing import wait_until
 from tools.chaos.ledger import Interval, MemoryLedger, overlaps
 
@@ -388,9 +389,19 @@ def slow_heartbeats(redis_client: redis.Redis, service: str) -> Any:
     return FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
 
 
-def no_reset_window(redis_client: redis.Redis, keys: Keys) -> None:
+def no_reset_window(redis_client: redis.Redis, keys: Keys) -> int:
     """Set the service's fence and era as a live cluster would have them, so nodes that
-    start now open no reset window (a new service otherwise waits one out)."""
+    start now open no reset window (a new service otherwise waits one out); returns the
+    fence value (the server's time in microseconds, as a real epoch would be)."""
     seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
+    fence = seconds * 1_000_000 + micros
+    redis_client.set(keys.fence, fence)
     redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    return fence
+
+
+def leading(redis_client: redis.Redis, service: str, value: str = "n0:5") -> Store:
+    """A store whose writes pass the leader check as ``value`` (no reset window)."""
+    no_reset_window(redis_client, Keys(service))
+    redis_client.set(Keys(service).leader, value)
+    return Store(redis_client, service)

@@ -24,7 +24,15 @@ from dim.reconciler import Reconciler
 from dim.store import Store
 from dim.testing import wait_until
 
-from .helpers import FAST, Cluster, HintRecorder, id_manager, slow_heartbeats
+from .helpers import (
+    FAST,
+    Cluster,
+    HintRecorder,
+    id_manager,
+    leading,
+    no_reset_window,
+    slow_heartbeats,
+)
 
 # for the tests that count share reads: a loaded machine that stalls a heartbeat for
 # half a second must not fence a node (a fence is followed by a whole read)
@@ -444,12 +452,8 @@ def test_config_result_is_taken_when_get_config_returns(
     """The leader plans as soon as get_config returns, not at its next heartbeat: with a
     6 s heartbeat, the first configs and a refreshed one run well within it."""
     # a service this server already knew (a fresh one would wait out a reset window)
-    keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    slow = slow_heartbeats(redis_client, service)
     configs = [{"id": 0, "v": 0}, {"id": 1, "v": 0}]
-    slow = FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
     manager = Manager(
         get_config=lambda: [dict(c) for c in configs],
         create=lambda config: config,
@@ -479,11 +483,7 @@ def test_a_share_is_read_as_the_delta_since_the_version_held(
     node holds the version that write followed; the whole share otherwise; and an entry
     the assignment contradicts leaves the share, as in a full read."""
     keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    redis_client.set(keys.leader, "a:5")
-    store = Store(redis_client, service)
+    store = leading(redis_client, service, "a:5")
     share = [str(i) for i in range(50)]
     first = Change(
         assign={c: "a" for c in share},
@@ -690,9 +690,7 @@ def test_a_successor_never_applies_its_predecessors_old_share(
     on the way): it must not take it for the answer to its own join, which would claim
     and create the removed config."""
     keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    no_reset_window(redis_client, keys)
     joined = threading.Event()  # the successor's first read is in
     old_heard = threading.Event()  # ... then it has heard the predecessor's old hint
     ticked = threading.Event()  # ... and its reconciler has acted on it
@@ -854,11 +852,7 @@ def test_a_graceful_move_waits_for_no_heartbeat(
     """With a 6 s heartbeat, a join, two added configs and a graceful leave each settle
     well within one heartbeat: every step is woken by a hint (a node's share change
     arrives in the hint itself, and what it adds is claimed at once)."""
-    keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    slow = FAST.replace(heartbeat_interval=6.0, node_ttl=20.0, leader_ttl=20.0, config_interval=600)
+    slow = slow_heartbeats(redis_client, service)
 
     configs = [{"id": i} for i in range(8)]
 
@@ -1010,12 +1004,7 @@ def test_a_read_at_the_version_held_returns_only_where_configs_stand(
 ) -> None:
     """A node holding the current share version that asks where some configs stand
     gets their placements and no share at all (no cost that grows with the share)."""
-    keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    redis_client.set(keys.leader, "a:5")
-    store = Store(redis_client, service)
+    store = leading(redis_client, service, "a:5")
     share = [str(i) for i in range(20)]
     change = Change(
         assign={**{c: "a" for c in share}, "x": "b"},
@@ -1039,11 +1028,7 @@ def test_an_assigned_hint_names_what_another_node_holds_and_stays_small(
     that would leave no room for those names is not sent inline: no hint outgrows the
     size every node accepts."""
     keys = Keys(service)
-    seconds, micros = redis_client.time()
-    redis_client.set(keys.fence, seconds * 1_000_000 + micros)  # no reset window
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
-    redis_client.set(keys.leader, "a:5")
-    store = Store(redis_client, service)
+    store = leading(redis_client, service, "a:5")
     inbox = redis_client.pubsub(ignore_subscribe_messages=True)
     inbox.subscribe(f"{keys.events}:a")
     limit = MAX_MESSAGE_BYTES - 120 - len(json.dumps("a"))  # as the leader computes it
@@ -1093,10 +1078,7 @@ def test_named_configs_fit_the_hint_however_the_script_escapes_them(
     inline delta whose named configs have many keeps the hint within the size every
     node accepts (with versions and epoch of production size)."""
     keys = Keys(service)
-    seconds, micros = redis_client.time()
-    epoch = seconds * 1_000_000 + micros  # a real epoch is a fence value
-    redis_client.set(keys.fence, epoch)
-    redis_client.set(keys.era, redis_client.info("server")["run_id"])
+    epoch = no_reset_window(redis_client, keys)  # a real epoch is a fence value
     redis_client.set(keys.leader, f"a:{epoch}")
     redis_client.hset(keys.shares, "a", epoch + 1)  # the share version before: a fence value
     store = Store(redis_client, service)

@@ -22,7 +22,7 @@ from dim.protocol import WriteRefused
 from dim.store import Store
 from dim.testing import RedisServer, wait_until
 
-from .helpers import FAST, Cluster
+from .helpers import FAST, Cluster, leading
 
 NODES = [f"n{i}" for i in range(20)]
 
@@ -41,16 +41,6 @@ def first_placement(configs: int) -> tuple[Change, dict[str, str]]:
         control_set={"absent n0": "1"},
     )
     return change, assignment
-
-
-def leading(client: redis.Redis, service: str, value: str = "n0:5") -> Store:
-    """A store whose writes pass the leader check as ``value`` (no reset window)."""
-    keys = Keys(service)
-    seconds, micros = client.time()
-    client.set(keys.fence, seconds * 1_000_000 + micros)
-    client.set(keys.era, client.info("server")["run_id"])
-    client.set(keys.leader, value)
-    return Store(client, service)
 
 
 def test_split_keeps_each_config_whole_and_node_fields_last() -> None:
